@@ -1,0 +1,361 @@
+"""The data stage: obtain a dataset's four IDX files, verify them, cache them, hand out tensors.
+
+source -> verify (SHA-256, pinned) -> cache (one file of uint8/int64 tensors plus the digest).
+A file that fails verification is never cached and never used; a verified cache is reused without
+touching the source again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import torch
+
+from nn_core import idx
+from nn_core.datasets import IMAGES, DatasetSpec, FileSpec, mirrors_for
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+CHUNK = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+class DataError(Exception):
+    """The data could not be obtained or is not what was expected; the message names the file."""
+
+
+class IntegrityError(DataError):
+    """A file or cache is corrupt, truncated or not the pinned one. Retrying will not help."""
+
+
+class SourceUnavailableError(DataError):
+    """The source could not be reached or lacks a file (network, missing folder). May be retried."""
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    name: str
+    digest: str
+    cache_path: Path
+    split_sizes: dict[str, int]
+    reused_cache: bool
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The three splits as tensors: images uint8 (N, 28, 28), labels int64 (N,)."""
+
+    name: str
+    digest: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train_labels), "val": len(self.val_labels), "test": len(self.test_labels)}
+
+    def to(self, device: torch.device | str) -> "Splits":
+        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return Splits(name=self.name, digest=self.digest, **moved)
+
+
+def default_data_dir() -> Path:
+    if env := os.environ.get("MNISTOPS_DATA_DIR"):
+        return Path(env)
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "mnistops"
+
+
+def cache_path(spec: DatasetSpec, data_dir: Path) -> Path:
+    return Path(data_dir) / f"{spec.name}.pt"
+
+
+def dataset_digest(file_shas: dict[str, str]) -> str:
+    """One digest for the dataset: SHA-256 over the uncompressed files' SHA-256, in a fixed order."""
+    lines = "".join(f"{role} {file_shas[role]}\n" for role in sorted(file_shas))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not sys.stderr.isatty(), leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+@dataclass(frozen=True)
+class VerifiedFile:
+    spec: FileSpec
+    path: Path
+    sha256: str  # of the uncompressed content
+    array: np.ndarray
+
+
+def verify_file(path: Path, spec: FileSpec, dataset: str) -> VerifiedFile:
+    """Read one IDX file (gzipped or not), check its structure and its pinned SHA-256."""
+    magic = idx.IMAGES_MAGIC if spec.kind == IMAGES else idx.LABELS_MAGIC
+    expected_bytes = 4 + 4 * (3 if spec.kind == IMAGES else 1) + spec.count * (784 if spec.kind == IMAGES else 1)
+    gz = idx.is_gzip(path)
+    raw_sha = hashlib.sha256()
+    content_sha = hashlib.sha256()
+    buf = bytearray()
+    try:
+        with open(path, "rb") as raw, _progress(expected_bytes, f"verify {path.name}") as bar:
+            stream = gzip.GzipFile(fileobj=_Tee(raw, raw_sha), mode="rb") if gz else _Tee(raw, raw_sha)
+            while chunk := stream.read(CHUNK):
+                content_sha.update(chunk)
+                buf += chunk
+                bar.update(len(chunk))
+                if len(buf) > expected_bytes:
+                    break  # longer than any valid file: no need to read the rest
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise IntegrityError(f"{path}: not a complete gzip file ({e}); expected the {dataset} file {spec.filename}") from e
+    except OSError as e:
+        raise SourceUnavailableError(f"{path}: cannot read ({e})") from e
+
+    import io
+
+    try:
+        with io.BytesIO(bytes(buf)) as f:
+            header = idx.read_header(f, path)
+        idx.expect_header(header, path, magic=magic, count=spec.count)
+    except idx.IdxFormatError as e:
+        raise IntegrityError(f"{e} (the {dataset} file {spec.filename})") from None
+    if len(buf) != expected_bytes:
+        raise IntegrityError(
+            f"{path}: {len(buf)} bytes uncompressed, expected {expected_bytes} for the {dataset} file "
+            f"{spec.filename} (truncated or padded)"
+        )
+    sha = content_sha.hexdigest()
+    if spec.sha256 is not None:
+        if sha != spec.sha256:
+            raise IntegrityError(
+                f"{path}: SHA-256 of the uncompressed content is {sha}, expected {spec.sha256} "
+                f"(the pinned {dataset} file {spec.filename}); the file is corrupt or a different file"
+            )
+    elif spec.gz_sha256 is not None:
+        if not gz or raw_sha.hexdigest() != spec.gz_sha256:
+            what = f"SHA-256 {raw_sha.hexdigest()}" if gz else "an uncompressed file"
+            raise IntegrityError(
+                f"{path}: {what}, expected the official {dataset} release file {spec.filename}.gz with "
+                f"SHA-256 {spec.gz_sha256} (its checksums are pinned for the gzip release files)"
+            )
+    else:
+        raise IntegrityError(f"{path}: no checksum pinned for the {dataset} file {spec.filename}")
+    array = np.frombuffer(bytes(buf), dtype=np.uint8, offset=header.nbytes_header).reshape(header.shape)
+    return VerifiedFile(spec=spec, path=path, sha256=sha, array=array)
+
+
+class _Tee:
+    """A read-only file wrapper that feeds every byte it reads into a hash."""
+
+    def __init__(self, f, h):
+        self._f, self._h = f, h
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._h.update(data)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def parse_source(source: str | None) -> tuple[str, str | Path | tuple[str, ...] | None]:
+    """('mirrors', None) for the official mirrors, ('mirrors', (url,)) for an HTTP(S) mirror,
+    ('local', path) for a folder or file:// URL holding the four files."""
+    if source in (None, "", "mirrors", "official"):
+        return "mirrors", None
+    parsed = urlparse(str(source))
+    if parsed.scheme in ("http", "https"):
+        return "mirrors", (str(source).rstrip("/") + "/",)
+    if parsed.scheme == "file":
+        return "local", Path(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise ValueError(f"data source {source!r}: expected a folder, a file:// URL or an http(s):// mirror")
+    return "local", Path(source).expanduser()
+
+
+def _find_local(folder: Path, spec: FileSpec) -> Path:
+    if not folder.is_dir():
+        raise SourceUnavailableError(f"{folder}: data source folder does not exist")
+    for name in (spec.filename, spec.filename + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise SourceUnavailableError(f"{folder / spec.filename}(.gz): missing; expected it in the data source folder")
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    # torchvision's downloader opens URLs without a timeout; a stalled mirror would hang forever.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _download(spec: FileSpec, mirrors: tuple[str, ...], dest: Path) -> Path:
+    from torchvision.datasets.utils import download_url
+
+    filename = spec.filename + ".gz"
+    errors = []
+    for mirror in mirrors:
+        url = f"{mirror}{filename}"
+        try:
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                download_url(url, root=str(dest), filename=filename, md5=None)
+            return dest / filename
+        except (OSError, RuntimeError) as e:
+            (dest / filename).unlink(missing_ok=True)
+            errors.append(f"{url}: {e}")
+    raise SourceUnavailableError(f"{filename}: could not download from any mirror: " + "; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def _content_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_cache(path: Path, spec: DatasetSpec, files: dict[str, VerifiedFile]) -> str:
+    """Write the verified files as one cache file, atomically; return the dataset digest."""
+    tensors = {
+        role: torch.from_numpy(f.array.copy()) if f.spec.kind == IMAGES else torch.from_numpy(f.array.astype(np.int64))
+        for role, f in files.items()
+    }
+    shas = {role: f.sha256 for role, f in files.items()}
+    digest = dataset_digest(shas)
+    payload = {
+        "format": CACHE_FORMAT,
+        "dataset": spec.name,
+        "digest": digest,
+        "file_sha256": shas,
+        "train_size": spec.train_size,
+        "content_sha256": _content_checksum(tensors),
+        "tensors": tensors,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def read_cache(path: Path, spec: DatasetSpec | None = None) -> dict:
+    """Load and check a cache file; IntegrityError names it when it is corrupt or not the pinned data."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise IntegrityError(f"{path}: cached dataset unreadable ({type(e).__name__}: {e}); delete it to rebuild") from e
+    try:
+        ok_format = payload["format"] == CACHE_FORMAT
+        tensors = payload["tensors"]
+        checksum_ok = _content_checksum(tensors) == payload["content_sha256"]
+        digest_ok = dataset_digest(payload["file_sha256"]) == payload["digest"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise IntegrityError(f"{path}: not a mnistops dataset cache (missing {e})") from e
+    if not (ok_format and checksum_ok and digest_ok):
+        raise IntegrityError(
+            f"{path}: cached dataset fails its checksum (content or digest changed since it was written); "
+            "delete it to rebuild from the source"
+        )
+    if spec is not None:
+        pinned = {f.role: f.sha256 for f in spec.files if f.sha256}
+        if payload["dataset"] != spec.name or any(payload["file_sha256"].get(r) != s for r, s in pinned.items()):
+            raise IntegrityError(f"{path}: cache holds {payload['dataset']!r} data, not the pinned {spec.name} files")
+    return payload
+
+
+def load_splits(path: Path, device: torch.device | str = "cpu") -> Splits:
+    """The train/val/test splits from a cache file, on `device`. Deterministic: no shuffling here."""
+    payload = read_cache(path)
+    t = payload["tensors"]
+    n = payload["train_size"]
+    splits = Splits(
+        name=payload["dataset"],
+        digest=payload["digest"],
+        train_images=t["train_images"][:n],
+        train_labels=t["train_labels"][:n],
+        val_images=t["train_images"][n:],
+        val_labels=t["train_labels"][n:],
+        test_images=t["test_images"],
+        test_labels=t["test_labels"],
+    )
+    return splits if str(device) == "cpu" else splits.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def prepare(spec: DatasetSpec, source: str | None = None, data_dir: Path | None = None) -> PreparedDataset:
+    """Obtain, verify and cache `spec`; reuse a verified cache without touching the source."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    target = cache_path(spec, data_dir)
+    if target.exists():
+        try:
+            payload = read_cache(target, spec)
+            return _prepared(spec, target, payload, reused=True)
+        except IntegrityError as e:
+            log.warning("%s; rebuilding it from the source", e)
+
+    kind, where = parse_source(source)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
+        if kind == "local":
+            paths = {f.role: _find_local(Path(where), f) for f in spec.files}
+        else:
+            mirrors = where or mirrors_for(spec)
+            paths = {f.role: _download(f, mirrors, Path(tmp)) for f in spec.files}
+        verified = {f.role: verify_file(paths[f.role], f, spec.name) for f in spec.files}
+        write_cache(target, spec, verified)
+    return _prepared(spec, target, read_cache(target, spec), reused=False)
+
+
+def _prepared(spec: DatasetSpec, path: Path, payload: dict, reused: bool) -> PreparedDataset:
+    n_train = payload["tensors"]["train_labels"].shape[0]
+    sizes = {
+        "train": payload["train_size"],
+        "val": n_train - payload["train_size"],
+        "test": payload["tensors"]["test_labels"].shape[0],
+    }
+    return PreparedDataset(name=spec.name, digest=payload["digest"], cache_path=path, split_sizes=sizes, reused_cache=reused)

@@ -1,0 +1,59 @@
+"""Shared fixtures. Every test gets a private MLflow store and working folder; tests on the real
+MNIST files run whenever MNISTOPS_DATA_SOURCE is set (CI sets it), and fail rather than skip in CI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No telemetry from any library the tests start (these machines have no internet).
+for _k, _v in {
+    "ORT_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+
+def real_mnist_source() -> Path | None:
+    src = os.environ.get("MNISTOPS_DATA_SOURCE")
+    return Path(src).resolve() if src else None
+
+
+@pytest.fixture(scope="session")
+def mnist_source() -> Path:
+    src = real_mnist_source()
+    if src is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must set MNISTOPS_DATA_SOURCE to the real MNIST files")
+        pytest.skip("MNISTOPS_DATA_SOURCE not set: real-MNIST tests need the four IDX files")
+    return src
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_source, tmp_path_factory):
+    """Real MNIST, verified and cached once per test session."""
+    from nn_core.data import prepare
+    from nn_core.datasets import MNIST
+
+    return prepare(MNIST, str(mnist_source), tmp_path_factory.mktemp("mnist-cache"))
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A private embedded MLflow store (SQLite + artifact folder) and working folder for one test."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MNISTOPS_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    monkeypatch.setenv("MNISTOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
