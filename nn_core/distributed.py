@@ -1,0 +1,72 @@
+"""The DDP lifecycle in one unit: read torchrun's environment, set up the process group, tear down."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None when running as a single plain process
+
+    @property
+    def is_main(self) -> bool:
+        # Global rank, not local rank: one process in the whole job logs and writes files.
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
+    if preference in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def ddp_context(device_preference: str = "auto"):
+    """Yield the DistEnv of this process; a plain single process when not started by torchrun."""
+    in_ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(device_preference, local_rank)
+    backend = None
+    if in_ddp:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    try:
+        yield DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
+    finally:
+        if in_ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's object on every rank (e.g. the checkpoint, so only rank 0 needs to read storage)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=env.device if env.device.type == "cuda" else None)
+    return box[0]

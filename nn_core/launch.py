@@ -1,0 +1,111 @@
+"""Start the DDP workers with torch's elastic launcher (the engine behind torchrun), from Python."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from nn_core import tracking
+from nn_core.train import RESULT_NAME, TrainJob, worker_main
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    nproc: int = 1  # CPU processes when there is no CUDA; with CUDA, one process per GPU
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None  # HOST:PORT for multi-node; a free local port otherwise
+    rdzv_id: str | None = None  # the same on every node; also the training id
+    max_restarts: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    monitor_interval: float = 0.2
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str | None
+    checkpoint: Path
+    val_accuracy: float
+    test_accuracy: float
+    metrics: dict
+
+    @classmethod
+    def read(cls, out_dir: Path) -> "TrainResult":
+        d = json.loads((Path(out_dir) / RESULT_NAME).read_text())
+        return cls(run_id=d["run_id"], checkpoint=Path(d["checkpoint"]), val_accuracy=d["val_accuracy"],
+                   test_accuracy=d["test_accuracy"], metrics=d)
+
+
+class TrainingError(RuntimeError):
+    """The workers failed after the launcher's own restarts; the message carries their error."""
+
+
+def new_training_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _processes_and_threads(spec: LaunchSpec) -> tuple[int, int | None, str]:
+    use_cuda = spec.device != "cpu" and torch.cuda.is_available()
+    if spec.device == "cuda" and not use_cuda:
+        raise TrainingError("--device cuda requested but CUDA is not available on this machine")
+    if use_cuda:
+        return torch.cuda.device_count(), None, "cuda"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # One share of the cores per process: more threads than cores slows every process down.
+    return spec.nproc, max(1, cores // spec.nproc), "cpu"
+
+
+def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
+    """Run the DDP training; the result on the node that hosts rank 0, None on the other nodes."""
+    nproc, threads, device = _processes_and_threads(spec)
+    if spec.nnodes > 1 and not (spec.rdzv_endpoint and spec.rdzv_id):
+        raise TrainingError("multi-node training needs --rdzv-endpoint HOST:PORT and --rdzv-id on every node")
+    training_id = spec.rdzv_id or job.tracking.training_id
+    job = replace(job, threads=threads, device=device, tracking=replace(job.tracking, training_id=training_id))
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULT_NAME).unlink(missing_ok=True)
+    config = LaunchConfig(
+        min_nodes=spec.nnodes,
+        max_nodes=spec.nnodes,
+        nproc_per_node=nproc,
+        run_id=training_id,
+        rdzv_backend="c10d",
+        # Port 0: the c10d store binds a free port, so two trainings on one machine never collide.
+        rdzv_endpoint=spec.rdzv_endpoint or "127.0.0.1:0",
+        max_restarts=spec.max_restarts,
+        monitor_interval=spec.monitor_interval,
+        start_method="spawn",
+    )
+    # Give every restart round a fresh store for the workers' process group. With the store shared
+    # with the rendezvous (torch's default), restarted gloo workers read their dead predecessors'
+    # addresses and fail to connect (pytorch/pytorch#135712).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    log.info("launching %d %s worker(s) x %d node(s), training id %s", nproc, device, spec.nnodes, training_id)
+    try:
+        elastic_launch(config, worker_main)(job)
+    except Exception as e:  # ChildFailedError carries the workers' tracebacks
+        _mark_failed(job)
+        raise TrainingError(f"training {training_id} failed after {spec.max_restarts} restart(s):\n{e}") from e
+    if not (out_dir / RESULT_NAME).exists():
+        return None  # this node did not host rank 0
+    return TrainResult.read(out_dir)
+
+
+def _mark_failed(job: TrainJob) -> None:
+    if not job.tracking.enabled:
+        return
+    try:
+        run_id = tracking.find_run(job.tracking.experiment, job.tracking.training_id)
+        if run_id:
+            tracking.end_run(run_id, "FAILED")
+    except Exception as e:  # the training error matters more than this one
+        log.warning("could not mark the MLflow run failed: %s", e)

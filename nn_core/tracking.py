@@ -1,0 +1,115 @@
+"""MLflow tracking through MlflowClient with explicit run ids: no hidden active-run state, so a
+restarted worker can pick up the very run that its predecessor created."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+TRAINING_ID_TAG = "mnistops.training_id"
+ARTIFACT_ROOT_ENV = "MNISTOPS_ARTIFACT_ROOT"
+_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, created on first use. With the embedded store, artifacts go under
+    MNISTOPS_ARTIFACT_ROOT (set by the entry point) rather than wherever the process happens to run."""
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = os.environ.get(ARTIFACT_ROOT_ENV)
+    location = Path(root, name).resolve().as_uri() if root else None
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and create.
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def find_run(experiment: str, training_id: str) -> str | None:
+    exp = client().get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client().search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{TRAINING_ID_TAG}` = '{training_id}'", max_results=2
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def find_or_create_run(
+    experiment: str, training_id: str, run_name: str, tags: dict[str, str]
+) -> tuple[str, bool]:
+    """(run_id, created). One run per training id: a restarted worker finds the existing one."""
+    existing = find_run(experiment, training_id)
+    if existing is not None:
+        client().update_run(existing, status="RUNNING")
+        return existing, False
+    run = client().create_run(
+        ensure_experiment(experiment), run_name=run_name, tags={**tags, TRAINING_ID_TAG: training_id}
+    )
+    return run.info.run_id, True
+
+
+def log_params(run_id: str, params: dict) -> None:
+    items = [Param(k, str(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client().log_batch(run_id, params=items[i : i + 100])
+
+
+def log_tags(run_id: str, tags: dict) -> None:
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_series(run_id: str, key: str, values: list[float], first_step: int) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
+    for i in range(0, len(items), _BATCH):
+        client().log_batch(run_id, metrics=items[i : i + _BATCH])
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    return {m.step for m in client().get_metric_history(run_id, key)}
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+
+
+def flatten(prefix: str, d: dict) -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(key, v))
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(map(str, v)) or "[]"
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,401 @@
+"""The training loop that runs in every DDP worker. Rank 0 alone logs to MLflow and writes files.
+
+Data path: the cached splits go straight onto the device as tensors; each epoch a seeded permutation
+is sharded across ranks; validation counts are all-reduced, so metrics cover exactly every sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nn_core import plots, tracking
+from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
+from nn_core.data import Splits, load_splits
+from nn_core.datasets import get_spec
+from nn_core.distributed import DistEnv, all_reduce_sum, broadcast_object, ddp_context
+from nn_core.model import MLP, MLPConfig, build_model, stats_from
+
+RESULT_NAME = "result.json"
+SCHEDULES = ("none", "cosine", "onecycle")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 64  # global: split evenly across ranks
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    seed: int = 0
+    eval_batch_size: int = 10_000
+    target_val_accuracy: float = 0.96  # only for reporting the time to reach it
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}: expected one of {SCHEDULES}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    training_id: str
+    experiment: str = "mnist-mlp"
+    run_name: str | None = None
+    tags: dict = field(default_factory=dict)
+    parent_run_id: str | None = None  # for a sweep's nested runs
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs, built once at the entry point and pickled to every worker."""
+
+    data_path: str  # the dataset cache file
+    out_dir: str  # checkpoint and result.json; rank 0's node
+    model: MLPConfig = MLPConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig(training_id="local")
+    device: str = "auto"
+    threads: int | None = None
+    data_source: str | None = None  # recorded with the MLflow dataset input
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    correct: int
+    total: int
+    confusion: np.ndarray  # (10, 10): rows true, columns predicted
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pure steps
+
+
+def shard_indices(n: int, epoch: int, seed: int, env: DistEnv) -> torch.Tensor:
+    """This rank's share of a permutation that depends only on (seed, epoch): every rank computes
+    the same permutation and takes every world_size-th index; the tail that does not divide evenly
+    is dropped so that all ranks take the same number of steps."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = n // env.world_size
+    return perm[env.rank : per_rank * env.world_size : env.world_size].to(env.device)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    return None
+
+
+def run_epoch(
+    model: torch.nn.Module, optimizer, scheduler, images, labels, idx: torch.Tensor, batch_size: int, env: DistEnv
+) -> tuple[torch.Tensor, float]:
+    """One pass over this rank's shard. Returns (per-step loss averaged over ranks, train accuracy)."""
+    model.train()
+    losses, correct = [], torch.zeros((), dtype=torch.int64, device=env.device)
+    for start in range(0, len(idx), batch_size):
+        b = idx[start : start + batch_size]
+        logits = model(images[b])  # (B, 10)
+        loss = F.cross_entropy(logits, labels[b])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        # Keep losses on the device: .item() here would be a CPU-GPU sync point every step.
+        losses.append(loss.detach())
+        correct += (logits.detach().argmax(1) == labels[b]).sum()
+    step_losses = all_reduce_sum(torch.stack(losses), env) / env.world_size
+    counts = all_reduce_sum(torch.stack([correct, torch.tensor(len(idx), device=env.device)]), env)
+    return step_losses.cpu(), counts[0].item() / counts[1].item()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, env: DistEnv, batch_size: int) -> EvalResult:
+    """Exact metrics over all samples: each rank takes a contiguous slice, sums are all-reduced.
+    No padding, so no sample is counted twice."""
+    model.eval()
+    n = len(labels)
+    mine = torch.tensor_split(torch.arange(n), env.world_size)[env.rank]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    confusion = torch.zeros(100, dtype=torch.int64, device=env.device)
+    for start in range(0, len(mine), batch_size):
+        b = mine[start : start + batch_size].to(env.device)
+        logits = model(images[b])
+        loss_sum += F.cross_entropy(logits, labels[b], reduction="sum").double()
+        confusion += torch.bincount(labels[b] * 10 + logits.argmax(1), minlength=100)
+    all_reduce_sum(loss_sum, env)
+    all_reduce_sum(confusion, env)
+    cm = confusion.view(10, 10).cpu().numpy()
+    correct = int(np.trace(cm))
+    return EvalResult(loss=loss_sum.item() / n, accuracy=correct / n, correct=correct, total=n, confusion=cm)
+
+
+def per_class_accuracy(cm: np.ndarray) -> list[float]:
+    return [float(cm[i, i] / max(cm[i].sum(), 1)) for i in range(len(cm))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0's side effects
+
+
+class RunLogger:
+    """Rank 0's MLflow run for this training: created once, found again after a restart."""
+
+    def __init__(self, job: TrainJob, env: DistEnv, splits: Splits, steps_per_epoch: int):
+        t = job.tracking
+        tags = {
+            **t.tags,
+            "mnistops.kind": "training",
+            "dataset": splits.name,
+            "dataset_digest": splits.digest,
+            "device": env.device.type,
+            "world_size": env.world_size,
+            "backend": env.backend or "none",
+            "torch_version": torch.__version__,
+            "git_commit": tracking.git_commit(),
+            "hidden": "x".join(map(str, job.model.hidden)),
+        }
+        if t.parent_run_id:
+            tags["mlflow.parentRunId"] = t.parent_run_id
+        run_name = t.run_name or default_run_name(job)
+        self.run_id, created = tracking.find_or_create_run(t.experiment, t.training_id, run_name, {k: str(v) for k, v in tags.items()})
+        self.steps_per_epoch = steps_per_epoch
+        if created:
+            params = {
+                **tracking.flatten("model", job.model.to_dict()),
+                **tracking.flatten("train", asdict(job.train)),
+                "world_size": env.world_size,
+                "dataset": splits.name,
+                "dataset_digest": splits.digest,
+            }
+            tracking.log_params(self.run_id, params)
+            self._log_dataset(job, splits)
+
+    def _log_dataset(self, job: TrainJob, splits: Splits) -> None:
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        source = job.data_source or "official mirrors"
+        uri = source if "://" in source else Path(source).resolve().as_uri() if source != "official mirrors" else "https://ossci-datasets.s3.amazonaws.com/mnist/"
+        ds = MetaDataset(source=HTTPDatasetSource(uri), name=splits.name, digest=splits.digest[:36])
+        for context, n in splits.sizes().items():
+            tracking.client().log_inputs(
+                self.run_id,
+                datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
+            )
+
+    def log_epoch(self, h: dict) -> None:
+        epoch = h["epoch"]
+        tracking.log_series(self.run_id, "train_loss_step", h["step_losses"], first_step=(epoch - 1) * self.steps_per_epoch)
+        metrics = {k: h[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "lr")}
+        tracking.log_metrics(self.run_id, metrics, step=epoch)
+
+    def catch_up(self, history: list[dict]) -> None:
+        """After a restart: log the epochs the checkpoint holds that never reached MLflow."""
+        logged = tracking.logged_steps(self.run_id, "val_accuracy")
+        for h in history:
+            if h["epoch"] not in logged:
+                self.log_epoch(h)
+
+
+def default_run_name(job: TrainJob) -> str:
+    t = job.train
+    return f"mlp{'x'.join(map(str, job.model.hidden))}-lr{t.lr:g}-bs{t.batch_size}-e{t.epochs}-s{t.seed}"
+
+
+def _write_json_atomic(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, model: MLP, history: list[dict],
+           val: EvalResult, test: EvalResult, out_dir: Path, classes: list[str]) -> dict:
+    """Final artifacts (curves, confusion matrix, final checkpoint) and result.json."""
+    result = {
+        "run_id": logger.run_id if logger else None,
+        "checkpoint": str(out_dir / CHECKPOINT_NAME),
+        "val_accuracy": val.accuracy,
+        "val_loss": val.loss,
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "val_per_class_accuracy": per_class_accuracy(val.confusion),
+        "test_per_class_accuracy": per_class_accuracy(test.confusion),
+        "val_confusion": val.confusion.tolist(),
+        "test_confusion": test.confusion.tolist(),
+        "epochs": len(history),
+        "train_seconds": sum(h["epoch_seconds"] for h in history),
+        "epoch_seconds": [h["epoch_seconds"] for h in history],
+        "seconds_to_target": seconds_to_target(history, job.train.target_val_accuracy),
+        "world_size": env.world_size,
+        "device": env.device.type,
+        "backend": env.backend or "none",
+    }
+    if logger is not None:
+        rid = logger.run_id
+        tracking.log_metrics(rid, {"test_accuracy": test.accuracy, "test_loss": test.loss,
+                                   "final_val_accuracy": val.accuracy, "train_seconds": result["train_seconds"]},
+                             step=len(history))
+        if result["seconds_to_target"] is not None:
+            tracking.log_metrics(rid, {"seconds_to_target": result["seconds_to_target"]})
+        steps = [x for h in history for x in h["step_losses"]]
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            plots.loss_curve(steps, logger.steps_per_epoch, history, tmp / "loss_curve.png")
+            plots.confusion_matrix(val.confusion, classes, f"validation ({val.accuracy:.2%})", tmp / "confusion_matrix_val.png")
+            plots.confusion_matrix(test.confusion, classes, f"test ({test.accuracy:.2%})", tmp / "confusion_matrix_test.png")
+            for png in tmp.glob("*.png"):
+                tracking.client().log_artifact(rid, str(png), "plots")
+        tracking.client().log_artifact(rid, str(out_dir / CHECKPOINT_NAME), "checkpoint")
+        tracking.end_run(rid, "FINISHED")
+    _write_json_atomic(result, out_dir / RESULT_NAME)
+    return result
+
+
+def seconds_to_target(history: list[dict], target: float) -> float | None:
+    elapsed = 0.0
+    for h in history:
+        elapsed += h["epoch_seconds"]
+        if h["val_accuracy"] >= target:
+            return elapsed
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+
+
+def train(job: TrainJob, env: DistEnv) -> dict | None:
+    """Train inside an already set-up process group. Returns the result on rank 0, None elsewhere."""
+    cfg = job.train
+    out_dir = Path(job.out_dir)
+    if cfg.batch_size % env.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {env.world_size}")
+    splits = load_splits(Path(job.data_path), env.device)
+
+    # Only rank 0 reads storage; the others get its checkpoint over the process group, so nodes
+    # need no shared file system.
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    ckpt = load_checkpoint(ckpt_path) if env.is_main and ckpt_path.exists() else None
+    ckpt = broadcast_object(ckpt, env)
+
+    if ckpt is not None:
+        model_cfg = MLPConfig.from_dict(ckpt["model_config"])
+    else:
+        mean, std = stats_from(splits.train_images)
+        model_cfg = replace(job.model, mean=mean, std=std)
+    model = build_model(model_cfg, cfg.seed).to(env.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # once per training
+    per_rank_batch = cfg.batch_size // env.world_size
+    steps_per_epoch = -(-(len(splits.train_labels) // env.world_size) // per_rank_batch)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    history: list[dict] = []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler_state"])
+        torch.set_rng_state(ckpt["rng_state"])
+        history = list(ckpt["history"])
+        if env.is_main:
+            print(f"resuming from the checkpoint after epoch {len(history)}", flush=True)
+    # Load before wrapping: DDP broadcasts rank 0's parameters when it is constructed.
+    # DDP only pays off with a peer to sync with: a one-process group skips the per-step all-reduce.
+    ddp_model = DDP(model) if env.world_size > 1 else model
+
+    logger = RunLogger(job, env, splits, steps_per_epoch) if env.is_main and job.tracking.enabled else None
+    if logger is not None and history:
+        logger.catch_up(history)
+
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        idx = shard_indices(len(splits.train_labels), epoch, cfg.seed, env)
+        lr = optimizer.param_groups[0]["lr"]
+        step_losses, train_acc = run_epoch(ddp_model, optimizer, scheduler, splits.train_images, splits.train_labels, idx, per_rank_batch, env)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        val = evaluate(model, splits.val_images, splits.val_labels, env, cfg.eval_batch_size)
+        h = {
+            "epoch": epoch, "train_loss": float(step_losses.mean()), "train_accuracy": train_acc,
+            "val_loss": val.loss, "val_accuracy": val.accuracy, "epoch_seconds": seconds, "lr": lr,
+            "step_losses": step_losses.tolist(),
+        }
+        history.append(h)
+        if env.is_main:
+            save_checkpoint(ckpt_path, model, model_cfg, cfg, optimizer, scheduler, history,
+                            logger.run_id if logger else None)
+            if logger is not None:
+                logger.log_epoch(h)
+            print(f"epoch {epoch}/{cfg.epochs}: train loss {h['train_loss']:.4f}  val loss {val.loss:.4f}  "
+                  f"val acc {val.accuracy:.4f}  ({seconds:.2f} s)", flush=True)
+
+    val = evaluate(model, splits.val_images, splits.val_labels, env, cfg.eval_batch_size)
+    test = evaluate(model, splits.test_images, splits.test_labels, env, cfg.eval_batch_size)
+    if not env.is_main:
+        return None
+    return finish(job, env, logger, model, history, val, test, out_dir, list(get_spec(splits.name).classes))
+
+
+def save_checkpoint(path, model, model_cfg, cfg, optimizer, scheduler, history, run_id) -> None:
+    atomic_torch_save(
+        {
+            "model_config": model_cfg.to_dict(),
+            "train_config": asdict(cfg),
+            "model_state": model.state_dict(),  # the raw module: no DDP "module." prefix
+            "optimizer_state": optimizer.state_dict(),
+            "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": len(history),
+            "history": history,
+            "rng_state": torch.get_rng_state(),
+            "run_id": run_id,
+        },
+        path,
+    )
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker if its launcher dies, even by SIGKILL: no orphaned trainers."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+@record
+def worker_main(job: TrainJob) -> dict | None:
+    """Entry point of each process that the elastic launcher starts (module level: it is pickled).
+    @record writes the exception to torchelastic's error file, so the launcher reports the
+    workers' real error rather than a bare exit code."""
+    _die_with_parent()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    with ddp_context(job.device) as env:
+        return train(job, env)
