@@ -1,0 +1,71 @@
+"""From a finished training to a gated registry version: export -> parity -> register -> gate -> card.
+Each step is one function, so that a flow can make a task of each."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nn_core import tracking
+from nn_core.card import model_card
+from nn_core.checkpoint import load_model
+from nn_core.data import load_splits
+from nn_core.datasets import get_spec
+from nn_core.export import ParityReport, check_parity, export_onnx
+from nn_core.launch import TrainResult
+from nn_core.registry import GateConfig, GateDecision, gate, register_candidate
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    parity: ParityReport
+
+
+def export_and_check(result: TrainResult, data_path: Path, onnx_path: Path | None = None) -> ExportResult:
+    """Export the trained model to ONNX and check parity on the validation split; log the figures
+    as metrics of the training run."""
+    model, _ = load_model(result.checkpoint)
+    splits = load_splits(data_path)
+    onnx_path = Path(onnx_path or Path(result.checkpoint).with_name("model.onnx"))
+    export_onnx(model, onnx_path)
+    parity = check_parity(model, onnx_path, splits.val_images, splits.val_labels)
+    if result.run_id:
+        tracking.log_metrics(result.run_id, parity.metrics())
+        tracking.log_tags(result.run_id, {"parity": "passed" if parity.passed else f"failed: {parity.reason}"})
+    return ExportResult(onnx_path=onnx_path, parity=parity)
+
+
+def register(result: TrainResult, exported: ExportResult, data_path: Path, model_name: str) -> str:
+    splits = load_splits(data_path)
+    tags = {
+        "val_accuracy": f"{result.val_accuracy:.6f}",
+        "test_accuracy": f"{result.test_accuracy:.6f}",
+        "dataset": splits.name,
+        "dataset_digest": splits.digest,
+        "git_commit": tracking.git_commit(),
+    }
+    return register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
+                              splits.val_images[:2].numpy(), tags)
+
+
+def gate_and_record(result: TrainResult, exported: ExportResult, version: str, data_path: Path,
+                    model_name: str, cfg: GateConfig) -> GateDecision:
+    """Run the gate on the registered version, then attach the model card to the run and the version."""
+    splits = load_splits(data_path)
+    decision = gate(model_name, version, splits.val_images.numpy(), splits.val_labels.numpy(), cfg)
+    _, ckpt = load_model(result.checkpoint)
+    card = model_card(
+        model_name=model_name, version=version, run_id=result.run_id, dataset=splits.name,
+        digest=splits.digest, split_sizes=splits.sizes(), model_config=ckpt["model_config"],
+        train_config=ckpt["train_config"], train_metrics=result.metrics, parity=exported.parity.to_dict(),
+        decision=decision.to_dict(), classes=list(get_spec(splits.name).classes),
+    )
+    c = tracking.client()
+    c.update_model_version(model_name, version, description=card)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model_card.md"
+        path.write_text(card)
+        c.log_artifact(result.run_id, str(path))
+    return decision
