@@ -1,0 +1,30 @@
+"""Scheduled deployments of the training pipeline and the batch inference flow, served from one
+process with prefect.serve against whatever Prefect API is configured. Nothing here runs at import."""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+
+from flows.inference import batch_inference
+from flows.training import training_pipeline
+
+TRAINING_DEPLOYMENT, INFERENCE_DEPLOYMENT = "training-nightly", "inference-hourly"
+TRAINING_CRON, INFERENCE_CRON = "0 2 * * *", "0 * * * *"
+
+
+def deployments(training_cron: str, inference_cron: str, training_parameters: dict,
+                inference_parameters: dict) -> list[RunnerDeployment]:
+    return [
+        training_pipeline.to_deployment(name=TRAINING_DEPLOYMENT, cron=training_cron,
+                                        parameters=training_parameters, tags=["mnistops", "training"],
+                                        description="Nightly: data -> DDP training -> ONNX -> gate -> champion"),
+        batch_inference.to_deployment(name=INFERENCE_DEPLOYMENT, cron=inference_cron,
+                                      parameters=inference_parameters, tags=["mnistops", "inference"],
+                                      description="Hourly: the champion over the configured input"),
+    ]
+
+
+def serve_all(deployments_: list[RunnerDeployment], limit: int | None = None) -> None:
+    """Blocks: registers the deployments, then runs their scheduled (and manual) runs."""
+    serve(*deployments_, limit=limit)

@@ -1,0 +1,68 @@
+"""Process-wide settings, applied once at the entry point (never at import time).
+
+Embedded defaults that need nothing running: MLflow on a SQLite store and an artifact folder under
+MNISTOPS_HOME (default ./.mnistops), Prefect's own temporary local API. MLFLOW_TRACKING_URI and
+PREFECT_API_URL select real servers; they are set as environment variables so that the DDP workers
+and Prefect's flow-run processes inherit them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+QUIET_DEFAULTS = {
+    # No telemetry: these machines have no internet, and users don't want it either.
+    "ORT_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Prefect's temporary local API takes 10-27 s to start on 2 cores; its default allows 20.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    tracking_uri: str
+    embedded_mlflow: bool
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.home / "outputs"
+
+
+def configure() -> Settings:
+    """Fill in the environment's defaults (an explicit setting always wins) and return them."""
+    for key, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    home = Path(os.environ.get("MNISTOPS_HOME", ".mnistops")).resolve()
+    os.environ["MNISTOPS_HOME"] = str(home)
+    embedded = "MLFLOW_TRACKING_URI" not in os.environ
+    if embedded:
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:"):
+        os.environ.setdefault("MNISTOPS_ARTIFACT_ROOT", str(home / "mlartifacts"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "httpx", "mlflow.store.db.utils", "onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return Settings(home=home, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], embedded_mlflow=embedded)
+
+
+def mlflow_ui_base() -> str:
+    """Where the MLflow UI for the current store lives: the server itself, or `mnistops ui`'s default."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    return f"{mlflow_ui_base()}/#/experiments/{experiment_id}/runs/{run_id}"
