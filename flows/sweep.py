@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows import settings
-from flows.training import PipelineResult, prepare_data, publish, release, train_job, train_model
+from flows.training import PipelineResult, obtain_data, publish, release, train_job, train_model
 from nn_core import tracking
 from nn_core.launch import LaunchSpec, TrainResult
 from nn_core.registry import GateConfig
@@ -72,7 +72,7 @@ def hyperparameter_sweep(
     points = spec_from_mapping(grid or {}).points()
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    prepared = prepare_data(dataset, data_source, data_dir)
+    prepared = obtain_data(dataset, data_source, data_dir)
     c = tracking.client()
     parent = c.create_run(tracking.ensure_experiment(experiment), run_name=f"sweep-{len(points)}-configs",
                           tags={"mnistops.kind": "sweep", "dataset_digest": prepared.digest})

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import settings
 from nn_core import tracking
-from nn_core.data import PreparedDataset, SourceUnavailableError, cache_path, default_data_dir, prepare
+from nn_core.data import PreparedDataset, SourceUnavailableError, default_data_dir, prepare
 from nn_core.datasets import fingerprint, get_spec
 from nn_core.launch import LaunchSpec, TrainResult, launch_training, new_training_id
 from nn_core.model import MLPConfig
@@ -54,13 +54,10 @@ def _retry_on_network_errors(task, task_run, state) -> bool:
     return False
 
 
-def _data_cache_key(context, parameters) -> str | None:
-    """The dataset's pinned digest and where it is cached; no key (so the task runs) while no
-    verified cache file is there: a cached answer must never point at a missing file."""
+def _data_cache_key(context, parameters) -> str:
+    """The dataset's digest (what the code pins for it) and where its verified cache lives."""
     spec = get_spec(parameters["dataset"])
-    data_dir = Path(parameters.get("data_dir") or default_data_dir())
-    if not cache_path(spec, data_dir).exists():
-        return None
+    data_dir = Path(parameters.get("data_dir") or default_data_dir()).resolve()
     return f"prepare-{spec.name}-{fingerprint(spec)[:16]}-{data_dir}"
 
 
@@ -112,6 +109,15 @@ def gate_task(result: TrainResult, exported: ExportResult, version: str, prepare
 
 # ---------------------------------------------------------------------------------------------
 # Shared by the training pipeline and the sweep
+
+
+def obtain_data(dataset: str, data_source: str | None, data_dir: str | None) -> PreparedDataset:
+    """prepare_data, answered from Prefect's cache when it can be; a cached answer whose cache file
+    was deleted since is recomputed rather than handed on."""
+    prepared = prepare_data(dataset, data_source, data_dir)
+    if not Path(prepared.cache_path).exists():
+        prepared = prepare_data.with_options(refresh_cache=True)(dataset, data_source, data_dir)
+    return prepared
 
 
 def train_job(prepared: PreparedDataset, *, hidden: list[int], epochs: int, batch_size: int, lr: float,
@@ -191,7 +197,7 @@ def training_pipeline(
     """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion."""
     settings.configure()
     gate = GateConfig(threshold=gate_threshold, margin=gate_margin)
-    prepared = prepare_data(dataset, data_source, data_dir)
+    prepared = obtain_data(dataset, data_source, data_dir)
     job = train_job(prepared, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                     weight_decay=weight_decay, schedule=schedule, seed=seed, data_source=data_source,
                     experiment=experiment)

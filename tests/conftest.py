@@ -4,6 +4,7 @@ MNIST files run whenever MNISTOPS_DATA_SOURCE is set (CI sets it), and fail rath
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,10 @@ for _k, _v in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }.items():
     os.environ.setdefault(_k, _v)
+# A Prefect home of this test session's own: cached task results persist under it and must not leak
+# into later sessions (or come from the user's profile). Set before anything imports prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mnistops-test-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
 
 
 def real_mnist_source() -> Path | None:

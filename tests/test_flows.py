@@ -1,0 +1,255 @@
+"""The Prefect flows in-process on real MNIST against a real local Prefect API, and the scheduled
+deployments (`mnistops serve`) against a real Prefect server started here."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+
+from nn_core import registry, tracking
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def home(tmp_path, mlflow_store, mnist, monkeypatch):
+    monkeypatch.setenv("MNISTOPS_DATA_DIR", str(mnist.cache_path.parent))
+    return tmp_path / "home"
+
+
+def _artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert arts, f"no artifact {key!r}"
+    return max(arts, key=lambda a: a.created).data
+
+
+def test_training_pipeline_promotes_then_rejects(prefect_api, home, mnist_source):
+    from flows.training import training_pipeline
+
+    state = training_pipeline(data_source=str(mnist_source), epochs=4, return_state=True)
+    assert state.is_completed()
+    result = state.result()
+    assert result.promoted and result.version == "1" and registry.champion("mnist-mlp") == "1"
+    assert result.metrics["val_accuracy"] >= 0.96 and result.metrics["onnx_val_accuracy"] == result.metrics["val_accuracy"]
+    run = mlflow.get_run(result.run_id)
+    assert run.data.tags["promotion"] == "accepted" and run.info.status == "FINISHED"
+    md = _artifact("training-pipeline")
+    assert "PROMOTED to champion" in md and result.run_id in md and "val_accuracy" in md
+
+    # A stricter gate: the candidate is registered and rejected, the run still completes.
+    state = training_pipeline(data_source=str(mnist_source), epochs=1, gate_threshold=0.999, return_state=True)
+    assert state.is_completed()
+    rejected = state.result()
+    assert not rejected.promoted and rejected.version == "2" and "< threshold 0.9990" in rejected.reason
+    assert registry.champion("mnist-mlp") == "1"
+    assert "NOT PROMOTED" in _artifact("training-pipeline")
+
+
+def test_cli_exit_codes(prefect_api, home, mnist_source, capsys):
+    from flows.cli import EXIT_REJECTED, main
+
+    code = main(["run", "--data-source", str(mnist_source), "--epochs", "1", "--threshold", "0.999", "--no-inference"])
+    assert code == EXIT_REJECTED
+    assert "NOT promoted" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "rejected" in out and "version" in out
+    assert main(["promote", "1", "--threshold", "0.999"]) == EXIT_REJECTED and registry.champion("mnist-mlp") is None
+    assert main(["promote", "1", "--threshold", "0.999", "--force"]) == 0 and registry.champion("mnist-mlp") == "1"
+
+
+class _Flaky(http.server.SimpleHTTPRequestHandler):
+    failures_left = 0
+    served_errors = 0
+
+    def do_GET(self):
+        if type(self).failures_left > 0:
+            type(self).failures_left -= 1
+            type(self).served_errors += 1
+            self.send_error(503, "mirror overloaded")
+            return
+        super().do_GET()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_data_task_retries_a_flaky_source_and_is_cached(prefect_api, tmp_path, mnist_source, monkeypatch):
+    from flows.training import obtain_data, prepare_data
+
+    _Flaky.failures_left, _Flaky.served_errors = 2, 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Flaky, directory=str(mnist_source)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        data_dir = tmp_path / "fresh-cache"
+        state = prepare_data(dataset="mnist", data_source=url, data_dir=str(data_dir), return_state=True)
+        assert state.is_completed() and _Flaky.served_errors == 2
+        prepared = state.result()
+        assert prepared.split_sizes == {"train": 50_000, "val": 10_000, "test": 10_000} and not prepared.reused_cache
+        # A re-run is answered from Prefect's cache on the dataset digest: nothing re-verified or fetched.
+        server.shutdown()
+        again = prepare_data(dataset="mnist", data_source=url, data_dir=str(data_dir), return_state=True)
+        assert again.is_completed() and again.name == "Cached" and again.result() == prepared
+        # ... unless the cache file it points at is gone: then it is prepared again.
+        prepared.cache_path.unlink()
+        healed = obtain_data("mnist", str(mnist_source), str(data_dir))
+        assert healed.cache_path.exists() and healed.digest == prepared.digest
+    finally:
+        server.server_close()
+
+
+def test_corrupt_source_is_not_retried(prefect_api, tmp_path):
+    from idx_files import raw_content, rewrite, synthetic_dataset
+
+    from flows.training import prepare_data
+
+    synthetic_dataset(tmp_path / "src")  # right layout, but not the pinned MNIST files
+    started = time.monotonic()
+    state = prepare_data(dataset="mnist", data_source=str(tmp_path / "src"), data_dir=str(tmp_path / "d"), return_state=True)
+    assert state.is_failed() and "records, expected 60000" in str(state.message)
+    assert time.monotonic() - started < 2  # no 2 + 5 + 15 s of retries for a corrupt file
+
+
+def test_sweep_of_three_configs(prefect_api, home, mnist_source):
+    from flows.sweep import hyperparameter_sweep
+
+    grid = {"hidden": [[50], [32]], "lr": [2e-3], "batch_size": [64, 128], "epochs": [2], "sample": 3, "seed": 1}
+    result = hyperparameter_sweep(grid=grid, data_source=str(mnist_source))
+    assert len(result.trials) == 3 and len({t["name"] for t in result.trials}) == 3
+    children = mlflow.search_runs(experiment_names=["mnist-mlp"], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+                                  output_format="list")
+    assert {r.info.run_id for r in children} == {t["run_id"] for t in result.trials}
+    best = max(result.trials, key=lambda t: t["val_accuracy"])
+    assert result.best == best and result.release.run_id == best["run_id"]
+    assert result.release.promoted and registry.champion("mnist-mlp") == result.release.version
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.data.tags["best_run_id"] == best["run_id"] and parent.info.status == "FINISHED"
+    history = tracking.client().get_metric_history(result.parent_run_id, "trial_val_accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert {"sweep_comparison.png", "sweep_comparison.md"} <= {a.path for a in tracking.client().list_artifacts(result.parent_run_id)}
+    assert best["name"] in _artifact("sweep-comparison")
+
+
+def test_batch_inference_flow(prefect_api, home, mnist, tmp_path):
+    from flows.inference import batch_inference, export_test_split
+    from flows.training import training_pipeline
+
+    training_pipeline(epochs=2)
+    images, labels = export_test_split("mnist", str(mnist.cache_path.parent), tmp_path / "in")
+    out_dir = tmp_path / "preds"
+    out_dir.mkdir()
+    s = batch_inference(input=str(images), output=str(out_dir) + "/", labels=str(labels))
+    assert s["predicted"] == 10_000 and s["accuracy"] > 0.95 and s["model_version"] == "1"
+    assert Path(s["output"]).parent == out_dir and Path(s["output"]).exists()
+    md = _artifact("batch-inference")
+    assert "10000 / 10000 / 0" in md and s["output"] in md
+
+
+# ---------------------------------------------------------------------------------------------
+# `mnistops serve` against a real Prefect server: deployments, schedules, and cancellation
+
+
+@pytest.fixture(scope="module")
+def prefect_server_url(tmp_path_factory):
+    from servers import prefect_server
+
+    root = tmp_path_factory.mktemp("prefect-server")
+    with prefect_server(f"sqlite+aiosqlite:///{root}/prefect.db", home=root / "home") as url:
+        yield url
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    out = []
+    for p in _tree(pid):
+        try:
+            if "spawn_main" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_serve_registers_schedules_and_cancel_stops_training(prefect_server_url, tmp_path, mnist, mnist_source):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_server_url, "MNISTOPS_HOME": str(tmp_path / "home"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MNISTOPS_DATA_DIR": str(mnist.cache_path.parent),
+           "MNISTOPS_DATA_SOURCE": str(mnist_source)}
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--training-cron", "15 3 * * *",
+                              "--inference-cron", "*/30 * * * *", "--epochs", "200"],
+                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        os.environ["PREFECT_API_URL"] = prefect_server_url
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: prefect_server_url}), get_client(sync_client=True) as client:
+            deadline = time.time() + 120
+            deployments = {}
+            while len(deployments) < 2:
+                assert serve.poll() is None and time.time() < deadline, serve.stdout.read() if serve.poll() is not None else "timeout"
+                deployments = {d.name: d for d in client.read_deployments()}
+                time.sleep(0.5)
+            crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
+            assert crons == {"training-nightly": ["15 3 * * *"], "inference-hourly": ["*/30 * * * *"]}
+            assert all(s.active for d in deployments.values() for s in d.schedules)
+
+            run = run_deployment("training-pipeline/training-nightly", timeout=0)
+            deadline = time.time() + 180
+            while not _workers(serve.pid):
+                assert time.time() < deadline, "no training worker started"
+                time.sleep(0.25)
+            workers = _workers(serve.pid)
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+            deadline = time.time() + 90
+            while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers) or _workers(serve.pid):
+                assert time.time() < deadline, "training processes survived the cancellation"
+                time.sleep(0.25)
+            deadline = time.time() + 60
+            while not client.read_flow_run(run.id).state.is_cancelled():
+                assert time.time() < deadline, client.read_flow_run(run.id).state
+                time.sleep(0.5)
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait(10)
+    assert not _workers(serve.pid)
