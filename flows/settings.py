@@ -60,8 +60,10 @@ def configure() -> Settings:
 
 def mlflow_ui_base() -> str:
     """Where the MLflow UI for the current store lives: the server itself, or `mnistops ui`'s default."""
+    from nn_core.tracking import redact_url
+
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return redact_url(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
 def run_url(experiment_id: str, run_id: str) -> str:

@@ -331,13 +331,23 @@ def prepare(spec: DatasetSpec, source: str | None = None, data_dir: Path | None 
     """Obtain, verify and cache `spec`; reuse a verified cache without touching the source."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     target = cache_path(spec, data_dir)
+    refused = None
     if target.exists():
         try:
             payload = read_cache(target, spec)
             return _prepared(spec, target, payload, reused=True)
         except IntegrityError as e:
+            refused = e
             log.warning("%s; rebuilding it from the source", e)
+    try:
+        return _build(spec, source, data_dir, target)
+    except DataError as e:
+        if refused is None:
+            raise
+        raise type(e)(f"{refused}; rebuilding it from the source failed: {e}") from e
 
+
+def _build(spec: DatasetSpec, source: str | None, data_dir: Path, target: Path) -> PreparedDataset:
     kind, where = parse_source(source)
     data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:

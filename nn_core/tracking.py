@@ -102,6 +102,18 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
+def redact_url(url: str) -> str:
+    """The URL without its user:password part: credentials never go into params, tags or artifacts."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def flatten(prefix: str, d: dict) -> dict[str, object]:
     out = {}
     for k, v in d.items():

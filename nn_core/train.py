@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nn_core import plots, tracking
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
 from nn_core.data import Splits, load_splits
-from nn_core.datasets import get_spec
+from nn_core.datasets import get_spec, mirrors_for
 from nn_core.distributed import DistEnv, all_reduce_sum, broadcast_object, ddp_context
 from nn_core.model import MLP, MLPConfig, build_model, stats_from
 
@@ -179,6 +179,8 @@ class RunLogger:
         run_name = t.run_name or default_run_name(job)
         self.run_id, created = tracking.find_or_create_run(t.experiment, t.training_id, run_name, {k: str(v) for k, v in tags.items()})
         self.steps_per_epoch = steps_per_epoch
+        # After a restart, what the run already holds: epochs logged before the crash are not repeated.
+        self.logged: set[int] = set() if created else tracking.logged_steps(self.run_id, "val_accuracy")
         if created:
             params = {
                 **tracking.flatten("model", job.model.to_dict()),
@@ -195,27 +197,40 @@ class RunLogger:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        source = job.data_source or "official mirrors"
-        uri = source if "://" in source else Path(source).resolve().as_uri() if source != "official mirrors" else "https://ossci-datasets.s3.amazonaws.com/mnist/"
+        source = job.data_source
+        if not source:
+            uri = mirrors_for(get_spec(splits.name))[0]
+        else:
+            uri = tracking.redact_url(source) if "://" in source else Path(source).resolve().as_uri()
         ds = MetaDataset(source=HTTPDatasetSource(uri), name=splits.name, digest=splits.digest[:36])
-        for context, n in splits.sizes().items():
+        for context in splits.sizes():
             tracking.client().log_inputs(
                 self.run_id,
                 datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
             )
 
-    def log_epoch(self, h: dict) -> None:
+    def _log_epoch(self, h: dict) -> None:
         epoch = h["epoch"]
         tracking.log_series(self.run_id, "train_loss_step", h["step_losses"], first_step=(epoch - 1) * self.steps_per_epoch)
         metrics = {k: h[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "lr")}
         tracking.log_metrics(self.run_id, metrics, step=epoch)
+        self.logged.add(epoch)
 
-    def catch_up(self, history: list[dict]) -> None:
-        """After a restart: log the epochs the checkpoint holds that never reached MLflow."""
-        logged = tracking.logged_steps(self.run_id, "val_accuracy")
-        for h in history:
-            if h["epoch"] not in logged:
-                self.log_epoch(h)
+    def sync(self, history: list[dict], *, final: bool = False) -> None:
+        """Log every epoch of `history` that MLflow does not have yet. The epochs live in the
+        checkpoint, so an unreachable tracking server (after its client's own retries) costs no
+        training: they are logged once it answers again. At the end of training it must answer."""
+        try:
+            for h in history:
+                if h["epoch"] not in self.logged:
+                    self._log_epoch(h)
+        except Exception as e:
+            missing = sorted({h["epoch"] for h in history} - self.logged)
+            if final:
+                raise RuntimeError(f"MLflow run {self.run_id}: epochs {missing} could not be logged ({e}); "
+                                   "the trained checkpoint and result.json are kept") from e
+            print(f"warning: MLflow unreachable ({type(e).__name__}); epochs {missing} stay in the checkpoint "
+                  "and are logged when it answers again", flush=True)
 
 
 def default_run_name(job: TrainJob) -> str:
@@ -253,6 +268,7 @@ def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, model: MLP, hi
         "backend": env.backend or "none",
     }
     if logger is not None:
+        logger.sync(history, final=True)
         rid = logger.run_id
         tracking.log_metrics(rid, {"test_accuracy": test.accuracy, "test_loss": test.loss,
                                    "final_val_accuracy": val.accuracy, "train_seconds": result["train_seconds"]},
@@ -325,8 +341,6 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
     ddp_model = DDP(model) if env.world_size > 1 else model
 
     logger = RunLogger(job, env, splits, steps_per_epoch) if env.is_main and job.tracking.enabled else None
-    if logger is not None and history:
-        logger.catch_up(history)
 
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -347,7 +361,7 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
             save_checkpoint(ckpt_path, model, model_cfg, cfg, optimizer, scheduler, history,
                             logger.run_id if logger else None)
             if logger is not None:
-                logger.log_epoch(h)
+                logger.sync(history)
             print(f"epoch {epoch}/{cfg.epochs}: train loss {h['train_loss']:.4f}  val loss {val.loss:.4f}  "
                   f"val acc {val.accuracy:.4f}  ({seconds:.2f} s)", flush=True)
 
