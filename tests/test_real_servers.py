@@ -1,0 +1,110 @@
+"""The whole pipeline and a batch job against real servers (PostgreSQL, an MLflow tracking server on
+it, a Prefect server on it), checked through the servers' own APIs; and two pipelines finishing
+together against one registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.servers, pytest.mark.e2e, pytest.mark.slow]
+
+
+@dataclass(frozen=True)
+class Stack:
+    mlflow_url: str
+    prefect_url: str
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from servers import mlflow_server, postgres_missing, postgres_server, prefect_server
+
+    why = postgres_missing()
+    if why:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
+    root = tmp_path_factory.mktemp("stack")
+    with postgres_server(root) as dsn, \
+            mlflow_server(f"{dsn}/mlflow", root / "artifacts") as mlflow_url, \
+            prefect_server(f"{dsn}/prefect", home=root / "prefect-home") as prefect_url:
+        yield Stack(mlflow_url, prefect_url)
+
+
+def _env(stack: Stack, tmp_path: Path, mnist, mnist_source) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": stack.mlflow_url, "PREFECT_API_URL": stack.prefect_url,
+            "MNISTOPS_HOME": str(tmp_path / "home"), "MNISTOPS_DATA_DIR": str(mnist.cache_path.parent),
+            "MNISTOPS_DATA_SOURCE": str(mnist_source)}
+
+
+def _mnistops(*args: str, env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _flow_runs(prefect_url: str, flow_name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_url}), get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+
+
+def test_pipeline_and_batch_job_against_real_servers(stack, tmp_path, mnist, mnist_source):
+    env = _env(stack, tmp_path, mnist, mnist_source)
+    r = _mnistops("run", "--epochs", "3", "--model-name", "servers-mlp", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "promoted to champion" in r.stdout and "batch inference over the test set" in r.stdout
+    assert stack.mlflow_url in r.stdout  # the run link points at the server, not a local store
+    assert not (tmp_path / "home" / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+    c = MlflowClient(stack.mlflow_url)
+    (run,) = c.search_runs([c.get_experiment_by_name("mnist-mlp").experiment_id],
+                           filter_string="tags.`mnistops.kind` = 'training'", max_results=50)
+    assert run.info.status == "FINISHED" and run.data.metrics["final_val_accuracy"] >= 0.96
+    champion = c.get_model_version_by_alias("servers-mlp", "champion")
+    assert champion.version == "1" and champion.run_id == run.info.run_id and champion.tags["promotion"] == "accepted"
+    (job,) = c.search_runs([c.get_experiment_by_name("mnist-mlp-inference").experiment_id])
+    assert job.data.metrics["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-9)
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "plots")} >= {"plots/loss_curve.png"}
+
+    pipeline_runs = _flow_runs(stack.prefect_url, "training-pipeline")
+    inference_runs = _flow_runs(stack.prefect_url, "batch-inference")
+    assert [fr.state.type.value for fr in pipeline_runs] == ["COMPLETED"]
+    assert [fr.state.type.value for fr in inference_runs] == ["COMPLETED"]
+
+    # A batch job by hand against the same servers, from the registry's champion.
+    images = tmp_path / "home" / "outputs" / "inputs" / "mnist-test-images.npy"
+    labels = images.with_name("mnist-test-labels.npy")
+    out = tmp_path / "preds.csv"
+    r = _mnistops("infer", "--input", str(images), "--labels", str(labels), "--output", str(out),
+                  "--model", "models:/servers-mlp@champion", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out.exists() and Path(str(out) + ".manifest.json").exists()
+    assert len(_flow_runs(stack.prefect_url, "batch-inference")) == 2
+
+
+def test_two_pipelines_finishing_together(stack, tmp_path, mnist, mnist_source):
+    env = _env(stack, tmp_path, mnist, mnist_source)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--no-inference", "--epochs", "2", "--seed", str(seed),
+                          "--model-name", "race-mlp"],
+                         env={**env, "MNISTOPS_HOME": str(tmp_path / f"home{seed}")}, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for seed in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert sorted(p.returncode for p in procs) in ([0, 0], [0, 3]), outs
+    c = MlflowClient(stack.mlflow_url)
+    versions = c.search_model_versions("name = 'race-mlp'")
+    assert len(versions) == 2  # both registered
+    champion = c.get_model_version_by_alias("race-mlp", "champion")
+    assert champion.tags["promotion"] == "accepted"  # never a rejected version
+    accs = {v.version: float(v.tags["promotion.val_accuracy"]) for v in versions}
+    assert accs[champion.version] == max(accs.values())  # the better one
