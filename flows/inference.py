@@ -27,6 +27,7 @@ def _output_path(output: str, fmt: str | None) -> Path:
     """A folder gets a new timestamped file per run, so a scheduled job never overwrites the last."""
     out = Path(output)
     if out.is_dir() or output.endswith(os.sep):
+        out.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return out / f"predictions-{stamp}.{fmt or 'parquet'}"
     return out
