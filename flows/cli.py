@@ -38,9 +38,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
     g.add_argument("--hidden", type=_hidden, default=[50], help="hidden layer sizes, e.g. 50 or 128,64")
-    g.add_argument("--epochs", type=int, default=8, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch size (split across processes)")
-    g.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    g.add_argument("--epochs", type=int, default=10, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch size (split across processes)")
+    g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--schedule", default="cosine", choices=["none", "cosine", "onecycle"], help="learning-rate schedule")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the shuffling")

@@ -179,9 +179,9 @@ def training_pipeline(
     dataset: str = "mnist",
     data_source: str | None = None,
     hidden: list[int] = [50],  # noqa: B006 (Prefect parameters are validated copies)
-    epochs: int = 8,
-    batch_size: int = 64,
-    lr: float = 2e-3,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 3e-3,
     weight_decay: float = 0.0,
     schedule: str = "cosine",
     seed: int = 0,

@@ -30,9 +30,9 @@ class SweepPoint:
 @dataclass(frozen=True)
 class SweepSpec:
     hidden: tuple[tuple[int, ...], ...] = ((50,),)
-    lr: tuple[float, ...] = (2e-3,)
-    batch_size: tuple[int, ...] = (64,)
-    epochs: tuple[int, ...] = (8,)
+    lr: tuple[float, ...] = (3e-3,)
+    batch_size: tuple[int, ...] = (256,)
+    epochs: tuple[int, ...] = (10,)
     sample: int | None = None  # None: the whole grid; N: N distinct points drawn at random
     seed: int = 0
 

@@ -72,8 +72,8 @@ def _train(mnist, root: Path, name: str, **cfg) -> TrainResult:
 def models(mnist, store):
     return {
         "weak": _train(mnist, store, "weak", epochs=1, lr=1e-5),  # a few hundred tiny steps
-        "medium": _train(mnist, store, "medium", epochs=2),
-        "good": _train(mnist, store, "good", epochs=8),
+        "medium": _train(mnist, store, "medium", epochs=3),
+        "good": _train(mnist, store, "good", epochs=10),
     }
 
 

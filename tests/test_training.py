@@ -71,7 +71,7 @@ def test_training_logs_exactly_one_run_from_rank_zero(synthetic_cache, tmp_path,
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == str(nproc) and run.data.tags["backend"] == "gloo"
     assert run.data.tags["dataset_digest"] == load_splits(synthetic_cache).digest
-    assert run.data.params["train.lr"] == "0.002" and run.data.params["model.hidden"] == "50"
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["model.hidden"] == "50"
     c = tracking.client()
     # rank > 0 logs nothing: every epoch and every step appears exactly once
     assert sorted(m.step for m in c.get_metric_history(result.run_id, "val_accuracy")) == [1, 2, 3]
