@@ -62,7 +62,9 @@ def test_evaluate_covers_every_sample_exactly_once(synthetic_cache):
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_training_logs_exactly_one_run_from_rank_zero(synthetic_cache, tmp_path, mlflow_store, nproc, capfd):
-    job = _job(synthetic_cache, tmp_path / "runs")
+    from dataclasses import replace
+
+    job = replace(_job(synthetic_cache, tmp_path / "runs"), data_source="https://user:s3cret@127.0.0.1:9/mnist/")
     result = launch_training(job, LaunchSpec(nproc=nproc))
     assert result.val_accuracy > 0.9  # the synthetic classes are easy
     runs = mlflow.search_runs(experiment_names=["test-exp"], output_format="list")
@@ -82,6 +84,7 @@ def test_training_logs_exactly_one_run_from_rank_zero(synthetic_cache, tmp_path,
     assert {"plots/loss_curve.png", "plots/confusion_matrix_val.png", "plots/confusion_matrix_test.png", "checkpoint/checkpoint.pt"} <= artifacts
     inputs = c.get_run(result.run_id).inputs.dataset_inputs
     assert {i.dataset.digest for i in inputs} and all(i.dataset.name == "mnist" for i in inputs)
+    assert all("s3cret" not in i.dataset.source and "127.0.0.1:9/mnist" in i.dataset.source for i in inputs)
     out = capfd.readouterr().out
     assert out.count("epoch 1/3") == 1, out  # prints are gated on rank 0 too
 
