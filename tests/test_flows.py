@@ -160,7 +160,7 @@ def test_batch_inference_flow(prefect_api, home, mnist, tmp_path):
     from flows.inference import batch_inference, export_test_split
     from flows.training import training_pipeline
 
-    training_pipeline(epochs=2)
+    assert training_pipeline(epochs=4).promoted
     images, labels = export_test_split("mnist", str(mnist.cache_path.parent), tmp_path / "in")
     out_dir = tmp_path / "preds"
     out_dir.mkdir()

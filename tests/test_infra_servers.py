@@ -37,10 +37,20 @@ def _servers_available():
         _require("psycopg (3) is not installed: pip install 'psycopg[binary]'")
 
 
+@pytest.fixture(autouse=True)
+def _children_before():
+    # Processes that earlier tests of this session left to pytest are not this test's servers.
+    global _EARLIER
+    _EARLIER = {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+_EARLIER: set[int] = set()
+
+
 def _server_processes(*ports: int) -> list:
     """Every process we started: our children (MLflow, Prefect and their workers) plus the
     PostgreSQL postmaster and its backends, which pg_ctl detached from us. Found by listening port."""
-    procs = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    procs = {p.pid: p for p in psutil.Process().children(recursive=True) if p.pid not in _EARLIER}
     for conn in psutil.net_connections(kind="tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port in ports and conn.pid:
             owner = psutil.Process(conn.pid)

@@ -93,7 +93,7 @@ def test_pipeline_and_batch_job_against_real_servers(stack, tmp_path, mnist, mni
 def test_two_pipelines_finishing_together(stack, tmp_path, mnist, mnist_source):
     env = _env(stack, tmp_path, mnist, mnist_source)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--no-inference", "--epochs", "2", "--seed", str(seed),
+        subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--no-inference", "--epochs", "4", "--seed", str(seed),
                           "--model-name", "race-mlp"],
                          env={**env, "MNISTOPS_HOME": str(tmp_path / f"home{seed}")}, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,0 +1,277 @@
+"""Batch inference benchmark (issue 5): images/second, in one run on the same inputs, of
+
+- the job end to end (read -> predict -> write Parquet, model loading included) on a .npy, an
+  uncompressed IDX and a gzipped IDX file of N images, and on a folder of PNGs;
+- the bare onnxruntime session on an in-memory array (the ceiling), PyTorch eager with the same
+  weights, and MLflow's pyfunc `predict`;
+- the bare gzip decompression rate of the gzipped IDX file (the bound of gzipped input);
+- peak memory (RSS high-water mark of a child process running the job) for N vs 10 N images.
+
+Targets on 2 CPU cores: the job >= 70% of the bare session for .npy and uncompressed IDX; PNG folder
+>= 10,000 images/s; peak memory independent of the input size.
+
+Each throughput is the median of --repeats runs, taken round-robin so that a burst of load from
+elsewhere on the machine hits every candidate alike. Inputs are MNIST-like (the real MNIST images
+tiled when MNISTOPS_DATA_SOURCE names a folder with them, else synthetic strokes).
+
+    .venv/bin/python bench/bench_inference.py [--images 100000] [--pngs 10000] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+
+from nn_core import idx  # noqa: E402
+from serving.job import CPU_BATCH_SIZE, JobConfig, run_job  # noqa: E402
+from serving.session import create_session, cpu_threads  # noqa: E402
+
+PNG_TARGET = 10_000
+RATIO_TARGET = 0.70
+
+
+def mnist_like(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 28, 28) uint8: the real MNIST training images tiled, when available; else sparse strokes."""
+    src = os.environ.get("MNISTOPS_DATA_SOURCE")
+    f = Path(src, "train-images-idx3-ubyte.gz") if src else None
+    if f is not None and f.is_file():
+        real = idx.read_idx(f, magic=idx.IMAGES_MAGIC)
+        return np.resize(real, (n, 28, 28))
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28].astype(np.float32)
+    out = np.empty((n, 28, 28), dtype=np.uint8)
+    for s in range(0, n, 10_000):
+        k = min(10_000, n - s)
+        img = np.zeros((k, 28, 28), dtype=np.float32)
+        for _ in range(4):  # four soft dots along a random stroke
+            cy = rng.uniform(8, 20, (k, 1, 1)).astype(np.float32)
+            cx = rng.uniform(8, 20, (k, 1, 1)).astype(np.float32)
+            img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 6.0)
+        img[img < 0.2] = 0.0  # a black background, as in MNIST (it is what gzip compresses)
+        out[s : s + k] = np.clip(img * 255, 0, 255).astype(np.uint8)
+    return out
+
+
+def build_models(folder: Path, seed: int = 0):
+    """The project's MLP (nn_core.model) with seeded weights, as a torch module and as a contract ONNX
+    file with the same weights."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nn_core.model import MLPConfig, build_model
+
+    model = build_model(MLPConfig(), seed).eval()
+    inits = [
+        numpy_helper.from_array(np.array([-1, 784], dtype=np.int64), "flat_shape"),
+        numpy_helper.from_array(model.mean.numpy(), "mean"),
+        numpy_helper.from_array(model.std.numpy(), "std"),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["x0"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["x0", "flat_shape"], ["x1"]),
+        helper.make_node("Sub", ["x1", "mean"], ["x2"]),
+        helper.make_node("Div", ["x2", "std"], ["h0"]),
+    ]
+    linears = [m for m in model.layers if isinstance(m, torch.nn.Linear)]
+    for i, lin in enumerate(linears):
+        inits += [
+            numpy_helper.from_array(lin.weight.detach().numpy(), f"w{i}"),
+            numpy_helper.from_array(lin.bias.detach().numpy(), f"b{i}"),
+        ]
+        out = "logits" if i == len(linears) - 1 else f"z{i}"
+        nodes.append(helper.make_node("Gemm", [f"h{i}", f"w{i}", f"b{i}"], [out], transB=1))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [out], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
+    graph = helper.make_graph(
+        nodes, "mnist_mlp",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = folder / "model.onnx"
+    onnx.save(proto, str(path))
+    return model, path
+
+
+def write_inputs(folder: Path, x: np.ndarray, pngs: int) -> dict[str, Path]:
+    from PIL import Image
+
+    paths = {"npy": folder / "images.npy", "idx": folder / "images-idx3-ubyte",
+             "idx.gz": folder / "images-idx3-ubyte.gz", "png": folder / "png"}
+    np.save(paths["npy"], x)
+    header = (0x00000803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in x.shape)
+    paths["idx"].write_bytes(header + x.tobytes())
+    with gzip.open(paths["idx.gz"], "wb", compresslevel=6) as f:
+        f.write(header + x.tobytes())
+    paths["png"].mkdir()
+    for i in range(pngs):
+        Image.fromarray(x[i]).save(paths["png"] / f"{i:06d}.png")
+    return paths
+
+
+def write_big_npy(path: Path, x: np.ndarray, n: int) -> None:
+    """An (n, 28, 28) .npy written block by block (x tiled), never held in memory whole."""
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 28, 28))
+    for s in range(0, n, len(x)):
+        mm[s : s + len(x)] = x[: n - s]
+    mm.flush()
+    del mm
+
+
+def rate(n: int, fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t)
+
+
+def peak_rss_mib(input_path: Path, model: Path, output: Path) -> float:
+    """RSS high-water mark of a fresh process that runs the job (imports included).
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child started from
+    this (big) process would report this process's RSS."""
+    code = (
+        "from pathlib import Path; from serving.job import JobConfig, run_job; "
+        f"run_job(JobConfig(input=Path({str(input_path)!r}), output=Path({str(output)!r}), "
+        f"model={str(model)!r}, track=False)); "
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024  # kB
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=100_000, help="images in the .npy/IDX inputs")
+    p.add_argument("--pngs", type=int, default=10_000, help="PNG files in the folder input")
+    p.add_argument("--big", type=int, default=1_000_000, help="images of the peak-memory input")
+    p.add_argument("--repeats", type=int, default=5, help="runs per candidate (median reported)")
+    p.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE, help="job and session batch")
+    a = p.parse_args()
+    for k, v in {"ORT_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}.items():
+        os.environ.setdefault(k, v)
+
+    import torch
+
+    n, bs = a.images, a.batch_size
+    print(f"{cpu_threads()} CPUs, {n:,} images, batch {bs}, median of {a.repeats} runs (round-robin); "
+          f"load average before: {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)")
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        d = Path(tmp)
+        torch_model, onnx_path = build_models(d)
+        x = mnist_like(n)
+        paths = write_inputs(d, x, a.pngs)
+        out = d / "predictions.parquet"
+
+        import onnxruntime as ort
+
+        # Two ways to run the bare session, both one call at a time on all CPUs: onnxruntime's
+        # defaults (workers spin between runs), and the job's settings (no spinning). The better of the
+        # two is the ceiling.
+        plain = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        tuned = create_session(onnx_path, "cpu")
+
+        def bare(session) -> Callable[[], None]:
+            def run() -> None:
+                for s in range(0, n, bs):
+                    session.run(["probabilities"], {"pixels": x[s : s + bs]})
+            return run
+
+        def gunzip() -> None:
+            z = zlib.decompressobj(31)
+            with open(paths["idx.gz"], "rb") as f:
+                while block := f.read(1 << 20):
+                    z.decompress(block)
+
+        xt = torch.from_numpy(x)
+
+        def eager(threads: int) -> Callable[[], None]:
+            def run() -> None:
+                torch.set_num_threads(threads)
+                with torch.inference_mode():
+                    for s in range(0, n, bs):
+                        torch.softmax(torch_model(xt[s : s + bs]), dim=1)
+            return run
+
+        import mlflow.onnx
+        import mlflow.pyfunc
+
+        mlflow.onnx.save_model(
+            __import__("onnx").load(str(onnx_path)), str(d / "pyfunc"),
+            onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"],
+        )
+        pyfunc = mlflow.pyfunc.load_model(str(d / "pyfunc"))
+        n_py = min(n, 20_000)  # pyfunc is slow: a sample is enough for a rate
+
+        def pyfunc_predict() -> None:
+            for s in range(0, n_py, bs):
+                pyfunc.predict({"pixels": x[s : min(s + bs, n_py)]})
+
+        def job(kind: str) -> Callable[[], object]:
+            cfg = JobConfig(input=paths[kind], output=out, model=str(onnx_path), track=False, batch_size=bs)
+            return lambda: run_job(cfg)
+
+        candidates: dict[str, tuple[int, Callable[[], object]]] = {
+            "bare session, onnxruntime defaults": (n, bare(plain)),
+            "bare session, the job's settings": (n, bare(tuned)),
+            "job .npy": (n, job("npy")),
+            "job IDX": (n, job("idx")),
+            "job IDX gzipped": (n, job("idx.gz")),
+            "bare gzip decompression": (n, gunzip),
+            f"job PNG folder ({a.pngs:,} files)": (a.pngs, job("png")),
+            "PyTorch eager (same weights), 1 thread": (n, eager(1)),
+            f"PyTorch eager (same weights), {cpu_threads()} threads": (n, eager(cpu_threads())),
+            f"MLflow pyfunc predict ({n_py:,})": (n_py, pyfunc_predict),
+        }
+        for _, fn in candidates.values():  # warm up: page cache, thread pools, lazy imports
+            fn()
+        rates: dict[str, list[float]] = {k: [] for k in candidates}
+        for _ in range(a.repeats):
+            for name, (count, fn) in candidates.items():
+                rates[name].append(rate(count, fn))
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        ceiling = max(med["bare session, onnxruntime defaults"], med["bare session, the job's settings"])
+
+        print(f"\n{'':42s} {'images/s':>12s} {'vs bare':>8s}  target  (bare: the better bare session)")
+        for name, r in med.items():
+            target = ""
+            if name in ("job .npy", "job IDX"):
+                target = f">= {RATIO_TARGET:.0%}: {'met' if r / ceiling >= RATIO_TARGET else 'MISSED'}"
+            elif name.startswith("job PNG"):
+                target = f">= {PNG_TARGET:,}/s: {'met' if r >= PNG_TARGET else 'MISSED'}"
+            elif name == "job IDX gzipped":
+                gz = med["bare gzip decompression"]
+                target = f"{r / gz:.0%} of bare gzip decompression"
+            print(f"{name:42s} {r:12,.0f} {r / ceiling:8.0%}  {target}")
+        spread = {k: f"{min(v):,.0f}..{max(v):,.0f}" for k, v in rates.items() if k.startswith(("bare s", "job ."))}
+        print(f"(spread of the runs: {spread}; load average now {os.getloadavg()[0]:.2f})")
+
+        big = d / "big.npy"
+        write_big_npy(big, x, a.big)
+        small_rss = peak_rss_mib(paths["npy"], onnx_path, out)
+        big_rss = peak_rss_mib(big, onnx_path, out)
+        print(f"\npeak RSS of the job, .npy input: {n:,} images {small_rss:.0f} MiB, "
+              f"{a.big:,} images {big_rss:.0f} MiB (input {big.stat().st_size / 2**20:,.0f} MiB; "
+              f"ratio {big_rss / small_rss:.2f}: {'independent of input size' if big_rss < 1.2 * small_rss else 'GROWS with input'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Prediction files (Parquet or CSV) and their JSON manifest, written atomically.
+
+The predictions stream chunk by chunk into a temporary file in the target folder (same file system,
+so the final `os.replace` is atomic); only a finished job renames it into place. A killed job leaves
+its temporary file behind (nothing runs on SIGKILL): the temp name carries the writer's pid, and the
+next job writing the same output removes temp files whose process is gone.
+
+Columns: `id` (record index, or file name for folder input), `label` (predicted class), `probability`
+(of that class), and with `all_probabilities` `prob_0` .. `prob_9`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+Format = Literal["parquet", "csv"]
+FORMATS: tuple[Format, ...] = ("parquet", "csv")
+ROW_GROUP_ROWS = 65_536
+
+
+def manifest_path(output: Path) -> Path:
+    return output.with_name(output.name + ".manifest.json")
+
+
+def temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete temp files of `target` (and its manifest) left by processes that no longer run."""
+    removed = []
+    for t in (target, manifest_path(target)):
+        pattern = re.compile(rf"^\.{re.escape(t.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp$")
+        if not t.parent.is_dir():
+            continue
+        for p in t.parent.iterdir():
+            m = pattern.match(p.name)
+            if m and not _pid_alive(int(m[1])):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def schema(id_type: pa.DataType, all_probabilities: bool) -> pa.Schema:
+    fields = [pa.field("id", id_type), pa.field("label", pa.int64()), pa.field("probability", pa.float32())]
+    if all_probabilities:
+        fields += [pa.field(f"prob_{k}", pa.float32()) for k in range(10)]
+    return pa.schema(fields)
+
+
+class PredictionWriter:
+    """Streams prediction chunks to a temp file; `commit()` renames it into place, and leaving the
+    `with` block without a commit (an exception) deletes it."""
+
+    def __init__(self, path: Path, fmt: Format, id_type: pa.DataType, all_probabilities: bool = False):
+        if fmt not in FORMATS:
+            raise ValueError(f"format {fmt!r}, expected one of {FORMATS}")
+        self.path = path
+        self.fmt = fmt
+        self.schema = schema(id_type, all_probabilities)
+        self.rows = 0
+        self.tmp = temp_path(path)
+        self._committed = False
+        self._writer: pq.ParquetWriter | pa_csv.CSVWriter | None
+        self._pending: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._pending_rows = 0
+        if fmt == "parquet":
+            # Dictionary encoding only for the label (10 values); probabilities hardly repeat.
+            self._writer = pq.ParquetWriter(
+                self.tmp, self.schema, compression="snappy", use_dictionary=["label"]
+            )
+        else:
+            self._writer = pa_csv.CSVWriter(str(self.tmp), self.schema)
+
+    def write(
+        self,
+        ids: np.ndarray | list[str],
+        label: np.ndarray,
+        probability: np.ndarray,
+        probabilities: np.ndarray | None = None,
+    ) -> None:
+        """One chunk: ids (B,), label (B,), probability (B,), probabilities (B, 10). Chunks are
+        gathered into row groups of ROW_GROUP_ROWS: Parquet readers want big row groups, and one
+        pyarrow write per 1024-image batch costs as much as a tenth of the inference."""
+        assert self._writer is not None, "write after close/abort"
+        if len(self.schema) > 3 and probabilities is None:
+            raise ValueError("this writer was opened with all_probabilities: pass probabilities")
+        self._pending.append((ids, label, probability, probabilities))
+        self._pending_rows += len(label)
+        self.rows += len(label)
+        if self._pending_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        assert self._writer is not None
+        ids, labels, probability, probabilities = zip(*self._pending)
+        self._pending, self._pending_rows = [], 0
+        id_type = self.schema.field("id").type
+        columns: list[Any] = [
+            pa.array([i for part in ids for i in part], type=id_type)
+            if pa.types.is_string(id_type)
+            else pa.array(np.concatenate(ids), type=id_type),
+            pa.array(np.concatenate(labels), type=pa.int64()),
+            pa.array(np.concatenate(probability), type=pa.float32()),
+        ]
+        if len(self.schema) > 3:
+            probs = np.concatenate(probabilities)  # (rows, 10)
+            columns += [pa.array(np.ascontiguousarray(probs[:, k])) for k in range(10)]
+        self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+
+    def close(self) -> None:
+        """Finish the temp file and put it on disk; `commit()` then only renames."""
+        assert self._writer is not None, "close twice"
+        self._flush()
+        self._writer.close()
+        self._writer = None
+        _fsync(self.tmp)  # the data is on disk before the name says it is complete
+
+    def commit(self) -> Path:
+        if self._writer is not None:
+            self.close()
+        os.replace(self.tmp, self.path)
+        self._committed = True
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temp file (no-op after a commit)."""
+        if self._committed:
+            return
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            self._writer = None
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.abort()
+
+
+def write_json_temp(path: Path, obj: dict[str, Any]) -> Path:
+    """`obj` as JSON in a temp file beside `path`, on disk; the caller renames it into place."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
