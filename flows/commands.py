@@ -3,7 +3,6 @@ the parser by flows.cli.build_parser)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

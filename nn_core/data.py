@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import logging
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from nn_core import idx
+from nn_core.checkpoint import atomic_torch_save
 from nn_core.datasets import IMAGES, DatasetSpec, FileSpec, mirrors_for
 
 log = logging.getLogger(__name__)
@@ -263,17 +263,7 @@ def write_cache(path: Path, spec: DatasetSpec, files: dict[str, VerifiedFile]) -
         "content_sha256": _content_checksum(tensors),
         "tensors": tensors,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(payload, path)
     return digest
 
 

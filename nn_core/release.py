@@ -4,7 +4,7 @@ Each step is one function, so that a flow can make a task of each."""
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from nn_core import tracking

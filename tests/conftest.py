@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
-# No telemetry from any library the tests start (these machines have no internet).
-for _k, _v in {
-    "ORT_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}.items():
+from flows.settings import QUIET_DEFAULTS
+
+# No telemetry from any library the tests start (these machines have no internet); quiet progress bars.
+for _k, _v in QUIET_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 # A Prefect home of this test session's own: cached task results persist under it and must not leak
 # into later sessions (or come from the user's profile). Set before anything imports prefect.

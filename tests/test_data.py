@@ -6,7 +6,6 @@ import functools
 import gzip
 import hashlib
 import http.server
-import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,6 @@ from idx_files import raw_content, rewrite, synthetic_dataset
 from nn_core.data import (
     IntegrityError,
     SourceUnavailableError,
-    cache_path,
     dataset_digest,
     load_splits,
     prepare,
@@ -213,7 +211,7 @@ def test_unreachable_mirror_is_a_retryable_error(tmp_path):
 
 
 def test_gzip_release_checksum_path(tmp_path):
-    spec = synthetic_dataset(tmp_path / "src", gz=True)
+    synthetic_dataset(tmp_path / "src", gz=True)
     path = tmp_path / "src" / (FILES[1] + ".gz")
     gz_spec = FileSpec("train_labels", FILES[1], "labels", 120, sha256=None,
                        gz_sha256=hashlib.sha256(path.read_bytes()).hexdigest())

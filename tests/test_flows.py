@@ -125,7 +125,7 @@ def test_data_task_retries_a_flaky_source_and_is_cached(prefect_api, tmp_path, m
 
 
 def test_corrupt_source_is_not_retried(prefect_api, tmp_path):
-    from idx_files import raw_content, rewrite, synthetic_dataset
+    from idx_files import synthetic_dataset
 
     from flows.training import prepare_data
 
