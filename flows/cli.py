@@ -226,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flows.settings import configure
+    from flows.settings import configure, configure_logging
 
     configure()
+    configure_logging()
     try:
         return args.fn(args)
     except KeyboardInterrupt:

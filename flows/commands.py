@@ -79,7 +79,7 @@ def cmd_serve(args) -> int:
 
 def add(command) -> None:
     from flows.cli import _data_args, _gate_args, _hidden, _train_args
-    from flows.deployments import INFERENCE_CRON, TRAINING_CRON
+    from flows.settings import INFERENCE_CRON, TRAINING_CRON
     from serving.cli import add_infer_arguments
 
     p = command("infer", cmd_infer, "batch inference with onnxruntime (as a Prefect flow): predictions and a "

@@ -7,10 +7,10 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.inference import batch_inference
+from flows.settings import INFERENCE_CRON, TRAINING_CRON  # noqa: F401 (the defaults, re-exported)
 from flows.training import training_pipeline
 
 TRAINING_DEPLOYMENT, INFERENCE_DEPLOYMENT = "training-nightly", "inference-hourly"
-TRAINING_CRON, INFERENCE_CRON = "0 2 * * *", "0 * * * *"
 
 
 def deployments(training_cron: str, inference_cron: str, training_parameters: dict,

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+# Schedules of the deployments `mnistops serve` serves (and infra/prefect.yaml declares).
+TRAINING_CRON, INFERENCE_CRON = "0 2 * * *", "0 * * * *"
 
 QUIET_DEFAULTS = {
     # No telemetry: these machines have no internet, and users don't want it either.
@@ -52,10 +56,28 @@ def configure() -> Settings:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:"):
         os.environ.setdefault("MNISTOPS_ARTIFACT_ROOT", str(home / "mlartifacts"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return Settings(home=home, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], embedded_mlflow=embedded)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes, not the stream of start-up time (which a
+    caller such as a test harness may have swapped and closed since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def configure_logging() -> None:
+    """Log lines of the library code (nn_core, serving) on stderr; called by the command line only."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
     for noisy in ("alembic", "httpx", "mlflow.store.db.utils", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return Settings(home=home, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], embedded_mlflow=embedded)
 
 
 def mlflow_ui_base() -> str:
