@@ -18,10 +18,11 @@ for _k, _v in QUIET_DEFAULTS.items():
 # into later sessions (or come from the user's profile). Set before anything imports prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mnistops-test-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
-# Prefect binds its console log handler to sys.stderr when it is first imported. Imported here, that
-# is pytest's session-long capture; imported inside a test using capsys, it would be a stream that
-# is closed when that test ends, and every later Prefect log line would fail.
-import prefect  # noqa: E402, F401
+# Prefect binds its console log handler to sys.stderr when prefect.main is first imported (that is
+# when it sets up logging). Imported here, that is pytest's session-long capture; imported inside a
+# test using capsys, it would be a stream closed when that test ends, and every later Prefect log
+# line would fail.
+import prefect.main  # noqa: E402, F401
 
 
 def real_mnist_source() -> Path | None:
