@@ -99,7 +99,9 @@ def register_task(result: TrainResult, exported: ExportResult, prepared: Prepare
     return register(result, exported, prepared.cache_path, model_name)
 
 
-@task(name="gate", cache_policy=NO_CACHE)
+# Re-running the gate is safe (it decides again under the lock and moves the alias at most once),
+# so a registry hiccup is retried like any other I/O.
+@task(name="gate", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
 def gate_task(result: TrainResult, exported: ExportResult, version: str, prepared: PreparedDataset,
               model_name: str, gate: GateConfig) -> GateDecision:
     decision = gate_and_record(result, exported, version, prepared.cache_path, model_name, gate)
