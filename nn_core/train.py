@@ -25,7 +25,7 @@ from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoi
 from nn_core.data import Splits, load_splits
 from nn_core.datasets import get_spec, mirrors_for
 from nn_core.distributed import DistEnv, all_reduce_sum, broadcast_object, ddp_context
-from nn_core.model import MLP, MLPConfig, build_model, stats_from
+from nn_core.model import MLPConfig, build_model, stats_from
 
 RESULT_NAME = "result.json"
 SCHEDULES = ("none", "cosine", "onecycle")
@@ -246,7 +246,7 @@ def _write_json_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, model: MLP, history: list[dict],
+def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[dict],
            val: EvalResult, test: EvalResult, out_dir: Path, classes: list[str]) -> dict:
     """Final artifacts (curves, confusion matrix, final checkpoint) and result.json."""
     result = {
@@ -372,7 +372,7 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
     test = evaluate(model, splits.test_images, splits.test_labels, env, cfg.eval_batch_size)
     if not env.is_main:
         return None
-    return finish(job, env, logger, model, history, val, test, out_dir, list(get_spec(splits.name).classes))
+    return finish(job, env, logger, history, val, test, out_dir, list(get_spec(splits.name).classes))
 
 
 def save_checkpoint(path, model, model_cfg, cfg, optimizer, scheduler, history, run_id) -> None:
