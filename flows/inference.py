@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -13,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import settings
 from nn_core import tracking
+from nn_core.atomic import atomic_path
 from serving.cli import summary
 from serving.job import EXPERIMENT, JobConfig, JobResult, run_job
 from serving.model_source import DEFAULT_MODEL_URI
@@ -85,10 +85,8 @@ def export_test_split(dataset: str, data_dir: str | None, dest: Path) -> tuple[P
         s = load_splits(cache_path(get_spec(dataset), Path(data_dir) if data_dir else default_data_dir()))
         dest.mkdir(parents=True, exist_ok=True)
         for path, array in ((images, s.test_images.numpy()), (labels, s.test_labels.numpy())):
-            fd, tmp = tempfile.mkstemp(dir=dest, suffix=".npy")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, path)
+            with atomic_path(path, suffix=".npy") as tmp:
+                np.save(tmp, array)
     return images, labels
 
 

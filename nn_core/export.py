@@ -7,8 +7,6 @@ deprecated TorchScript exporter adds a Shape/Gather/Unsqueeze/Concat chain for t
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import onnx
 import torch
 from torch.export import Dim
 
+from nn_core.atomic import atomic_path
 from nn_core.model import MLP
 
 OPSET = 20
@@ -40,12 +39,8 @@ class ServingModel(torch.nn.Module):
 
 def export_onnx(model: MLP, path: Path) -> Path:
     """Write `model` as ONNX (uint8 [batch, 28, 28] -> float32 [batch, 10] x2), checked, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(7, 28, 28, dtype=torch.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".onnx") as tmp:
         torch.onnx.export(
             ServingModel(model.cpu()).eval(),
             (example,),
@@ -58,12 +53,8 @@ def export_onnx(model: MLP, path: Path) -> Path:
             opset_version=OPSET,
             verbose=False,
         )
-        onnx.checker.check_model(onnx.load(tmp), full_check=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        onnx.checker.check_model(onnx.load(tmp), full_check=True)  # a model that fails is never put in place
+    return Path(path)
 
 
 def onnx_session(path: Path):

@@ -7,7 +7,6 @@ is sharded across ranks; validation counts are all-reduced, so metrics cover exa
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nn_core import plots, tracking
+from nn_core.atomic import atomic_path
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
 from nn_core.data import Splits, load_splits
 from nn_core.datasets import get_spec, mirrors_for
@@ -240,10 +240,8 @@ def default_run_name(job: TrainJob) -> str:
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[dict],
