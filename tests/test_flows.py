@@ -84,8 +84,10 @@ def test_cli_exit_codes(prefect_api, home, mnist_source, capsys):
 class _Flaky(http.server.SimpleHTTPRequestHandler):
     failures_left = 0
     served_errors = 0
+    requested: list[str] = []
 
     def do_GET(self):
+        type(self).requested.append(f"{self.command} {self.path}")
         if type(self).failures_left > 0:
             type(self).failures_left -= 1
             type(self).served_errors += 1
@@ -130,10 +132,21 @@ def test_corrupt_source_is_not_retried(prefect_api, tmp_path):
     from flows.training import prepare_data
 
     synthetic_dataset(tmp_path / "src")  # right layout, but not the pinned MNIST files
-    started = time.monotonic()
-    state = prepare_data(dataset="mnist", data_source=str(tmp_path / "src"), data_dir=str(tmp_path / "d"), return_state=True)
+    _Flaky.failures_left, _Flaky.requested = 0, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Flaky, directory=str(tmp_path / "src")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        state = prepare_data(dataset="mnist", data_source=url, data_dir=str(tmp_path / "d"), return_state=True)
+    finally:
+        server.shutdown()
+        server.server_close()
     assert state.is_failed() and "records, expected 60000" in str(state.message)
-    assert time.monotonic() - started < 2  # no 2 + 5 + 15 s of retries for a corrupt file
+    # One attempt: the four files are fetched in order and the sequence never starts over, as each
+    # of the 3 retries would (the downloader itself makes two requests per file).
+    first, last = "GET /train-images-idx3-ubyte.gz", "GET /t10k-labels-idx1-ubyte.gz"
+    assert last in _Flaky.requested
+    assert max(i for i, r in enumerate(_Flaky.requested) if r == first) < _Flaky.requested.index(last)
 
 
 def test_sweep_of_three_configs(prefect_api, home, mnist_source):
