@@ -12,8 +12,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def atomic_torch_save(obj, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # A file object, not the path: torch.save names the archive's inner folder after a path, so
+        # the random temporary name would make two saves of the same data differ byte for byte.
+        torch.save(obj, f)
     return Path(path)
 
 
