@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+from serving.errors import EXIT_ERROR, EXIT_OK, EXIT_REJECTED, EXIT_USAGE  # noqa: E402,F401 (the one table)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

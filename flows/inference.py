@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import settings
 from nn_core import tracking
-from nn_core.atomic import atomic_path
+from serving.atomic import atomic_path
 from serving.cli import summary
 from serving.job import EXPERIMENT, JobConfig, JobResult, run_job
 from serving.model_source import DEFAULT_MODEL_URI

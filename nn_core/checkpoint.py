@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from nn_core.atomic import atomic_path
+from serving.atomic import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

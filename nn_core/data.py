@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import torch
 
-from nn_core import idx
+from serving import idx
 from nn_core.checkpoint import atomic_torch_save
 from nn_core.datasets import IMAGES, DatasetSpec, FileSpec, mirrors_for
 

@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch.export import Dim
 
-from nn_core.atomic import atomic_path
+from serving.atomic import atomic_path
 from nn_core.model import MLP
 
 OPSET = 20

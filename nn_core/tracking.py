@@ -3,7 +3,6 @@ restarted worker can pick up the very run that its predecessor created."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,29 +11,14 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from serving.experiments import ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
+
 TRAINING_ID_TAG = "mnistops.training_id"
-ARTIFACT_ROOT_ENV = "MNISTOPS_ARTIFACT_ROOT"
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
 def client() -> MlflowClient:
     return MlflowClient()
-
-
-def ensure_experiment(name: str) -> str:
-    """The experiment's id, created on first use. With the embedded store, artifacts go under
-    MNISTOPS_ARTIFACT_ROOT (set by the entry point) rather than wherever the process happens to run."""
-    c = client()
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = os.environ.get(ARTIFACT_ROOT_ENV)
-    location = Path(root, name).resolve().as_uri() if root else None
-    try:
-        return c.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        # Another process created it between our lookup and create.
-        return c.get_experiment_by_name(name).experiment_id
 
 
 def git_commit() -> str:

@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nn_core import plots, tracking
-from nn_core.atomic import atomic_path
+from serving.atomic import atomic_path
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
 from nn_core.data import Splits, load_splits
 from nn_core.datasets import get_spec, mirrors_for

@@ -1,6 +1,20 @@
-"""The failures a user can fix. Each message names the file, record or setting and what was expected."""
+"""The failures a user can fix, and the exit codes every mnistops command shares.
+
+Each message names the file, record or setting and what was expected. The exit codes are the one
+table for `mnistops` and `python -m serving` alike (documented in the README).
+"""
 
 from __future__ import annotations
+
+import signal
+
+EXIT_OK = 0  # done (for run/sweep/promote: the candidate was promoted)
+EXIT_ERROR = 1  # an error: bad input, a missing model, a failed step
+EXIT_USAGE = 2  # bad command-line usage
+EXIT_REJECTED = 3  # the gate rejected the candidate: a normal outcome, not an error
+EXIT_DRIFT = 4  # a batch job's input drifted from the model's reference profile (--fail-on-drift)
+EXIT_SIGINT = 128 + signal.SIGINT  # 130: interrupted (Ctrl-C)
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (Kubernetes, Prefect cancelling a run)
 
 
 class ServingError(Exception):

@@ -30,6 +30,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from serving.errors import InputError
+from serving.experiments import ensure_experiment
 from serving.model_source import DEFAULT_MODEL_URI, ModelRef, resolve_model
 from serving.readers import Chunk, ImageReader, LabelReader, OnError, Skipped, open_images, open_labels
 from serving.session import (
@@ -47,7 +48,6 @@ from serving.writers import Format, PredictionWriter, manifest_path, remove_stal
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "mnist-mlp-inference"
-ARTIFACT_ROOT_ENV = "MNISTOPS_ARTIFACT_ROOT"
 # Measured on 2 CPU cores with the 784-50-10 MLP: 1024-2048 beat 8192 by ~1.3x (a batch's float
 # intermediates stay in cache) and need a third of the memory; a GPU wants big batches to stay busy.
 CPU_BATCH_SIZE = 1024
@@ -158,20 +158,7 @@ class _Tracking:
         from mlflow import MlflowClient
 
         self.client = MlflowClient()
-        exp = self.client.get_experiment_by_name(cfg.experiment)
-        if exp is not None:
-            exp_id = exp.experiment_id
-        else:
-            from mlflow.exceptions import MlflowException
-
-            # Same rule as nn_core.tracking: with the embedded store, artifacts go under
-            # MNISTOPS_ARTIFACT_ROOT (set by the entry point), not wherever the process runs.
-            root = os.environ.get(ARTIFACT_ROOT_ENV)
-            location = Path(root, cfg.experiment).resolve().as_uri() if root else None
-            try:
-                exp_id = self.client.create_experiment(cfg.experiment, artifact_location=location)
-            except MlflowException:  # another job created it between our lookup and create
-                exp_id = self.client.get_experiment_by_name(cfg.experiment).experiment_id
+        exp_id = ensure_experiment(cfg.experiment, self.client)
         tags = {
             "mnistops.job": "inference",
             "provider": provider_used,

@@ -36,7 +36,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 
-from nn_core import idx
+from serving import idx
 from serving.errors import InputError
 from serving.images import IMAGE_SHAPE, load_image
 

@@ -464,7 +464,7 @@ def _train_quickly(images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarr
 def test_real_mnist_test_set(tmp_path: Path) -> None:
     import onnx
 
-    from nn_core import idx
+    from serving import idx
 
     src = Path(os.environ["MNISTOPS_DATA_SOURCE"])
     test_images, test_labels = src / "t10k-images-idx3-ubyte.gz", src / "t10k-labels-idx1-ubyte.gz"
