@@ -35,18 +35,29 @@ def _comparison_table(trials: list[dict]) -> str:
 
 
 def _comparison_chart(trials: list[dict], path: Path) -> Path:
+    """Validation and test accuracy per config, best first, each bar labelled with its value. The axis
+    starts at a round figure well below the worst config, so a one-point gap looks like one point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(trials)), 4), dpi=100)
-    ax.bar([t["name"] for t in trials], [100 * t["val_accuracy"] for t in trials], color="tab:blue")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_ylim(min(100 * t["val_accuracy"] for t in trials) - 1, 100)
-    ax.tick_params(axis="x", rotation=30)
+    rows = sorted(trials, key=lambda t: -t["val_accuracy"])
+    x, width = np.arange(len(rows)), 0.4
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(rows)), 4.5), dpi=100)
+    for offset, key, name, colour in ((-width / 2, "val_accuracy", "validation", "tab:orange"),
+                                      (width / 2, "test_accuracy", "test", "tab:purple")):
+        bars = ax.bar(x + offset, [100 * t[key] for t in rows], width, label=name, color=colour)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    worst = min(100 * min(t["val_accuracy"], t["test_accuracy"]) for t in rows)
+    ax.set_ylim(max(0.0, 10 * np.floor(worst / 10) - 10), 101)
+    ax.set_xticks(x, [t["name"] for t in rows], rotation=30, ha="right")
+    ax.set(xlabel="config (best first)", ylabel="accuracy (%)", title=f"Sweep: {len(rows)} configs")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 

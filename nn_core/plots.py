@@ -1,4 +1,9 @@
-"""PNG figures for a training run: loss curves and the confusion matrix."""
+"""PNG figures for a training run: loss and accuracy curves, the confusion matrix, per-class accuracy.
+
+Written for the people who read them in the MLflow UI: a title on every figure, one colour per series
+and its legend outside the data, a colour bar for colour scales, and accuracy axes that start where
+the eye does not exaggerate a one-point difference.
+"""
 
 from __future__ import annotations
 
@@ -9,44 +14,83 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+# One colour per series, the same in every figure (matplotlib's default cycle, named).
+COLOURS = {"step": "#9ecae1", "train": "tab:blue", "val": "tab:orange", "val_acc": "tab:green",
+           "test": "tab:purple"}
 
 
-def loss_curve(step_losses: list[float], steps_per_epoch: int, history: list[dict], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.plot(np.arange(1, len(step_losses) + 1) / steps_per_epoch, step_losses, lw=0.6, alpha=0.6, label="train loss (step)")
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss (epoch)")
-    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(epochs, [100 * h["val_accuracy"] for h in history], "^-", color="tab:green", label="validation accuracy")
-    ax2.set_ylabel("validation accuracy (%)")
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [line.get_label() for line in lines], loc="center right")
-    fig.tight_layout()
-    fig.savefig(path)
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+def loss_curve(step_losses: list[float], steps_per_epoch: int, history: list[dict], path: Path,
+               title: str = "Training curves") -> Path:
+    """Left: cross-entropy per step and per epoch (train, validation). Right: validation accuracy."""
+    fig, (ax, acc) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
+    epochs = [h["epoch"] for h in history]
+    ax.plot(np.arange(1, len(step_losses) + 1) / steps_per_epoch, step_losses, lw=0.6,
+            color=COLOURS["step"], label="train loss (each step)")
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", color=COLOURS["train"], label="train loss (epoch mean)")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", color=COLOURS["val"], label="validation loss")
+    ax.set(xlabel="epoch", ylabel="cross-entropy (log scale)", yscale="log", title="Loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
+
+    values = [100 * h["val_accuracy"] for h in history]
+    acc.plot(epochs, values, "^-", color=COLOURS["val_acc"], label="validation accuracy")
+    for e, v in zip(epochs, values):
+        acc.annotate(f"{v:.2f}", (e, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    low = min(values) if values else 0.0
+    acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Validation accuracy",
+            ylim=(max(0.0, min(low - 2.0, 90.0)), 100.0))
+    acc.grid(alpha=0.3)
+    acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def confusion_matrix(cm: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 6), dpi=100)
-    ax.imshow(np.log1p(cm), cmap="Blues")
+    """Counts with a logarithmic colour scale (the diagonal dwarfs the errors), and its colour bar."""
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(7.2, 6), dpi=100)
+    # LogNorm needs positive values: empty cells are drawn as the lowest colour.
+    image = ax.imshow(np.maximum(cm, 1), cmap="Blues", norm=LogNorm(vmin=1, vmax=max(int(cm.max()), 2)))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images (log scale)")
     n = len(classes)
-    ax.set_xticks(range(n), classes, rotation=45 if max(map(len, classes)) > 2 else 0)
+    ax.set_xticks(range(n), classes, rotation=45 if max(map(len, classes)) > 2 else 0, ha="right" if max(map(len, classes)) > 2 else "center")
     ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    threshold = cm.max() / 2
+    ax.set(xlabel="predicted class", ylabel="true class", title=f"Confusion matrix, {title}")
+    threshold = np.sqrt(max(int(cm.max()), 1))  # the log scale's midpoint
     for i in range(n):
         for j in range(n):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if cm[i, j] > threshold else "black")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def per_class_accuracy(val: list[float], test: list[float], classes: list[str], path: Path,
+                       title: str = "Accuracy per class") -> Path:
+    """Grouped bars, validation and test, each labelled with its value; the axis starts at a round
+    figure below the worst class rather than at the data, so bars keep their proportions."""
+    x = np.arange(len(classes))
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(classes)), 4.2), dpi=100)
+    for offset, values, name, colour in ((-width / 2, val, "validation", COLOURS["val"]),
+                                         (width / 2, test, "test", COLOURS["test"])):
+        bars = ax.bar(x + offset, [100 * v for v in values], width, label=name, color=colour)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    worst = 100 * min([*val, *test]) if (val or test) else 0.0
+    ax.set_ylim(max(0.0, 10 * np.floor(worst / 10) - 10), 101)
+    long_names = max(map(len, classes)) > 2
+    ax.set_xticks(x, classes, rotation=30 if long_names else 0, ha="right" if long_names else "center")
+    ax.set(xlabel="class", ylabel="accuracy (%)", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
