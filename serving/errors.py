@@ -35,9 +35,14 @@ class OutputError(ServingError, ValueError):
 
 class DriftAlert(ServingError):
     """The job finished and wrote its outputs, but its input drifted from the model's reference profile
-    and the job was asked to fail on drift (--fail-on-drift): exit code EXIT_DRIFT."""
+    and the job was asked to fail on drift (--fail-on-drift): exit code EXIT_DRIFT. `result` is the
+    finished job's result (or an inbox run's), for the caller to report."""
 
     exit_code = EXIT_DRIFT
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result
 
 
 class ModelSourceError(ServingError, ValueError):

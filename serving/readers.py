@@ -354,6 +354,27 @@ def _walk(root: Path) -> list[tuple[str, int]]:
     return sorted(out)
 
 
+def _file_sha256_or_dash(path: Path) -> str:
+    try:
+        return _file_sha256(path)
+    except OSError:
+        return "-"
+
+
+def _listing_digest(hexes: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{hexes[n]}  {n}\n" for n in sorted(hexes)).encode()).hexdigest()
+
+
+def folder_digest(path: Path) -> str:
+    """The digest a FolderReader of `path` reports, without decoding any image."""
+    return _listing_digest({n: _file_sha256_or_dash(path / n) for n, _ in _walk(path)})
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of an input: of the file's bytes, or of a folder's listing (see FolderReader)."""
+    return folder_digest(path) if path.is_dir() else _file_sha256(path)
+
+
 def _read_labels_csv(path: Path, names: list[str]) -> np.ndarray:
     """Labels of `names` (in that order) from a `file,label` CSV; every record must have one."""
     import csv
@@ -392,7 +413,9 @@ class FolderReader(ImageReader):
     id is its path relative to the folder. A file is an image by its name (.png, .jpg, ...) or by a
     PNG/JPEG signature; other files (notes, a labels.csv) are not records: they are listed in
     `ignored`. A `labels.csv` (`file,label` lines) at the top gives the true labels. The digest is
-    the SHA-256 of the `sha256sum`-style listing of the records (`<hex>  <path>` lines).
+    the SHA-256 of the `sha256sum`-style listing (`<hex>  <path>` lines, in path order) of every
+    non-hidden file, labels.csv and ignored files included: `folder_digest` computes the same
+    without decoding anything (the inbox's key).
 
     Decoded on a thread pool. Its size depends on the images: Pillow releases the GIL while it
     decodes and resizes a big image, so photos decode ~1.3x faster on 2 threads than on one; a small
@@ -423,6 +446,7 @@ class FolderReader(ImageReader):
         super().__init__(path, len(self.names), on_error)
         if self.ignored:
             self.details["ignored"] = self.ignored
+        self._hexes: dict[str, str] = {}
         self.labels_csv = path / LABELS_CSV if (path / LABELS_CSV).is_file() else None
         self.labels: np.ndarray | None = (
             _read_labels_csv(self.labels_csv, self.names) if self.labels_csv else None
@@ -445,6 +469,13 @@ class FolderReader(ImageReader):
                 yield self._chunk(start, names, results)
         self._done = True
 
+    def digest(self) -> str:
+        if not self._done:
+            raise RuntimeError(f"{self.path}: digest asked for before the whole input was read")
+        extra = self.ignored + ([LABELS_CSV] if self.labels_csv else [])
+        hexes = {**self._hexes, **{n: _file_sha256_or_dash(self.path / n) for n in extra}}
+        return _listing_digest(hexes)
+
     def _chunk(self, start: int, names: list[str], results: list) -> Chunk:
         pixels = np.empty((len(names), *IMAGE_SHAPE), dtype=np.uint8)
         keep: list[int] = []
@@ -453,11 +484,11 @@ class FolderReader(ImageReader):
                 if self.on_error == "fail":
                     raise r
                 self.skipped.append(Skipped(start + i, name, str(r)))
-                self._hash.update(f"-  {name}\n".encode())
+                self._hexes[name] = _file_sha256_or_dash(self.path / name)
                 continue
             pixels[len(keep)] = r[0]
             keep.append(i)
-            self._hash.update(f"{r[1]}  {name}\n".encode())
+            self._hexes[name] = r[1]
         if len(self.skipped) == self.count:
             raise InputError(f"{self.path}: none of the {self.count} files is a readable image")
         kept_names = [names[i] for i in keep]

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-Format = Literal["parquet", "csv"]
-FORMATS: tuple[Format, ...] = ("parquet", "csv")
+from serving.defaults import FORMATS, Format  # noqa: E402,F401 (re-exported)
+
 ROW_GROUP_ROWS = 65_536
 
 
