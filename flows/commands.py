@@ -17,8 +17,8 @@ def cmd_infer(args) -> int:
     from serving import cli as serving_cli
     from serving.errors import EXIT_OK, ServingError
 
-    serving_cli.validate(args)
     try:
+        serving_cli.validate(args)
         if os.environ.get("PREFECT_API_URL"):
             from flows.inference import batch_inference
 

@@ -202,7 +202,8 @@ def run_inbox(inbox: Path, out_dir: Path, template: JobConfig, rescore: bool = F
                 result.already.append({"input": inp.name, "sha256": digest, "status": record["status"],
                                        "output": record.get("output") or ""})
                 continue
-            output = _output_for(out_dir, inp, digest, fmt)
+            # a rescoring replaces the recorded output, whichever name the content has now
+            output = Path(record["output"]) if record and record.get("output") else _output_for(out_dir, inp, digest, fmt)
             history = (record or {}).get("history", [])
             finished = _finished_output(output, digest) if record is None else None
             if finished is not None:  # scored by a job that died before recording it

@@ -251,6 +251,7 @@ def check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
     for inp in inputs:
         if out == inp or manifest == inp:
             raise OutputError(f"{output}: refusing to write over the input {inp}; choose another --output")
+    for inp in inputs:
         if inp.is_dir() and out.is_relative_to(inp):
             raise OutputError(f"{output}: inside the input folder {inp}; choose an --output outside it")
     if out.is_dir():
