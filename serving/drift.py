@@ -184,7 +184,7 @@ def chi2_sf_9(x: float) -> float:
     h = x / 2.0
     total = math.erfc(math.sqrt(h))
     term = math.sqrt(h) * math.exp(-h) / math.gamma(1.5)
-    for k in range(1, 5):  # k + 1/2 = 1.5 .. 4.5
+    for k in range(4):  # Q(a + 1, h) = Q(a, h) + h^a e^-h / Gamma(a + 1), a = 1/2 .. 7/2
         total += term
         term *= h / (k + 1.5)
     return min(1.0, max(0.0, total))

@@ -63,7 +63,7 @@ def mnist_pixels(im: Image.Image) -> np.ndarray:
        paper) the image is inverted; the background level (median of the border) is subtracted;
     3. decided per image from its content: an image already framed like MNIST (`is_framed`: the
        ink spans 50-85% of a square canvas around its centre, e.g. an MNIST digit resized, saved as
-       RGB or JPEG) is only resized to 28x28 (area averaging);
+       RGB or JPEG) is only resized to 28x28 (Lanczos);
     4. any other image (a raw digit: off centre, small or large on its canvas, not square) is
        contrast-stretched so the strongest ink is 255, cropped to the bounding box of the ink (pixels
        above 20% of the strongest, ignoring faint noise) and resized, preserving the aspect ratio, so
@@ -85,7 +85,10 @@ def mnist_pixels(im: Image.Image) -> np.ndarray:
         return np.zeros(IMAGE_SHAPE, dtype=np.uint8)
     ys, xs = np.nonzero(g > 0.2 * top)
     if is_framed(g, ys, xs):
-        small = Image.fromarray(np.clip(np.rint(g), 0, 255).astype(np.uint8)).resize(IMAGE_SHAPE, Image.Resampling.BOX)
+        # Lanczos (antialiased when reducing) came closest to the IDX accuracy: within 0.01 points on
+        # the test set resized to 56/100 pixels, PNG or JPEG (area averaging: within 0.2)
+        small = Image.fromarray(np.clip(np.rint(g), 0, 255).astype(np.uint8)).resize(
+            IMAGE_SHAPE, Image.Resampling.LANCZOS)
         return np.asarray(small, dtype=np.uint8).copy()
     g *= 255.0 / top
     crop = g[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
