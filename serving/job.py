@@ -313,7 +313,7 @@ def _predict_chunks(
             if chunk.keep is not None:
                 y = y[chunk.keep - chunk.start]
             counts.correct += int(np.count_nonzero(prediction == y))
-        ood = monitor.update(chunk.pixels, probs, prediction) if monitor is not None else None
+        ood = monitor.update(chunk.pixels, probability, prediction) if monitor is not None else None
         ids = chunk.names if chunk.names is not None else chunk.positions()
         writer.write(Batch(ids, prediction, probability, ood, y, probs if cfg.all_probabilities else None))
         counts.predicted += len(prediction)
