@@ -48,7 +48,7 @@ def _row(r: JobResult) -> str:
               f"(tolerated {r.drift.thresholds['tolerated_exceed_fraction']:.0%}), class TV {stats['class_tv']:.2f}"
               if stats else r.drift.reason)
     return (f"| `{r.input_path.name if r.input_path else ''}` | {r.records} / {r.predicted} / {len(r.skipped)} "
-            f"| {accuracy} | **{r.drift.status}** | {detail} | `{r.output.name}` |")
+            f"| {accuracy} | **{r.drift.status}** | {detail} | `{r.output}` |")
 
 
 def _artifact(title: str, model: str, results: list[JobResult], extra: str = "") -> None:

@@ -229,8 +229,11 @@ class DriftReport:
         return asdict(self)
 
     def metrics(self) -> dict[str, float]:
-        """MLflow metrics, grouped under drift/ in the UI."""
-        return {f"drift/{k}": v for k, v in {**self.statistics, "alert": float(self.alert)}.items()}
+        """MLflow metrics, grouped under drift/ in the UI: the statistics, the alert (0/1) and the
+        thresholds they were compared with."""
+        out = {f"drift/{k}": v for k, v in {**self.statistics, "alert": float(self.alert)}.items()}
+        out.update({f"drift/thresholds/{k}": v for k, v in self.thresholds.items()})
+        return out
 
 
 def unavailable(reason: str) -> DriftReport:
