@@ -252,20 +252,30 @@ class DriftMonitor:
         self.classes = np.zeros(10, dtype=np.int64)
         self.hist = {name: np.zeros(BINS, dtype=np.int64) for name in ("intensity", "confidence")}
 
-    def update(self, pixels: np.ndarray, probability: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-        """The ood scores (B,) of one chunk (pixels (B, 28, 28), top probability and predicted class
-        (B,)), counted into the batch's statistics."""
+    def scores(self, pixels: np.ndarray, probability: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ood scores, intensity bins, confidence bins), each (B,), of one chunk: pixels (B, 28, 28)
+        and top probabilities (B,). Thread-safe (reads only), so the job runs it beside inference."""
         intensity, border = pixel_bins(pixels)
         confidence = confidence_bins(probability)
         s = self._tables[0][intensity]
         np.maximum(s, self._tables[1][border], out=s)
         np.maximum(s, self._tables[2][confidence], out=s)
+        return s, intensity, confidence
+
+    def count(self, scored: tuple[np.ndarray, np.ndarray, np.ndarray], prediction: np.ndarray) -> None:
+        """Add one chunk's scores (from `scores`) and predicted classes to the batch's statistics."""
+        s, intensity, confidence = scored
         self.n += len(s)
         self.exceed += int(np.count_nonzero(s > self._threshold))
         self.classes += np.bincount(prediction, minlength=10)
         self.hist["intensity"] += np.bincount(intensity, minlength=BINS)
         self.hist["confidence"] += np.bincount(confidence, minlength=BINS)
-        return s
+
+    def update(self, pixels: np.ndarray, probability: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+        """`scores` then `count`: the ood scores (B,) of one chunk, counted into the statistics."""
+        scored = self.scores(pixels, probability)
+        self.count(scored, prediction)
+        return scored[0]
 
     def _median(self, name: str) -> float:
         c = np.cumsum(self.hist[name])

@@ -282,6 +282,14 @@ def _check(cfg: JobConfig) -> JobConfig:
 
 
 @dataclass
+class _Inferred:
+    probs: np.ndarray  # (B, 10)
+    prediction: np.ndarray  # (B,)
+    probability: np.ndarray  # (B,)
+    ood: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (scores, intensity bins, confidence bins)
+
+
+@dataclass
 class _Counts:
     predicted: int = 0
     correct: int = 0
@@ -301,29 +309,35 @@ def _predict_chunks(
     counts = _Counts()
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
 
-    def infer(pixels: np.ndarray) -> np.ndarray:
-        return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]  # (B, 10)
-
-    def finish(chunk: Chunk, probs: np.ndarray, bar: tqdm) -> None:
+    def infer(pixels: np.ndarray) -> _Inferred:
+        # Everything per chunk that needs no ordering runs here, on the pool, beside the other
+        # streams: only the writes (in input order) are left to the consuming thread.
+        probs = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]  # (B, 10)
         prediction = probs.argmax(axis=1)
         probability = np.take_along_axis(probs, prediction[:, None], axis=1)[:, 0]
+        ood = monitor.scores(pixels, probability) if monitor is not None else None
+        return _Inferred(probs, prediction, probability, ood)
+
+    def finish(chunk: Chunk, r: _Inferred, bar: tqdm) -> None:
         y = None
         if labels is not None:
             y = labels.read(chunk.start, chunk.stop)
             if chunk.keep is not None:
                 y = y[chunk.keep - chunk.start]
-            counts.correct += int(np.count_nonzero(prediction == y))
-        ood = monitor.update(chunk.pixels, probability, prediction) if monitor is not None else None
+            counts.correct += int(np.count_nonzero(r.prediction == y))
+        if monitor is not None:
+            monitor.count(r.ood, r.prediction)
         ids = chunk.names if chunk.names is not None else chunk.positions()
-        writer.write(Batch(ids, prediction, probability, ood, y, probs if cfg.all_probabilities else None))
-        counts.predicted += len(prediction)
+        writer.write(Batch(ids, r.prediction, r.probability, r.ood[0] if r.ood is not None else None, y,
+                           r.probs if cfg.all_probabilities else None))
+        counts.predicted += len(r.prediction)
         bar.update(chunk.stop - chunk.start)
 
     with (
         tqdm(total=reader.count, unit="img", unit_scale=True, disable=not show, mininterval=0.5) as bar,
         ThreadPoolExecutor(streams, thread_name_prefix="infer") as pool,
     ):
-        pending: deque[tuple[Chunk, Future[np.ndarray]]] = deque()
+        pending: deque[tuple[Chunk, Future[_Inferred]]] = deque()
         assert cfg.batch_size is not None
         for chunk in read_ahead(reader.chunks(cfg.batch_size)):
             pending.append((chunk, pool.submit(infer, chunk.pixels)))
