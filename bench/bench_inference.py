@@ -305,7 +305,7 @@ def main() -> None:
         spread = {k: f"{min(v):,.0f}..{max(v):,.0f}" for k, v in rates.items() if k.startswith(("bare s", "job ."))}
         print(f"(spread of the runs: {spread}; load average now {os.getloadavg()[0]:.2f})")
 
-        walls = one_shot_walls(x, onnx_path, reference, d, max(1, a.repeats // 2))
+        walls = one_shot_walls(x, onnx_path, reference, d, a.repeats)
         ratio = walls["mnistops infer"] / walls["python -m serving"]
         print(f"\none-shot job on 10,000 images (fresh processes, tracking on): mnistops infer "
               f"{walls['mnistops infer']:.2f} s, python -m serving {walls['python -m serving']:.2f} s: "

@@ -15,7 +15,7 @@ def cmd_infer(args) -> int:
     import os
 
     from serving import cli as serving_cli
-    from serving.errors import EXIT_OK, ServingError
+    from serving.errors import ServingError
 
     try:
         serving_cli.validate(args)
@@ -28,7 +28,7 @@ def cmd_infer(args) -> int:
     except ServingError as e:
         return serving_cli.report_error("mnistops infer", e)
     print(json.dumps(s, indent=2, default=str))
-    return EXIT_OK
+    return serving_cli.exit_code("mnistops infer", s)
 
 
 def inference_parameters(args) -> dict:

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import settings
 from serving.atomic import atomic_path
 from serving.cli import summary
-from serving.errors import DriftAlert
+from serving.errors import DriftAlert, InputError
 from serving.inbox import InboxResult, run_inbox
 from serving.job import JobConfig, JobResult, run_job
 from serving.model_source import DEFAULT_MODEL_URI
@@ -116,6 +116,9 @@ def batch_inference(
     if fail_on_drift and alerts:
         raise DriftAlert(f"drift alert on {len(alerts)} input(s): "
                          + "; ".join(f"{r.input_path}: {r.drift.reason}" for r in alerts), res)
+    if inbox is not None and res.failed:  # each bad input fails one run (it is not retried)
+        raise InputError(f"{len(res.failed)} input(s) of {inbox} failed: "
+                         + "; ".join(f["error"] for f in res.failed))
     return s
 
 

@@ -221,6 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     print(json.dumps(s, default=str))
+    return exit_code(parser.prog, s)
+
+
+def exit_code(prog: str, s: dict[str, object]) -> int:
+    """EXIT_ERROR when an inbox run met bad inputs (the others were scored; each failure is recorded
+    in the ledger and reported once), else EXIT_OK."""
+    failed = s.get("failed") or []
+    if failed:
+        print(f"{prog}: error: {len(failed)} input(s) of the inbox failed, first: {failed[0]['error']}",
+              file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 

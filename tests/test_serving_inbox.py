@@ -231,6 +231,9 @@ def test_inbox_bad_input_is_recorded_and_does_not_stop_the_others(model, tmp_pat
     assert "array of shape (3, 30)" in r.failed[0]["error"]
     again = run_inbox(inbox, out, cfg(model, inbox, out))  # not retried until its content changes
     assert again.failed == [] and any(a.get("status") == "failed" for a in again.already)
+    from serving import cli
+
+    assert cli.exit_code("t", r.summary()) == 1 and cli.exit_code("t", again.summary()) == 0
 
 
 def test_inbox_and_output_folders_checked(model, tmp_path: Path) -> None:
