@@ -77,7 +77,8 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--labels", type=Path, default=None,
         help="IDX labels file or 1-D integer .npy of the true classes, one per input record in input "
-        "order (a folder: one per file, in name order): the job then reports accuracy (default: none)",
+        "order (a folder: one per image file, in path order); the output then has label and correct "
+        "columns and the job reports accuracy (default: none; a folder's own labels.csv)",
     )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto",

@@ -392,7 +392,8 @@ def test_serving_imports_neither_torch_nor_prefect(model: tuple[Path, dict], tmp
     np.save(tmp_path / "x.npy", digits(4))
     code = (
         "import sys; from pathlib import Path; import serving.job, serving.cli, serving.readers, "
-        "serving.writers, serving.session, serving.model_source, serving.images, serving.errors; "
+        "serving.writers, serving.session, serving.model_source, serving.images, serving.errors, serving.inbox, "
+        "serving.drift, serving.settings; "
         "from serving.job import JobConfig, run_job; "
         f"run_job(JobConfig(input=Path({str(tmp_path / 'x.npy')!r}), output=Path({str(tmp_path / 'p.parquet')!r}), "
         f"model={str(model[0])!r}, track=False)); "
