@@ -33,6 +33,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from serving import drift
+from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
 from serving.errors import DriftAlert, InputError, OutputError
 from serving.experiments import ensure_experiment
 from serving.model_source import DEFAULT_MODEL_URI, ModelRef, is_remote, resolve_model
@@ -58,8 +59,6 @@ from serving.writers import (
 )
 
 log = logging.getLogger(__name__)
-
-from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: E402 (re-exported)
 
 MANIFEST_VERSION = 2  # 2: columns prediction/label/correct/ood_score, drift, ignored files
 T = TypeVar("T")

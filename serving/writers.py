@@ -20,14 +20,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from serving.defaults import FORMATS, Format  # noqa: E402,F401 (re-exported)
+from serving.defaults import FORMATS, Format  # noqa: F401 (re-exported)
 
 ROW_GROUP_ROWS = 65_536
 

@@ -26,8 +26,6 @@ from serving.job import EXPERIMENT, JobConfig, run_job
 from serving.readers import open_images
 from serving_fixtures import (
     BAD_INPUTS,
-    MEAN,
-    STD,
     digits,
     make_bad_inputs,
     mlp_onnx,
