@@ -8,18 +8,41 @@ from pathlib import Path
 
 
 def cmd_infer(args) -> int:
-    from flows.cli import EXIT_OK
-    from flows.inference import batch_inference
-    from serving.cli import config_from_args
+    """A one-shot job costs what it does: on the embedded default (no PREFECT_API_URL) the job runs
+    directly, without starting Prefect's temporary server for one flow run (~8 s); with a Prefect API
+    configured it runs as the `batch-inference` flow, visible there. Either way its arguments and
+    input paths are checked first, before onnxruntime, torch or prefect are imported."""
+    import os
 
-    cfg = config_from_args(args)  # the serving job's own validation, before any flow starts
-    s = batch_inference(input=str(cfg.input), output=str(cfg.output), model=cfg.model,
-                        labels=str(cfg.labels) if cfg.labels else None, batch_size=cfg.batch_size,
-                        device=cfg.device, on_error=cfg.on_error, format=cfg.format,
-                        all_probabilities=cfg.all_probabilities, threads=cfg.threads, streams=cfg.streams,
-                        track=cfg.track)
+    from serving import cli as serving_cli
+    from serving.errors import ServingError
+
+    try:
+        serving_cli.validate(args)
+        if os.environ.get("PREFECT_API_URL"):
+            from flows.inference import batch_inference
+
+            s = batch_inference(**inference_parameters(args))
+        else:
+            s = serving_cli.run(args)
+    except ServingError as e:
+        return serving_cli.report_error("mnistops infer", e)
     print(json.dumps(s, indent=2, default=str))
-    return EXIT_OK
+    return serving_cli.exit_code("mnistops infer", s)
+
+
+def inference_parameters(args) -> dict:
+    """The batch-inference flow's parameters from `infer`'s arguments."""
+    return {
+        "input": str(args.input) if args.input is not None else None,
+        "inbox": str(args.inbox) if args.inbox is not None else None,
+        "output": str(args.output) + ("/" if args.inbox is not None else ""),
+        "model": args.model, "labels": str(args.labels) if args.labels else None,
+        "batch_size": args.batch_size, "device": args.device, "on_error": args.on_error,
+        "format": args.format, "all_probabilities": args.all_probabilities, "threads": args.threads,
+        "streams": args.streams, "track": args.track, "overwrite": args.overwrite, "rescore": args.rescore,
+        "fail_on_drift": args.fail_on_drift, "drift_reference": args.drift_reference,
+    }
 
 
 def cmd_sweep(args) -> int:
@@ -51,25 +74,21 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from flows.cli import EXIT_OK, _data_source, _pipeline_kwargs
+    from flows.cli import EXIT_OK, _pipeline_kwargs
     from flows.deployments import deployments, serve_all
-    from flows.inference import export_test_split
     from flows.settings import configure
-    from nn_core.data import prepare
-    from nn_core.datasets import get_spec
 
     cfg = configure()
-    infer_input, infer_labels = args.infer_input, args.infer_labels
-    if infer_input is None:  # default: the held-out test split, so the schedule has something to score
-        prepared = prepare(get_spec(args.dataset), _data_source(args), Path(args.data_dir) if args.data_dir else None)
-        images, labels = export_test_split(args.dataset, str(prepared.cache_path.parent), cfg.outputs_dir / "inputs")
-        infer_input, infer_labels = str(images), str(labels)
-    output = args.infer_output or str(cfg.outputs_dir / "scheduled") + "/"
-    Path(output).mkdir(parents=True, exist_ok=True) if output.endswith("/") else None
+    # The hourly job scores what arrives in the inbox, once per input content, and fails its flow run
+    # on a drift alert so that it shows in Prefect.
+    inbox = Path(args.infer_inbox or cfg.home / "inbox")
+    output = Path(args.infer_output or cfg.outputs_dir / "scheduled")
+    inbox.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     deps = deployments(
         args.training_cron, args.inference_cron, _pipeline_kwargs(args),
-        {"input": str(infer_input), "output": output, "labels": str(infer_labels) if infer_labels else None,
-         "model": f"models:/{args.model_name}@champion"},
+        {"inbox": str(inbox), "output": str(output), "model": f"models:/{args.model_name}@champion",
+         "fail_on_drift": True},
     )
     print(f"serving deployments {[d.name for d in deps]} (training '{args.training_cron}', "
           f"inference '{args.inference_cron}'); Ctrl-C stops", flush=True)
@@ -82,8 +101,8 @@ def add(command) -> None:
     from flows.settings import INFERENCE_CRON, TRAINING_CRON
     from serving.cli import add_infer_arguments
 
-    p = command("infer", cmd_infer, "batch inference with onnxruntime (as a Prefect flow): predictions and a "
-                                    "manifest, written atomically")
+    p = command("infer", cmd_infer, "batch inference with onnxruntime: predictions and a manifest, written "
+                                    "atomically, with a drift check (a Prefect flow when PREFECT_API_URL is set)")
     add_infer_arguments(p)
 
     p = command("sweep", cmd_sweep, "hyperparameter sweep: nested MLflow runs, a comparison, the best config gated")
@@ -106,10 +125,11 @@ def add(command) -> None:
                                     "from this process against the configured Prefect API")
     p.add_argument("--training-cron", default=TRAINING_CRON, help="cron schedule of the training pipeline")
     p.add_argument("--inference-cron", default=INFERENCE_CRON, help="cron schedule of the batch inference")
-    p.add_argument("--infer-input", default=None, help="input of the scheduled batch inference (default: the test split)")
-    p.add_argument("--infer-labels", default=None, help="labels for that input (reports accuracy)")
-    p.add_argument("--infer-output", default=None, help="file, or folder (ending in /) for one timestamped file per run "
-                                                        "(default: MNISTOPS_HOME/outputs/scheduled/)")
+    p.add_argument("--infer-inbox", default=None, metavar="DIR",
+                   help="inbox of the scheduled batch inference: every new input in it is scored once "
+                        "(default: MNISTOPS_HOME/inbox)")
+    p.add_argument("--infer-output", default=None, metavar="DIR",
+                   help="folder of its predictions, manifests and ledger (default: MNISTOPS_HOME/outputs/scheduled)")
     _data_args(p)
     _train_args(p)
     _gate_args(p)

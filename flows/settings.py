@@ -46,17 +46,12 @@ class Settings:
 
 def configure() -> Settings:
     """Fill in the environment's defaults (an explicit setting always wins) and return them."""
+    from serving.settings import configure_store  # the one definition, shared with `python -m serving`
+
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    home = Path(os.environ.get("MNISTOPS_HOME", ".mnistops")).resolve()
-    os.environ["MNISTOPS_HOME"] = str(home)
-    embedded = "MLFLOW_TRACKING_URI" not in os.environ
-    if embedded:
-        home.mkdir(parents=True, exist_ok=True)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
-    if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:"):
-        os.environ.setdefault("MNISTOPS_ARTIFACT_ROOT", str(home / "mlartifacts"))
-    return Settings(home=home, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], embedded_mlflow=embedded)
+    store = configure_store()
+    return Settings(home=store.home, tracking_uri=store.tracking_uri, embedded_mlflow=store.embedded_mlflow)
 
 
 class _CurrentStderr(logging.StreamHandler):

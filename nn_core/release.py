@@ -15,6 +15,7 @@ from nn_core.datasets import get_spec
 from nn_core.export import ParityReport, check_parity, export_onnx
 from nn_core.launch import TrainResult
 from nn_core.registry import GateConfig, GateDecision, gate, register_candidate
+from serving.drift import store_reference
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,12 @@ def register(result: TrainResult, exported: ExportResult, data_path: Path, model
         "dataset_digest": splits.digest,
         "git_commit": tracking.git_commit(),
     }
-    return register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
-                              splits.val_images[:2].numpy(), tags)
+    version = register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
+                                 splits.val_images[:2].numpy(), tags)
+    # The drift reference profile (serving.drift), stored with the version: what batch jobs compare with.
+    store_reference(model_name, version, result.run_id, exported.onnx_path, splits.train_images.numpy(),
+                    splits.val_images.numpy())
+    return version
 
 
 def gate_and_record(result: TrainResult, exported: ExportResult, version: str, data_path: Path,

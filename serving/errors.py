@@ -18,12 +18,31 @@ EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (Kubernetes, Pref
 
 
 class ServingError(Exception):
-    """Base of the errors the CLI reports as one line instead of a traceback."""
+    """Base of the errors the CLI reports as one line instead of a traceback, with `exit_code`."""
+
+    exit_code = EXIT_ERROR
 
 
 class InputError(ServingError, ValueError):
     """Bad input: wrong shape or dtype, NaN/inf, an unreadable or non-image file, an empty input, a label
     count that does not match. The message names the file or record index."""
+
+
+class OutputError(ServingError, ValueError):
+    """An output that would clobber something: an input, an existing file without --overwrite, or a
+    path whose parent is a file."""
+
+
+class DriftAlert(ServingError):
+    """The job finished and wrote its outputs, but its input drifted from the model's reference profile
+    and the job was asked to fail on drift (--fail-on-drift): exit code EXIT_DRIFT. `result` is the
+    finished job's result (or an inbox run's), for the caller to report."""
+
+    exit_code = EXIT_DRIFT
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result
 
 
 class ModelSourceError(ServingError, ValueError):

@@ -1,9 +1,12 @@
 """The batch inference job: read -> predict -> write, atomically, tracked in MLflow.
 
     input (IDX | .npy | folder) -> chunks (read ahead on a thread) -> onnxruntime session
-      -> Parquet/CSV temp file -> rename into place -> manifest -> MLflow run
+      -> drift monitor (per-record ood_score) -> Parquet/CSV temp file -> rename into place
+      -> manifest (with the drift report) -> MLflow run
 
-`run_job(JobConfig(...))` is the whole job; the CLI and the Prefect flow only build the config.
+`run_job(JobConfig(...))` is the whole job; the CLI, the inbox and the Prefect flow only build the
+config. Outputs never clobber: an output that is one of the inputs (images, labels, model file) is
+refused, and an existing one is replaced only with `overwrite`.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ import onnxruntime as ort
 import pyarrow as pa
 from tqdm import tqdm
 
-from serving.errors import InputError
+from serving import drift
+from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
+from serving.errors import DriftAlert, InputError, OutputError
 from serving.experiments import ensure_experiment
-from serving.model_source import DEFAULT_MODEL_URI, ModelRef, resolve_model
+from serving.model_source import DEFAULT_MODEL_URI, ModelRef, is_remote, resolve_model
 from serving.readers import Chunk, ImageReader, LabelReader, OnError, Skipped, open_images, open_labels
 from serving.session import (
     CUDA,
@@ -43,16 +48,19 @@ from serving.session import (
     plan_threads,
     provider,
 )
-from serving.writers import Format, PredictionWriter, manifest_path, remove_stale_temps, write_json_temp
+from serving.writers import (
+    Batch,
+    Columns,
+    Format,
+    PredictionWriter,
+    manifest_path,
+    remove_stale_temps,
+    write_json_temp,
+)
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "mnist-mlp-inference"
-# Measured on 2 CPU cores with the 784-50-10 MLP: 1024-2048 beat 8192 by ~1.3x (a batch's float
-# intermediates stay in cache) and need a third of the memory; a GPU wants big batches to stay busy.
-CPU_BATCH_SIZE = 1024
-CUDA_BATCH_SIZE = 16384
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: columns prediction/label/correct/ood_score, drift, ignored files
 T = TypeVar("T")
 
 
@@ -73,6 +81,9 @@ class JobConfig:
     decode_workers: int | None = None  # folder input's decoding threads; None: 1 for small images
     #   (MNIST-sized PNGs decode faster on one thread), else min(4, CPUs)
     track: bool = True  # log an MLflow run in `experiment` (current tracking URI)
+    overwrite: bool = False  # replace an existing output (never an input)
+    fail_on_drift: bool = False  # raise DriftAlert (exit 4) after writing, when the drift check alerts
+    drift_reference: str | None = None  # profile JSON file or artifact URI; None: the version's own
     experiment: str = EXPERIMENT
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
 
@@ -98,6 +109,8 @@ class JobResult:
     input_digest: str  # SHA-256 of the input file (folder: of its sha256sum-style listing)
     labels_digest: str | None
     mlflow_run_id: str | None
+    drift: drift.DriftReport
+    input_path: Path | None = None
 
 
 # --- reading ahead -------------------------------------------------------------------------------
@@ -201,6 +214,7 @@ class _Tracking:
         }
         if result.accuracy is not None:
             metrics["accuracy"] = result.accuracy
+        metrics.update(result.drift.metrics())
         params = [Param("input_digest", result.input_digest)]
         if result.labels_digest:
             params.append(Param("labels_digest", result.labels_digest))
@@ -209,6 +223,7 @@ class _Tracking:
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
             params=params,
         )
+        self.client.set_tag(self.run_id, "drift.status", result.drift.status)
         self.client.log_artifact(self.run_id, str(manifest))
         self.client.set_terminated(self.run_id, "FINISHED")
 
@@ -223,17 +238,54 @@ class _Tracking:
 # --- the job ---------------------------------------------------------------------------------------
 
 
+def _resolved(p: Path | str) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Never clobber: `output` (and its manifest) must not be any input, nor lie inside an input
+    folder; an existing output is replaced only with `overwrite`; its parent must be a folder."""
+    out = _resolved(output)
+    manifest = manifest_path(out)
+    for inp in inputs:
+        if out == inp or manifest == inp:
+            raise OutputError(f"{output}: refusing to write over the input {inp}; choose another --output")
+    for inp in inputs:
+        if inp.is_dir() and out.is_relative_to(inp):
+            raise OutputError(f"{output}: inside the input folder {inp}; choose an --output outside it")
+    if out.is_dir():
+        raise OutputError(f"{output}: is a folder, expected a file path for the predictions")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{output}: cannot create it, {parent} is a file, not a folder")
+            break
+    if not overwrite:
+        for p in (out, manifest):
+            if p.exists():
+                raise OutputError(f"{p}: already exists; pass --overwrite to replace it")
+
+
 def _check(cfg: JobConfig) -> JobConfig:
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise ValueError(f"batch size {cfg.batch_size}, expected >= 1")
-    out = Path(cfg.output).expanduser().resolve()
-    inp = Path(cfg.input).expanduser().resolve()
-    if out.is_dir():
-        raise ValueError(f"{out}: the output is a folder, expected a file path")
-    if out == inp:
-        raise ValueError(f"{out}: the output would overwrite the input")
-    labels = Path(cfg.labels).expanduser().resolve() if cfg.labels else None
-    return dataclasses.replace(cfg, input=inp, output=out, labels=labels)
+    inp = _resolved(cfg.input)
+    labels = _resolved(cfg.labels) if cfg.labels else None
+    inputs = [inp] + ([labels] if labels else []) + ([inp / "labels.csv"] if inp.is_dir() else [])
+    if not is_remote(cfg.model):
+        inputs.append(_resolved(cfg.model))
+    if cfg.drift_reference and not is_remote(cfg.drift_reference):
+        inputs.append(_resolved(cfg.drift_reference))
+    check_output(cfg.output, inputs, cfg.overwrite)
+    return dataclasses.replace(cfg, input=inp, output=_resolved(cfg.output), labels=labels)
+
+
+@dataclass
+class _Inferred:
+    probs: np.ndarray  # (B, 10)
+    prediction: np.ndarray  # (B,)
+    probability: np.ndarray  # (B,)
+    ood: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (scores, intensity bins, confidence bins)
 
 
 @dataclass
@@ -249,33 +301,42 @@ def _predict_chunks(
     writer: PredictionWriter,
     cfg: JobConfig,
     streams: int,
+    monitor: drift.DriftMonitor | None,
 ) -> _Counts:
     """Chunks are read ahead on one thread, inferred `streams` at a time on a pool, and written here,
     in input order."""
     counts = _Counts()
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
 
-    def infer(pixels: np.ndarray) -> np.ndarray:
-        return session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]  # (B, 10)
+    def infer(pixels: np.ndarray) -> _Inferred:
+        # Everything per chunk that needs no ordering runs here, on the pool, beside the other
+        # streams: only the writes (in input order) are left to the consuming thread.
+        probs = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]  # (B, 10)
+        prediction = probs.argmax(axis=1)
+        probability = np.take_along_axis(probs, prediction[:, None], axis=1)[:, 0]
+        ood = monitor.scores(pixels, probability) if monitor is not None else None
+        return _Inferred(probs, prediction, probability, ood)
 
-    def finish(chunk: Chunk, probs: np.ndarray, bar: tqdm) -> None:
-        label = probs.argmax(axis=1)
-        probability = np.take_along_axis(probs, label[:, None], axis=1)[:, 0]
+    def finish(chunk: Chunk, r: _Inferred, bar: tqdm) -> None:
+        y = None
         if labels is not None:
             y = labels.read(chunk.start, chunk.stop)
             if chunk.keep is not None:
                 y = y[chunk.keep - chunk.start]
-            counts.correct += int(np.count_nonzero(label == y))
+            counts.correct += int(np.count_nonzero(r.prediction == y))
+        if monitor is not None:
+            monitor.count(r.ood, r.prediction)
         ids = chunk.names if chunk.names is not None else chunk.positions()
-        writer.write(ids, label, probability, probs if cfg.all_probabilities else None)
-        counts.predicted += len(label)
+        writer.write(Batch(ids, r.prediction, r.probability, r.ood[0] if r.ood is not None else None, y,
+                           r.probs if cfg.all_probabilities else None))
+        counts.predicted += len(r.prediction)
         bar.update(chunk.stop - chunk.start)
 
     with (
         tqdm(total=reader.count, unit="img", unit_scale=True, disable=not show, mininterval=0.5) as bar,
         ThreadPoolExecutor(streams, thread_name_prefix="infer") as pool,
     ):
-        pending: deque[tuple[Chunk, Future[np.ndarray]]] = deque()
+        pending: deque[tuple[Chunk, Future[_Inferred]]] = deque()
         assert cfg.batch_size is not None
         for chunk in read_ahead(reader.chunks(cfg.batch_size)):
             pending.append((chunk, pool.submit(infer, chunk.pixels)))
@@ -290,12 +351,12 @@ def _predict_chunks(
 
 def _manifest(
     cfg: JobConfig, model: ModelRef, prov: str, reader: ImageReader, labels: LabelReader | None,
-    result: JobResult, started: dt.datetime,
+    result: JobResult, started: dt.datetime, columns: list[str],
 ) -> dict[str, Any]:
     return {
         "manifest_version": MANIFEST_VERSION,
         "output": {"path": str(result.output), "format": cfg.output_format(), "rows": result.predicted,
-                   "all_probabilities": cfg.all_probabilities},
+                   "columns": columns, "all_probabilities": cfg.all_probabilities},
         "model": {**model.to_dict(), "onnxruntime": ort.__version__},
         "input": {"path": str(cfg.input), "kind": reader.kind, "records": reader.count,
                   "sha256": result.input_digest, **reader.details},
@@ -308,6 +369,7 @@ def _manifest(
                    "skipped": len(result.skipped)},
         "skipped": [dataclasses.asdict(s) for s in result.skipped],
         "accuracy": result.accuracy,
+        "drift": result.drift.to_dict(),
         "seconds": round(result.seconds, 6),
         "throughput_img_per_s": round(result.throughput, 1),
         "started": started.isoformat(),
@@ -316,45 +378,81 @@ def _manifest(
     }
 
 
-def _open_session(cfg: JobConfig, reader: ImageReader) -> tuple[ModelRef, ort.InferenceSession, int]:
-    """(model, session, streams): the model resolved (downloaded if remote) and loaded."""
+@dataclass(frozen=True)
+class LoadedModel:
+    """A resolved, loaded model: what an inbox run shares across its inputs."""
+
+    ref: ModelRef
+    session: ort.InferenceSession
+    provider: str
+    streams: int
+    reference: drift.Reference | None
+    reference_source: str | None
+    reference_missing: str  # why there is no reference, when there is none
+
+
+def _reference(cfg: JobConfig, model: ModelRef) -> tuple[drift.Reference | None, str | None, str]:
+    source = cfg.drift_reference or model.drift_reference
+    if source is None:
+        why = (f"model version {model.version} has no drift reference (registered before profiles)"
+               if model.version else "a local model file: give --drift-reference to check drift")
+        return None, None, why
+    return drift.load_reference(source), str(source), ""
+
+
+def load_model(cfg: JobConfig, decoding: bool = False) -> LoadedModel:
+    """The model resolved (downloaded if remote), loaded into a session, and its drift reference.
+    `decoding`: the input needs a CPU to decode (gzip, images), so the session leaves it one."""
     with tempfile.TemporaryDirectory(prefix="mnistops-model-") as tmp:
         model = resolve_model(cfg.model, Path(tmp))
-        # gzip and image decoding run on the reader's side: leave them a CPU
-        reserve = 1 if reader.kind in ("idx.gz", "folder") else 0
         cuda = cfg.device != "cpu" and gpu_usable()
-        streams, threads = plan_threads(cuda, cfg.streams, cfg.threads, reserve)
+        streams, threads = plan_threads(cuda, cfg.streams, cfg.threads, 1 if decoding else 0)
         session = create_session(model.path, cfg.device, threads)  # the model is in memory now
-    return model, session, streams
+    ref, source, why = _reference(cfg, model)
+    return LoadedModel(model, session, provider(session), streams, ref, source, why)
 
 
-def run_job(cfg: JobConfig) -> JobResult:
+def _labels_for(cfg: JobConfig, reader: ImageReader) -> LabelReader | None:
+    if cfg.labels:
+        return open_labels(cfg.labels, reader.count, cfg.input)
+    if reader.labels is not None and reader.labels_csv is not None:
+        from serving.readers import _file_sha256
+
+        return LabelReader(reader.labels_csv, reader.count, _file_sha256(reader.labels_csv), _mm=reader.labels)
+    return None
+
+
+def run_job(cfg: JobConfig, loaded: LoadedModel | None = None) -> JobResult:
     """Read -> predict -> write. On any error nothing is left at `cfg.output` or beside it (an
     existing output of an earlier job stays as it was). The output and its manifest are both
-    complete on disk under temp names before either is renamed into place."""
+    complete on disk under temp names before either is renamed into place. With `fail_on_drift`, a
+    drift alert raises DriftAlert after both are in place (they are the evidence)."""
     wall0 = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc)
     cfg = _check(cfg)
     # Input first: bad input fails in milliseconds, before any model download or MLflow run.
     reader = open_images(cfg.input, on_error=cfg.on_error, workers=cfg.decode_workers)
-    labels = open_labels(cfg.labels, reader.count, cfg.input) if cfg.labels else None
+    labels = _labels_for(cfg, reader)
     tracking: _Tracking | None = None
     try:
-        model, session, streams = _open_session(cfg, reader)
-        prov = provider(session)
+        loaded = loaded or load_model(cfg, decoding=reader.kind in ("idx.gz", "folder"))
+        model, session, prov, streams = loaded.ref, loaded.session, loaded.provider, loaded.streams
         if cfg.batch_size is None:
             cfg = dataclasses.replace(cfg, batch_size=CUDA_BATCH_SIZE if prov == CUDA else CPU_BATCH_SIZE)
         log.info("model %s (version %s) on %s, %d stream(s)", model.uri, model.version, prov, streams)
         tracking = _Tracking(cfg, model, prov, reader) if cfg.track else None
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(cfg.output)
-        id_type = pa.string() if reader.id_kind == "file" else pa.int64()
+        monitor = drift.DriftMonitor(loaded.reference, loaded.reference_source or "") if loaded.reference else None
+        cols = Columns(pa.string() if reader.id_kind == "file" else pa.int64(), ood_score=monitor is not None,
+                       labels=labels is not None, all_probabilities=cfg.all_probabilities)
         t0 = time.perf_counter()
-        with PredictionWriter(cfg.output, cfg.output_format(), id_type, cfg.all_probabilities) as writer:
-            counts = _predict_chunks(session, reader, labels, writer, cfg, streams)
+        with PredictionWriter(cfg.output, cfg.output_format(), cols) as writer:
+            counts = _predict_chunks(session, reader, labels, writer, cfg, streams, monitor)
             input_digest = reader.digest()
             writer.close()
             seconds = time.perf_counter() - t0
+            report = monitor.report() if monitor is not None else drift.unavailable(loaded.reference_missing)
             result = JobResult(
                 output=cfg.output,
                 manifest=manifest_path(cfg.output),
@@ -370,9 +468,12 @@ def run_job(cfg: JobConfig) -> JobResult:
                 input_digest=input_digest,
                 labels_digest=labels.digest if labels is not None else None,
                 mlflow_run_id=tracking.run_id if tracking else None,
+                drift=report,
+                input_path=cfg.input,
             )
             manifest_tmp = write_json_temp(
-                result.manifest, _manifest(cfg, model, prov, reader, labels, result, started)
+                result.manifest,
+                _manifest(cfg, model, prov, reader, labels, result, started, writer.schema.names),
             )
             try:
                 writer.commit()
@@ -389,10 +490,15 @@ def run_job(cfg: JobConfig) -> JobResult:
         if labels is not None:
             labels.close()
     log.info(
-        "%d predictions -> %s (%.0f images/s%s)", result.predicted, result.output, result.throughput,
-        "" if result.accuracy is None else f", accuracy {result.accuracy:.4f}",
+        "%d predictions -> %s (%.0f images/s%s; drift %s)", result.predicted, result.output,
+        result.throughput, "" if result.accuracy is None else f", accuracy {result.accuracy:.4f}",
+        result.drift.status,
     )
-    return dataclasses.replace(result, wall_seconds=time.perf_counter() - wall0)
+    result = dataclasses.replace(result, wall_seconds=time.perf_counter() - wall0)
+    if cfg.fail_on_drift and result.drift.alert:
+        raise DriftAlert(f"{cfg.input}: drift alert: {result.drift.reason} (predictions written to "
+                         f"{result.output}; manifest {result.manifest})", result)
+    return result
 
 
-__all__ = ["EXPERIMENT", "InputError", "JobConfig", "JobResult", "read_ahead", "run_job"]
+__all__ = ["EXPERIMENT", "InputError", "JobConfig", "JobResult", "LoadedModel", "load_model", "read_ahead", "run_job"]

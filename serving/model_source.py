@@ -29,6 +29,7 @@ class ModelRef:
     version: str | None  # registered version; None for a local file
     run_id: str | None  # the MLflow run that logged the model, when known
     path: Path  # the local .onnx file
+    drift_reference: str | None = None  # where the version's drift profile is (its tag), when known
 
     def to_dict(self) -> dict[str, str | None]:
         # A downloaded model's path is a temp folder that is gone after the job: not worth recording.
@@ -97,7 +98,10 @@ def _from_registry(uri: str, dst_dir: Path) -> ModelRef:
     # Download the version the alias pointed at just now, not the alias again: if the alias moves
     # in between, the job still records the version it actually ran.
     path = _download(f"models:/{name}/{mv.version}", dst_dir, uri)
-    return ModelRef(uri=uri, name=name, version=str(mv.version), run_id=mv.run_id, path=path)
+    from serving.drift import VERSION_TAG
+
+    return ModelRef(uri=uri, name=name, version=str(mv.version), run_id=mv.run_id, path=path,
+                    drift_reference=(mv.tags or {}).get(VERSION_TAG))
 
 
 def resolve_model(uri: str, dst_dir: Path) -> ModelRef:

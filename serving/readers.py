@@ -74,6 +74,8 @@ class ImageReader(ABC):
 
     kind: str = ""
     id_kind: Literal["index", "file"] = "index"
+    labels_csv: Path | None = None  # a folder's own labels file
+    labels: np.ndarray | None = None  # its labels, one per record
 
     def __init__(self, path: Path, count: int, on_error: OnError):
         if count == 0:
@@ -315,10 +317,105 @@ def _load_many(paths: list[Path]) -> list[tuple[np.ndarray, str] | InputError]:
     return out
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+LABELS_CSV = "labels.csv"
+
+
+def _is_image_file(path: Path, name: str) -> bool:
+    """A record of a folder: an image by its name (a GIF is then refused as 'not a PNG or JPEG'), or a
+    PNG/JPEG by its first bytes whatever its name. Anything else (notes, CSV, JSON) is not a record."""
+    if name.lower().endswith(IMAGE_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return True  # unreadable: reported as a bad record, not silently ignored
+    return head.startswith(_IMAGE_MAGIC)
+
+
+def _walk(root: Path) -> list[tuple[str, int]]:
+    """(path relative to root with '/', size) of every non-hidden file under root, sorted by path.
+    Hidden files and folders (a leading dot: .DS_Store, .git, upload temp files) are not inputs."""
+    out: list[tuple[str, int]] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(root / rel if rel else root) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                r = f"{rel}/{e.name}" if rel else e.name
+                if e.is_dir():
+                    stack.append(r)
+                elif e.is_file():
+                    out.append((r, e.stat().st_size))
+    return sorted(out)
+
+
+def _file_sha256_or_dash(path: Path) -> str:
+    try:
+        return _file_sha256(path)
+    except OSError:
+        return "-"
+
+
+def _listing_digest(hexes: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{hexes[n]}  {n}\n" for n in sorted(hexes)).encode()).hexdigest()
+
+
+def folder_digest(path: Path) -> str:
+    """The digest a FolderReader of `path` reports, without decoding any image."""
+    return _listing_digest({n: _file_sha256_or_dash(path / n) for n, _ in _walk(path)})
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of an input: of the file's bytes, or of a folder's listing (see FolderReader)."""
+    return folder_digest(path) if path.is_dir() else _file_sha256(path)
+
+
+def _read_labels_csv(path: Path, names: list[str]) -> np.ndarray:
+    """Labels of `names` (in that order) from a `file,label` CSV; every record must have one."""
+    import csv
+
+    index = {n: i for i, n in enumerate(names)}
+    y = np.full(len(names), -1, dtype=np.int64)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: unreadable labels file ({e})") from e
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["file", "label"]:
+        raise InputError(f"{path}: expected a header line 'file,label'")
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 2:
+            raise InputError(f"{path}: line {line} has {len(row)} fields, expected 2 (file,label)")
+        name, label = row[0].strip(), row[1].strip()
+        if name not in index:
+            raise InputError(f"{path}: line {line}: {name!r} is not an image file of the folder")
+        if not (label.isdigit() and 0 <= int(label) <= 9):
+            raise InputError(f"{path}: line {line}: label {label!r} for {name}, expected 0..9")
+        y[index[name]] = int(label)
+    missing = np.flatnonzero(y < 0)
+    if len(missing):
+        raise InputError(
+            f"{path}: no label for {len(missing)} of the {len(names)} images "
+            f"(first: {names[missing[0]]}); expected one line per image"
+        )
+    return y
+
+
 class FolderReader(ImageReader):
-    """Every regular, non-hidden file in the folder (not its subfolders), in name order, is one
-    record: a file that is not a PNG or JPEG image is bad input. The digest is the SHA-256 of the
-    `sha256sum`-style listing of the files (`<hex>  <name>` lines).
+    """Every non-hidden image file in the folder and its subfolders, in path order, is one record; its
+    id is its path relative to the folder. A file is an image by its name (.png, .jpg, ...) or by a
+    PNG/JPEG signature; other files (notes, a labels.csv) are not records: they are listed in
+    `ignored`. A `labels.csv` (`file,label` lines) at the top gives the true labels. The digest is
+    the SHA-256 of the `sha256sum`-style listing (`<hex>  <path>` lines, in path order) of every
+    non-hidden file, labels.csv and ignored files included: `folder_digest` computes the same
+    without decoding anything (the inbox's key).
 
     Decoded on a thread pool. Its size depends on the images: Pillow releases the GIL while it
     decodes and resizes a big image, so photos decode ~1.3x faster on 2 threads than on one; a small
@@ -331,18 +428,31 @@ class FolderReader(ImageReader):
 
     def __init__(self, path: Path, on_error: OnError = "fail", workers: int | None = None):
         try:
-            entries = sorted(
-                (e for e in os.scandir(path) if not e.name.startswith(".") and e.is_file()),
-                key=lambda e: e.name,
-            )
+            files = _walk(path)
         except OSError as e:
             raise InputError(f"{path}: unreadable folder ({e.strerror or e})") from e
-        self.names = [e.name for e in entries]
+        records: list[tuple[str, int]] = []
+        self.ignored: list[str] = []
+        for n, size in files:
+            if n == LABELS_CSV:
+                continue
+            if _is_image_file(path / n, n):
+                records.append((n, size))
+            else:
+                self.ignored.append(n)
+        self.names = [n for n, _ in records]
         if not self.names:
             raise InputError(f"{path}: empty input (no image files in the folder)")
         super().__init__(path, len(self.names), on_error)
+        if self.ignored:
+            self.details["ignored"] = self.ignored
+        self._hexes: dict[str, str] = {}
+        self.labels_csv = path / LABELS_CSV if (path / LABELS_CSV).is_file() else None
+        self.labels: np.ndarray | None = (
+            _read_labels_csv(self.labels_csv, self.names) if self.labels_csv else None
+        )
         if workers is None:
-            sample = [e.stat().st_size for e in entries[:: max(1, len(entries) // 64)]]
+            sample = [size for _, size in records[:: max(1, len(records) // 64)]]
             small = float(np.median(sample)) < _SMALL_IMAGE_BYTES
             workers = 1 if small else min(4, len(os.sched_getaffinity(0)))
         self.workers = workers
@@ -359,6 +469,13 @@ class FolderReader(ImageReader):
                 yield self._chunk(start, names, results)
         self._done = True
 
+    def digest(self) -> str:
+        if not self._done:
+            raise RuntimeError(f"{self.path}: digest asked for before the whole input was read")
+        extra = self.ignored + ([LABELS_CSV] if self.labels_csv else [])
+        hexes = {**self._hexes, **{n: _file_sha256_or_dash(self.path / n) for n in extra}}
+        return _listing_digest(hexes)
+
     def _chunk(self, start: int, names: list[str], results: list) -> Chunk:
         pixels = np.empty((len(names), *IMAGE_SHAPE), dtype=np.uint8)
         keep: list[int] = []
@@ -367,11 +484,11 @@ class FolderReader(ImageReader):
                 if self.on_error == "fail":
                     raise r
                 self.skipped.append(Skipped(start + i, name, str(r)))
-                self._hash.update(f"-  {name}\n".encode())
+                self._hexes[name] = _file_sha256_or_dash(self.path / name)
                 continue
             pixels[len(keep)] = r[0]
             keep.append(i)
-            self._hash.update(f"{r[1]}  {name}\n".encode())
+            self._hexes[name] = r[1]
         if len(self.skipped) == self.count:
             raise InputError(f"{self.path}: none of the {self.count} files is a readable image")
         kept_names = [names[i] for i in keep]

@@ -5,8 +5,10 @@ so the final `os.replace` is atomic); only a finished job renames it into place.
 its temporary file behind (nothing runs on SIGKILL): the temp name carries the writer's pid, and the
 next job writing the same output removes temp files whose process is gone.
 
-Columns: `id` (record index, or file name for folder input), `label` (predicted class), `probability`
-(of that class), and with `all_probabilities` `prob_0` .. `prob_9`.
+Columns, each saying what it is: `id` (record index, or for a folder the file's path relative to it),
+`prediction` (the predicted class), `probability` (of that class), `ood_score` (how unlike the
+training data the record is, when the model has a drift reference; see `serving.drift`), with true
+labels `label` and `correct` (prediction == label), and with `all_probabilities` `prob_0` .. `prob_9`.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ import json
 import os
 import re
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-Format = Literal["parquet", "csv"]
-FORMATS: tuple[Format, ...] = ("parquet", "csv")
+from serving.defaults import FORMATS, Format  # noqa: F401 (re-exported)
+
 ROW_GROUP_ROWS = 65_536
 
 
@@ -70,53 +73,79 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def schema(id_type: pa.DataType, all_probabilities: bool) -> pa.Schema:
-    fields = [pa.field("id", id_type), pa.field("label", pa.int64()), pa.field("probability", pa.float32())]
-    if all_probabilities:
+@dataclass(frozen=True)
+class Columns:
+    """Which optional columns a predictions file has."""
+
+    id_type: pa.DataType
+    ood_score: bool = False
+    labels: bool = False
+    all_probabilities: bool = False
+
+
+def schema(cols: Columns) -> pa.Schema:
+    fields = [pa.field("id", cols.id_type), pa.field("prediction", pa.int64()),
+              pa.field("probability", pa.float32())]
+    if cols.ood_score:
+        fields.append(pa.field("ood_score", pa.float32()))
+    if cols.labels:
+        fields += [pa.field("label", pa.int64()), pa.field("correct", pa.bool_())]
+    if cols.all_probabilities:
         fields += [pa.field(f"prob_{k}", pa.float32()) for k in range(10)]
     return pa.schema(fields)
+
+
+@dataclass
+class Batch:
+    """One chunk of predictions: ids (B,), prediction (B,), probability (B,), and the optional
+    ood_score (B,), label (B,), probabilities (B, 10)."""
+
+    ids: np.ndarray | list[str]
+    prediction: np.ndarray
+    probability: np.ndarray
+    ood_score: np.ndarray | None = None
+    label: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
 
 
 class PredictionWriter:
     """Streams prediction chunks to a temp file; `commit()` renames it into place, and leaving the
     `with` block without a commit (an exception) deletes it."""
 
-    def __init__(self, path: Path, fmt: Format, id_type: pa.DataType, all_probabilities: bool = False):
+    def __init__(self, path: Path, fmt: Format, cols: Columns):
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r}, expected one of {FORMATS}")
         self.path = path
         self.fmt = fmt
-        self.schema = schema(id_type, all_probabilities)
+        self.cols = cols
+        self.schema = schema(cols)
         self.rows = 0
         self.tmp = temp_path(path)
         self._committed = False
         self._writer: pq.ParquetWriter | pa_csv.CSVWriter | None
-        self._pending: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._pending: list[Batch] = []
         self._pending_rows = 0
         if fmt == "parquet":
-            # Dictionary encoding only for the label (10 values); probabilities hardly repeat.
+            # Dictionary encoding only for the small-valued columns; probabilities hardly repeat.
             self._writer = pq.ParquetWriter(
-                self.tmp, self.schema, compression="snappy", use_dictionary=["label"]
+                self.tmp, self.schema, compression="snappy",
+                use_dictionary=[c for c in ("prediction", "label") if c in self.schema.names],
             )
         else:
             self._writer = pa_csv.CSVWriter(str(self.tmp), self.schema)
 
-    def write(
-        self,
-        ids: np.ndarray | list[str],
-        label: np.ndarray,
-        probability: np.ndarray,
-        probabilities: np.ndarray | None = None,
-    ) -> None:
-        """One chunk: ids (B,), label (B,), probability (B,), probabilities (B, 10). Chunks are
-        gathered into row groups of ROW_GROUP_ROWS: Parquet readers want big row groups, and one
-        pyarrow write per 1024-image batch costs as much as a tenth of the inference."""
+    def write(self, batch: Batch) -> None:
+        """One chunk. Chunks are gathered into row groups of ROW_GROUP_ROWS: Parquet readers want big
+        row groups, and one pyarrow write per 1024-image batch costs as much as a tenth of the
+        inference."""
         assert self._writer is not None, "write after close/abort"
-        if len(self.schema) > 3 and probabilities is None:
-            raise ValueError("this writer was opened with all_probabilities: pass probabilities")
-        self._pending.append((ids, label, probability, probabilities))
-        self._pending_rows += len(label)
-        self.rows += len(label)
+        for name, want in (("ood_score", self.cols.ood_score), ("label", self.cols.labels),
+                           ("probabilities", self.cols.all_probabilities)):
+            if want and getattr(batch, name) is None:
+                raise ValueError(f"this writer was opened with {name}: pass it")
+        self._pending.append(batch)
+        self._pending_rows += len(batch.prediction)
+        self.rows += len(batch.prediction)
         if self._pending_rows >= ROW_GROUP_ROWS:
             self._flush()
 
@@ -124,18 +153,26 @@ class PredictionWriter:
         if not self._pending:
             return
         assert self._writer is not None
-        ids, labels, probability, probabilities = zip(*self._pending)
-        self._pending, self._pending_rows = [], 0
-        id_type = self.schema.field("id").type
+        parts, self._pending, self._pending_rows = self._pending, [], 0
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(b, name) for b in parts])
+
+        id_type = self.cols.id_type
         columns: list[Any] = [
-            pa.array([i for part in ids for i in part], type=id_type)
+            pa.array([i for b in parts for i in b.ids], type=id_type)
             if pa.types.is_string(id_type)
-            else pa.array(np.concatenate(ids), type=id_type),
-            pa.array(np.concatenate(labels), type=pa.int64()),
-            pa.array(np.concatenate(probability), type=pa.float32()),
+            else pa.array(cat("ids"), type=id_type),
+            pa.array(cat("prediction"), type=pa.int64()),
+            pa.array(cat("probability"), type=pa.float32()),
         ]
-        if len(self.schema) > 3:
-            probs = np.concatenate(probabilities)  # (rows, 10)
+        if self.cols.ood_score:
+            columns.append(pa.array(cat("ood_score"), type=pa.float32()))
+        if self.cols.labels:
+            label = cat("label")
+            columns += [pa.array(label, type=pa.int64()), pa.array(label == cat("prediction"))]
+        if self.cols.all_probabilities:
+            probs = cat("probabilities")  # (rows, 10)
             columns += [pa.array(np.ascontiguousarray(probs[:, k])) for k in range(10)]
         self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
 

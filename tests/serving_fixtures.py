@@ -93,8 +93,8 @@ def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
 BAD_INPUTS = sorted([
     "shape", "shape1d", "dtype", "nan", "inf", "range", "empty", "not_npy", "idx_truncated",
     "idx_gz_truncated", "gz_stream_cut", "idx_labels_as_images", "idx_size", "idx_empty",
-    "unknown_kind", "empty_file", "missing", "empty_folder", "folder_text", "folder_truncated",
-    "folder_gif",
+    "unknown_kind", "empty_file", "missing", "empty_folder", "folder_only_text", "folder_text_as_png",
+    "folder_truncated", "folder_gif", "labels_csv_missing", "labels_csv_unknown_file", "labels_csv_bad_label",
 ])
 
 
@@ -151,10 +151,36 @@ def make_bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
         (d / bad_name).write_bytes(data)
         cases[name] = (d, pattern)
 
-    folder("folder_text", "2b.txt", b"a text file", r"2b\.txt: not a PNG or JPEG image")
-    png = (tmp / "folder_text" / "0.png").read_bytes()
+    (tmp / "folder_only_text").mkdir()
+    (tmp / "folder_only_text" / "notes.txt").write_text("no image here")
+    cases["folder_only_text"] = (tmp / "folder_only_text", r"folder_only_text: empty input \(no image files")
+    folder("folder_text_as_png", "2b.png", b"a text file", r"2b\.png: not a PNG or JPEG image")
+    png = (tmp / "folder_text_as_png" / "0.png").read_bytes()
     folder("folder_truncated", "1b.png", png[: len(png) // 2], r"1b\.png: unreadable image .*expected a PNG or JPEG")
     gif = tmp / "g.gif"
     Image.fromarray(x[0]).save(gif)
     folder("folder_gif", "9.gif", gif.read_bytes(), r"9\.gif: not a PNG or JPEG image")
+    folder("labels_csv_missing", "labels.csv", b"file,label\n0.png,1\n1.png,2\n",
+           r"labels\.csv: no label for 1 of the 3 images \(first: 2\.png\)")
+    folder("labels_csv_unknown_file", "labels.csv", b"file,label\n0.png,1\n1.png,2\n2.png,3\n7.png,1\n",
+           r"labels\.csv: line 5: '7\.png' is not an image file of the folder")
+    folder("labels_csv_bad_label", "labels.csv", b"file,label\n0.png,1\n1.png,12\n2.png,3\n",
+           r"labels\.csv: line 3: label '12' for 1\.png, expected 0\.\.9")
     return cases
+
+
+def train_quickly(images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """A 784-50-10 MLP trained with torch for one epoch (under a second): ~94% test accuracy."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(784, 50), torch.nn.ReLU(), torch.nn.Linear(50, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    x = (torch.from_numpy(images.reshape(len(images), 784).copy()).float() - MEAN) / STD
+    y = torch.from_numpy(labels.astype(np.int64))
+    for batch in torch.randperm(len(x)).split(256):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+        opt.step()
+    return {"w1": net[0].weight.detach().numpy().T.copy(), "b1": net[0].bias.detach().numpy(),
+            "w2": net[2].weight.detach().numpy().T.copy(), "b2": net[2].bias.detach().numpy()}

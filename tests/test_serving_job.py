@@ -26,14 +26,13 @@ from serving.job import EXPERIMENT, JobConfig, run_job
 from serving.readers import open_images
 from serving_fixtures import (
     BAD_INPUTS,
-    MEAN,
-    STD,
     digits,
     make_bad_inputs,
     mlp_onnx,
     mlp_weights,
     reference_probabilities,
     save_model,
+    train_quickly,
     write_idx,
 )
 
@@ -86,9 +85,9 @@ def test_every_input_kind(model: tuple[Path, dict], tmp_path: Path, kind: str) -
 
     ref = reference_probabilities(model[1], x)
     t = pq.read_table(out)
-    assert t.column_names == ["id", "label", "probability"]
+    assert t.column_names == ["id", "prediction", "probability"]  # no labels, no drift reference
     assert t.num_rows == res.predicted == res.records == 50
-    np.testing.assert_array_equal(t["label"].to_numpy(), ref.argmax(axis=1))
+    np.testing.assert_array_equal(t["prediction"].to_numpy(), ref.argmax(axis=1))
     np.testing.assert_allclose(t["probability"].to_numpy(), ref.max(axis=1), atol=1e-5)
     ids = t["id"].to_pylist()
     assert ids == ([f"img{i:03d}.png" for i in range(50)] if kind == "folder" else list(range(50)))
@@ -101,6 +100,8 @@ def test_every_input_kind(model: tuple[Path, dict], tmp_path: Path, kind: str) -
     assert m["counts"] == {"records": 50, "predicted": 50, "skipped": 0}
     assert m["input"]["sha256"] == res.input_digest == open_digest(inp)
     assert m["throughput_img_per_s"] > 0 and m["accuracy"] is None
+    assert m["output"]["columns"] == ["id", "prediction", "probability"]
+    assert m["drift"]["status"] == "unavailable" and "--drift-reference" in m["drift"]["reason"]
     assert leftovers(out.parent) == ["pred.parquet", "pred.parquet.manifest.json"]  # no temp files
 
 
@@ -124,10 +125,12 @@ def test_csv_all_probabilities_and_accuracy(model: tuple[Path, dict], tmp_path: 
     res = run_job(job(model, tmp_path / "x.npy", out, labels=tmp_path / "y.idx.gz", all_probabilities=True))
     assert res.accuracy == pytest.approx(0.75)
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["id", "label", "probability"] + [f"prob_{k}" for k in range(10)]
+    assert list(rows[0]) == ["id", "prediction", "probability", "label", "correct"] + [f"prob_{k}" for k in range(10)]
     probs = np.array([[float(r[f"prob_{k}"]) for k in range(10)] for r in rows])
     np.testing.assert_allclose(probs, ref, atol=1e-5)
-    assert [int(r["label"]) for r in rows] == list(ref.argmax(axis=1))
+    assert [int(r["prediction"]) for r in rows] == list(ref.argmax(axis=1))
+    assert [int(r["label"]) for r in rows] == list(y)  # the true label, not the prediction
+    assert [r["correct"] for r in rows] == ["false"] * 10 + ["true"] * 30
     m = json.loads(res.manifest.read_text())
     assert m["accuracy"] == pytest.approx(0.75) and m["output"]["format"] == "csv"
     assert m["labels"]["sha256"] == hashlib.sha256((tmp_path / "y.idx.gz").read_bytes()).hexdigest()
@@ -168,7 +171,7 @@ def test_failure_midway_removes_temp_and_keeps_previous_output(model: tuple[Path
     before = out.read_bytes(), (out.parent / "pred.parquet.manifest.json").read_bytes()
     (d / "zz_last.png").write_bytes(b"\x89PNG broken")  # sorts last: fails after 4 chunks were written
     with pytest.raises(InputError, match=r"zz_last\.png: (not a PNG|unreadable image)"):
-        run_job(job(model, d, out, batch_size=2))
+        run_job(job(model, d, out, batch_size=2, overwrite=True))
     assert leftovers(out.parent) == ["pred.parquet", "pred.parquet.manifest.json"]
     assert (out.read_bytes(), (out.parent / "pred.parquet.manifest.json").read_bytes()) == before
 
@@ -203,18 +206,20 @@ def test_writer_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt:
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(10), size=13).astype(np.float32)
     out = tmp_path / f"p.{fmt}"
-    with writers.PredictionWriter(out, fmt, pa.string(), all_probabilities=True) as w:  # type: ignore[arg-type]
+    cols = writers.Columns(pa.string(), all_probabilities=True)
+    with writers.PredictionWriter(out, fmt, cols) as w:  # type: ignore[arg-type]
         for s in range(0, 13, 3):
             part = probs[s : s + 3]
             label = part.argmax(axis=1)
-            w.write([f"f{i}.png" for i in range(s, s + len(part))], label, part.max(axis=1), part)
+            w.write(writers.Batch([f"f{i}.png" for i in range(s, s + len(part))], label, part.max(axis=1),
+                                  probabilities=part))
         assert w.rows == 13 and leftovers(tmp_path) == [w.tmp.name]  # nothing at the final name yet
         w.commit()
     t = pq.read_table(out) if fmt == "parquet" else pa_csv.read_csv(out)
     if fmt == "parquet":
         assert pq.ParquetFile(out).num_row_groups == 3  # 6 + 6 + 1 rows: chunks gathered to >= 5
     assert t["id"].to_pylist() == [f"f{i}.png" for i in range(13)]
-    np.testing.assert_array_equal(t["label"].to_numpy(), probs.argmax(axis=1))
+    np.testing.assert_array_equal(t["prediction"].to_numpy(), probs.argmax(axis=1))
     np.testing.assert_allclose(np.stack([t[f"prob_{k}"].to_numpy() for k in range(10)], axis=1), probs, rtol=1e-6)
     assert leftovers(tmp_path) == [out.name]
 
@@ -244,20 +249,22 @@ def test_skip_bad_images_listed_in_manifest(model: tuple[Path, dict], tmp_path: 
     for i, a in enumerate(x):
         Image.fromarray(a).save(d / f"{i}.png")
     (d / "3.png").write_bytes(b"not an image")
-    (d / "notes.txt").write_text("a stray file")
+    (d / "notes.txt").write_text("a stray file: not an image, ignored and listed")
     y = reference_probabilities(model[1], x).argmax(axis=1)
-    np.save(tmp_path / "y.npy", np.append(y, 0))  # labels follow the sorted file list, notes.txt last
+    np.save(tmp_path / "y.npy", y)  # labels follow the sorted image files
     out = tmp_path / "p.parquet"
     res = run_job(job(model, d, out, on_error="skip", labels=tmp_path / "y.npy", batch_size=4))
     t = pq.read_table(out)
     kept = [0, 1, 2, 4, 5, 6, 7, 8, 9]
     assert t["id"].to_pylist() == [f"{i}.png" for i in kept]
     np.testing.assert_array_equal(t["label"].to_numpy(), y[kept])
-    assert res.accuracy == 1.0 and res.predicted == 9 and res.records == 11
+    assert t["correct"].to_pylist() == [True] * 9
+    assert res.accuracy == 1.0 and res.predicted == 9 and res.records == 10
     m = json.loads(res.manifest.read_text())
-    assert m["counts"] == {"records": 11, "predicted": 9, "skipped": 2}
-    assert [(s["index"], s["id"]) for s in m["skipped"]] == [(3, "3.png"), (10, "notes.txt")]
-    assert all("not a PNG or JPEG image" in s["reason"] for s in m["skipped"])
+    assert m["counts"] == {"records": 10, "predicted": 9, "skipped": 1}
+    assert [(s["index"], s["id"]) for s in m["skipped"]] == [(3, "3.png")]
+    assert "not a PNG or JPEG image" in m["skipped"][0]["reason"]
+    assert m["input"]["ignored"] == ["notes.txt"]
 
 
 def test_skip_nan_records(model: tuple[Path, dict], tmp_path: Path) -> None:
@@ -269,7 +276,7 @@ def test_skip_nan_records(model: tuple[Path, dict], tmp_path: Path) -> None:
     t = pq.read_table(res.output)
     keep = [i for i in range(12) if i not in (2, 9)]
     assert t["id"].to_pylist() == keep
-    np.testing.assert_array_equal(t["label"].to_numpy(), reference_probabilities(model[1], x[keep]).argmax(axis=1))
+    np.testing.assert_array_equal(t["prediction"].to_numpy(), reference_probabilities(model[1], x[keep]).argmax(axis=1))
     assert [s.index for s in res.skipped] == [2, 9]
     assert json.loads(res.manifest.read_text())["skipped"][1]["id"] == "9"
 
@@ -308,7 +315,7 @@ def test_registry_uri_and_tracking(model: tuple[Path, dict], tmp_path: Path, mon
 
     assert (res.model.uri, res.model.name, res.model.version) == ("models:/mnist-mlp@champion", "mnist-mlp", "2")
     assert res.model.run_id == run2.info.run_id
-    np.testing.assert_array_equal(pq.read_table(res.output)["label"].to_numpy(), y)  # version 2's weights
+    np.testing.assert_array_equal(pq.read_table(res.output)["prediction"].to_numpy(), y)  # version 2's weights
     assert res.accuracy == 1.0
     m = json.loads(res.manifest.read_text())
     assert m["model"]["version"] == "2" and m["mlflow_run_id"] == res.mlflow_run_id
@@ -371,7 +378,7 @@ def test_cli_main(model: tuple[Path, dict], tmp_path: Path, capsys: pytest.Captu
     np.save(tmp_path / "bad.npy", np.zeros((2, 10), np.uint8))
     rc = cli.main(["--input", str(tmp_path / "bad.npy"), "--output", str(tmp_path / "q.parquet"),
                    "--model", str(model[0]), "--no-track"])
-    assert rc == 2
+    assert rc == 1  # bad input: the same exit code as `mnistops infer` (serving.errors)
     assert "bad.npy: array of shape (2, 10), expected (N, 28, 28) or (N, 784)" in capsys.readouterr().err
     assert not (tmp_path / "q.parquet").exists()
 
@@ -383,7 +390,8 @@ def test_serving_imports_neither_torch_nor_prefect(model: tuple[Path, dict], tmp
     np.save(tmp_path / "x.npy", digits(4))
     code = (
         "import sys; from pathlib import Path; import serving.job, serving.cli, serving.readers, "
-        "serving.writers, serving.session, serving.model_source, serving.images, serving.errors; "
+        "serving.writers, serving.session, serving.model_source, serving.images, serving.errors, serving.inbox, "
+        "serving.drift, serving.settings; "
         "from serving.job import JobConfig, run_job; "
         f"run_job(JobConfig(input=Path({str(tmp_path / 'x.npy')!r}), output=Path({str(tmp_path / 'p.parquet')!r}), "
         f"model={str(model[0])!r}, track=False)); "
@@ -404,7 +412,7 @@ def test_killed_job_leaves_no_output_and_rerun_succeeds(
     n = 150_000
     np.save(tmp_path / "x.npy", np.resize(digits(1000), (n, 28, 28)))
     out = tmp_path / "out" / "p.parquet"
-    cmd = [sys.executable, "-m", "serving.cli", "--input", str(tmp_path / "x.npy"), "--output", str(out),
+    cmd = [sys.executable, "-m", "serving", "--input", str(tmp_path / "x.npy"), "--output", str(out),
            "--model", str(model[0]), "--no-track", "--device", "cpu"]
     # batch size 4: tens of thousands of small steps, so the job is mid-way for a second or more
     # after its first row group (65,536 rows) reached the temp file
@@ -442,23 +450,6 @@ def test_killed_job_leaves_no_output_and_rerun_succeeds(
 # --- the real MNIST test set ------------------------------------------------------------------------
 
 
-def _train_quickly(images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """A 784-50-10 MLP trained with torch for one epoch (under a second): ~94% test accuracy."""
-    import torch
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(784, 50), torch.nn.ReLU(), torch.nn.Linear(50, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    x = (torch.from_numpy(images.reshape(len(images), 784).copy()).float() - MEAN) / STD
-    y = torch.from_numpy(labels.astype(np.int64))
-    for batch in torch.randperm(len(x)).split(256):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
-        opt.step()
-    return {"w1": net[0].weight.detach().numpy().T.copy(), "b1": net[0].bias.detach().numpy(),
-            "w2": net[2].weight.detach().numpy().T.copy(), "b2": net[2].bias.detach().numpy()}
-
-
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.environ.get("MNISTOPS_DATA_SOURCE"), reason="needs MNISTOPS_DATA_SOURCE")
 def test_real_mnist_test_set(tmp_path: Path) -> None:
@@ -470,7 +461,7 @@ def test_real_mnist_test_set(tmp_path: Path) -> None:
     test_images, test_labels = src / "t10k-images-idx3-ubyte.gz", src / "t10k-labels-idx1-ubyte.gz"
     if not test_images.is_file():
         pytest.skip(f"{src} has no MNIST IDX files")
-    weights = _train_quickly(
+    weights = train_quickly(
         idx.read_idx(src / "train-images-idx3-ubyte.gz", magic=idx.IMAGES_MAGIC),
         idx.read_idx(src / "train-labels-idx1-ubyte.gz", magic=idx.LABELS_MAGIC),
     )

@@ -1,0 +1,217 @@
+"""The drift alarm on real files: a reference profile computed from real MNIST (and stored with a
+registered version), `ok` for the MNIST test set in every faithful form (IDX, PNG, JPEG, RGB,
+resized), `alert` for Fashion-MNIST and for noise, the `ood_score` column, --fail-on-drift's exit
+code, and the statistical helpers against brute force. Images framed or not: the resized test set
+scores within 0.3 points of the IDX accuracy; a raw digit is still centred."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from serving import drift, idx
+from serving.errors import DriftAlert
+from serving.images import mnist_pixels
+from serving.job import JobConfig, run_job
+from serving_fixtures import mlp_onnx, train_quickly, write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+FASHION = Path(os.environ.get("MNISTOPS_FASHION_SOURCE", "/usr/share/datasets/fashion-mnist"))
+
+
+# --- the statistics ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,p", [(1, 0.03), (20, 0.03), (200, 0.1), (1000, 0.03)])
+def test_binomial_tail_matches_brute_force(n: int, p: float) -> None:
+    from fractions import Fraction
+
+    q = Fraction(p).limit_denominator(1000)  # exact rational arithmetic: no underflow
+    for k in sorted({0, 1, 2, n // 10, n // 3, n}):
+        exact = float(sum(math.comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(k, n + 1)))
+        assert drift.binomial_sf(k, n, p) == pytest.approx(exact, rel=1e-9)
+
+
+def test_chi_square_tail_known_values() -> None:
+    # scipy.stats.chi2.isf(q, 9) for q = 0.5, 0.05, 0.01, 0.001
+    for x, q in [(8.342832692252, 0.5), (16.918977604620, 0.05), (21.665994333462, 0.01), (27.877164871256, 0.001)]:
+        assert drift.chi2_sf_9(x) == pytest.approx(q, rel=1e-9)
+
+
+# --- real data ------------------------------------------------------------------------------------------
+
+
+def _mnist(src: Path, name: str, magic: int) -> np.ndarray:
+    for f in (src / name, src / f"{name}.gz"):
+        if f.is_file():
+            return idx.read_idx(f, magic=magic)
+    pytest.skip(f"{src} has no {name}")
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_source: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A model trained on real MNIST (one epoch, ~94%), its drift reference, and the test set."""
+    x = _mnist(mnist_source, "train-images-idx3-ubyte", idx.IMAGES_MAGIC)
+    y = _mnist(mnist_source, "train-labels-idx1-ubyte", idx.LABELS_MAGIC)
+    d = tmp_path_factory.mktemp("drift")
+    weights = train_quickly(x[:50_000], y[:50_000])
+    onnx.save(mlp_onnx(weights), str(d / "m.onnx"))
+    ref = drift.compute_reference(d / "m.onnx", x[:50_000], x[50_000:])
+    (d / "reference.json").write_text(json.dumps(ref.to_dict()))
+    test_x = _mnist(mnist_source, "t10k-images-idx3-ubyte", idx.IMAGES_MAGIC)
+    test_y = _mnist(mnist_source, "t10k-labels-idx1-ubyte", idx.LABELS_MAGIC)
+    return {"dir": d, "model": d / "m.onnx", "reference": d / "reference.json", "x": test_x, "y": test_y}
+
+
+@pytest.fixture(scope="module")
+def fashion() -> np.ndarray:
+    f = FASHION / "t10k-images-idx3-ubyte.gz"
+    if not f.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide Fashion-MNIST at {FASHION} (infra/scripts/ensure-test-data.sh)")
+        pytest.skip(f"no Fashion-MNIST at {FASHION} (set MNISTOPS_FASHION_SOURCE)")
+    return idx.read_idx(f, magic=idx.IMAGES_MAGIC)
+
+
+def job(trained, inp: Path, out: Path, **kw) -> JobConfig:
+    return JobConfig(input=inp, output=out, model=str(trained["model"]), drift_reference=str(trained["reference"]),
+                     track=False, device="cpu", **kw)
+
+
+def _folder(d: Path, x: np.ndarray, size: int, mode: str, fmt: str, y: np.ndarray | None = None) -> Path:
+    d.mkdir()
+    ext = "jpg" if fmt == "JPEG" else "png"
+    for i, a in enumerate(x):
+        im = Image.fromarray(a)
+        if size != 28:
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        im.convert(mode).save(d / f"{i:05d}.{ext}", fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    if y is not None:
+        (d / "labels.csv").write_text("file,label\n" + "".join(f"{i:05d}.{ext},{v}\n" for i, v in enumerate(y)))
+    return d
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_mnist_test_set_in_every_faithful_form_is_ok(trained, tmp_path: Path) -> None:
+    x, y = trained["x"], trained["y"]
+    write_idx(tmp_path / "t.idx", x)
+    write_idx(tmp_path / "y.idx", y)
+    base = run_job(job(trained, tmp_path / "t.idx", tmp_path / "idx.parquet", labels=tmp_path / "y.idx"))
+    assert base.drift.status == "ok", base.drift.reason
+    assert base.accuracy > 0.9
+    t = pq.read_table(base.output)
+    assert t.column_names == ["id", "prediction", "probability", "ood_score", "label", "correct"]
+    m = json.loads(base.manifest.read_text())
+    assert m["drift"]["status"] == "ok" and m["drift"]["reference"] == str(trained["reference"])
+    assert set(m["drift"]["statistics"]) >= {"exceed_fraction", "exceed_p_value", "class_tv", "median_confidence"}
+    assert m["drift"]["thresholds"]["tolerated_exceed_fraction"] == drift.TOLERANCE
+    forms = [(56, "RGB", "PNG"), (100, "L", "PNG"), (56, "L", "JPEG"), (100, "RGB", "JPEG"), (28, "RGB", "JPEG")]
+    for size, mode, fmt in forms:  # the whole test set each time: the 0.3-point bound is on it
+        d = _folder(tmp_path / f"{size}-{mode}-{fmt}", x, size, mode, fmt, y)
+        res = run_job(job(trained, d, tmp_path / f"{d.name}.parquet"))
+        assert res.drift.status == "ok", (d.name, res.drift.reason)
+        assert abs(res.accuracy - base.accuracy) <= 0.003, (d.name, res.accuracy, base.accuracy)  # only resized
+
+
+@pytest.mark.e2e
+def test_fashion_and_noise_alert(trained, fashion: np.ndarray, tmp_path: Path) -> None:
+    write_idx(tmp_path / "fashion.idx", fashion[:1000])
+    res = run_job(job(trained, tmp_path / "fashion.idx", tmp_path / "f.parquet"))
+    assert res.drift.status == "alert" and "99th percentile" in res.drift.reason
+    png = run_job(job(trained, _folder(tmp_path / "fpng", fashion[:300], 56, "RGB", "PNG"), tmp_path / "fp.parquet"))
+    assert png.drift.status == "alert"
+    noise = np.random.default_rng(0).integers(0, 256, (500, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "noise.npy", noise)
+    res_noise = run_job(job(trained, tmp_path / "noise.npy", tmp_path / "n.parquet"))
+    assert res_noise.drift.status == "alert"
+    write_idx(tmp_path / "digits.idx", trained["x"][:1000])
+    ok = run_job(job(trained, tmp_path / "digits.idx", tmp_path / "d.parquet"))
+    assert ok.drift.status == "ok"
+    # per record: the ood_score ranks digits below clothing and noise
+    med = {name: float(np.median(pq.read_table(r.output)["ood_score"].to_numpy())) for name, r in
+           (("digits", ok), ("fashion", res), ("noise", res_noise))}
+    assert med["digits"] < 1.0 < med["fashion"] < med["noise"], med
+
+
+@pytest.mark.e2e
+def test_fail_on_drift_exit_code(trained, fashion: np.ndarray, tmp_path: Path) -> None:
+    write_idx(tmp_path / "fashion.idx", fashion[:500])
+    write_idx(tmp_path / "digits.idx", trained["x"][:500])
+    base = [sys.executable, "-m", "serving", "--model", str(trained["model"]), "--drift-reference",
+            str(trained["reference"]), "--no-track", "--device", "cpu", "--fail-on-drift"]
+    r = subprocess.run([*base, "--input", str(tmp_path / "fashion.idx"), "--output", str(tmp_path / "f.parquet")],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "drift alert" in errors[0] and "Traceback" not in r.stderr
+    assert json.loads(r.stdout)["drift"] == "alert"
+    assert (tmp_path / "f.parquet").is_file() and (tmp_path / "f.parquet.manifest.json").is_file()  # the evidence
+    ok = subprocess.run([*base, "--input", str(tmp_path / "digits.idx"), "--output", str(tmp_path / "d.parquet")],
+                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    with pytest.raises(DriftAlert):  # the library raises it too, after writing
+        run_job(job(trained, tmp_path / "fashion.idx", tmp_path / "f2.parquet", fail_on_drift=True))
+    assert (tmp_path / "f2.parquet").is_file()
+
+
+@pytest.mark.e2e
+def test_reference_stored_with_the_version_and_used_by_the_job(trained, fashion, tmp_path: Path, mlflow_store) -> None:
+    import mlflow
+    import mlflow.onnx
+    from mlflow import MlflowClient
+
+    mlflow.set_experiment("training")
+    with mlflow.start_run() as run:
+        mlflow.onnx.log_model(onnx.load(str(trained["model"])), name="model", registered_model_name="mnist-mlp",
+                              onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"])
+    x = _mnist(Path(os.environ["MNISTOPS_DATA_SOURCE"]), "train-images-idx3-ubyte", idx.IMAGES_MAGIC)
+    uri = drift.store_reference("mnist-mlp", "1", run.info.run_id, trained["model"], x[:50_000], x[50_000:])
+    client = MlflowClient()
+    assert client.get_model_version("mnist-mlp", "1").tags[drift.VERSION_TAG] == uri
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "drift")] == ["drift/reference.json"]
+
+    write_idx(tmp_path / "fashion.idx", fashion[:1000])
+    res = run_job(JobConfig(input=tmp_path / "fashion.idx", output=tmp_path / "f.parquet", model="models:/mnist-mlp/1",
+                            device="cpu"))
+    assert res.drift.status == "alert" and res.drift.reference == uri
+    job_run = client.get_run(res.mlflow_run_id)
+    assert job_run.data.tags["drift.status"] == "alert"
+    assert job_run.data.metrics["drift/alert"] == 1.0 and job_run.data.metrics["drift/exceed_fraction"] > 0.5
+    assert "ood_score" in pq.read_table(res.output).column_names
+
+
+# --- images framed or not ---------------------------------------------------------------------------
+
+
+def test_raw_digit_off_centre_on_a_large_canvas_is_still_centred() -> None:
+    a = np.full((200, 200), 235, dtype=np.uint8)  # paper
+    a[20:80, 130:150] = 15  # a dark stroke in the top right corner
+    out = mnist_pixels(Image.fromarray(a))
+    ys, xs = np.nonzero(out > 0)
+    assert ys.max() - ys.min() + 1 in (20, 21)  # scaled so the longer side is 20
+    w = out.astype(float)
+    cy = (w.sum(axis=1) * np.arange(28)).sum() / w.sum()
+    cx = (w.sum(axis=0) * np.arange(28)).sum() / w.sum()
+    assert abs(cy - 13.5) <= 0.6 and abs(cx - 13.5) <= 0.6 and out[0].max() == 0
+
+
+def test_framed_digit_is_only_resized() -> None:
+    a = np.zeros((28, 28), dtype=np.uint8)
+    a[4:24, 11:17] = 255  # a "1" framed the MNIST way, off its centre of mass by nothing
+    big = Image.fromarray(a).resize((56, 56), Image.Resampling.NEAREST)
+    out = mnist_pixels(big)
+    ys, xs = np.nonzero(out > 127)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (4, 23, 11, 16)  # where it was: not re-cropped
+    assert np.abs(out.astype(int) - a).max() <= 40  # only the edges soften

@@ -1,0 +1,324 @@
+"""Batch inference as teams run it: outputs that explain themselves (labels.csv folders), outputs that
+never clobber, the shared exit codes, and the inbox (each input content scored exactly once, also
+with two jobs at once and after a killed job)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from serving.errors import OutputError
+from serving.inbox import run_inbox
+from serving.job import JobConfig, run_job
+from serving_fixtures import digits, reference_probabilities, save_model, write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("model") / "m.onnx"
+    return path, save_model(path)
+
+
+def cfg(model: tuple[Path, dict], inp: Path, out: Path, **kw) -> JobConfig:
+    return JobConfig(input=inp, output=out, model=str(model[0]), track=False, device="cpu", **kw)
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+# --- outputs that explain themselves ------------------------------------------------------------------
+
+
+def test_folder_with_labels_csv_subfolders_and_other_files(model, tmp_path: Path) -> None:
+    x = digits(6)
+    pred = reference_probabilities(model[1], x).argmax(axis=1)
+    d = tmp_path / "scans"
+    (d / "batch2").mkdir(parents=True)
+    names = ["a.png", "b.png", "c.jpg", "batch2/d.png", "batch2/e.png", "f.png"]
+    for name, a in zip(names, x):
+        Image.fromarray(a).save(d / name, **({"quality": 100} if name.endswith(".jpg") else {}))
+    (d / "README.md").write_text("scanned on Monday")
+    (d / "batch2" / "notes.json").write_text("{}")
+    (d / ".uploading.png").write_bytes(b"hidden: not an input")
+    truth = {n: int(p) for n, p in zip(names, pred)}
+    truth["b.png"] = (truth["b.png"] + 1) % 10  # one wrong prediction
+    (d / "labels.csv").write_text("file,label\n" + "".join(f"{n},{truth[n]}\n" for n in reversed(names)))
+
+    res = run_job(cfg(model, d, tmp_path / "out.parquet"))
+    t = pq.read_table(res.output).to_pydict()
+    order = sorted(names)
+    assert list(t) == ["id", "prediction", "probability", "label", "correct"]
+    assert t["id"] == order  # paths relative to the folder, in path order
+    assert t["label"] == [truth[n] for n in order]  # the true labels, matched by file name
+    assert t["correct"] == [n != "b.png" for n in order]
+    assert res.accuracy == pytest.approx(5 / 6)
+    m = json.loads(res.manifest.read_text())
+    assert m["input"]["ignored"] == ["README.md", "batch2/notes.json"]
+    assert m["labels"]["path"] == str(d / "labels.csv")
+    assert m["output"]["columns"] == ["id", "prediction", "probability", "label", "correct"]
+
+
+def test_all_probabilities_columns(model, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", digits(7))
+    res = run_job(cfg(model, tmp_path / "x.npy", tmp_path / "p.parquet", all_probabilities=True))
+    t = pq.read_table(res.output)
+    assert t.column_names == ["id", "prediction", "probability"] + [f"prob_{k}" for k in range(10)]
+    np.testing.assert_allclose(np.stack([t[f"prob_{k}"].to_numpy() for k in range(10)], 1),
+                               reference_probabilities(model[1], digits(7)), atol=1e-5)
+
+
+# --- never clobber ---------------------------------------------------------------------------------
+
+
+def test_outputs_never_clobber_inputs(model, tmp_path: Path) -> None:
+    x = digits(5)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(5))
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(x[0]).save(d / "0.png")
+    (d / "labels.csv").write_text("file,label\n0.png,3\n")
+    before = {p: p.read_bytes() for p in (tmp_path / "x.npy", tmp_path / "y.npy", model[0], d / "labels.csv")}
+    cases = [
+        (tmp_path / "x.npy", tmp_path / "x.npy", {}, "refusing to write over the input"),
+        (tmp_path / "x.npy", tmp_path / "y.npy", {"labels": tmp_path / "y.npy"}, "refusing to write over the input"),
+        (tmp_path / "x.npy", model[0], {}, "refusing to write over the input"),
+        (d, d / "labels.csv", {}, "refusing to write over the input"),
+        (d, d / "preds.parquet", {}, "inside the input folder"),
+        (tmp_path / "x.npy", tmp_path / "x.npy" / "p.parquet", {}, r"x\.npy is a file, not a folder"),
+        (tmp_path / "x.npy", d, {}, "is a folder, expected a file path"),
+    ]
+    for inp, out, kw, message in cases:
+        for overwrite in (False, True):  # --overwrite never makes an input writable
+            with pytest.raises(OutputError, match=message):
+                run_job(cfg(model, inp, out, overwrite=overwrite, **kw))
+    assert {p: p.read_bytes() for p in before} == before
+    assert files(d) == ["0.png", "labels.csv"]
+
+
+def test_existing_output_replaced_only_with_overwrite(model, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", digits(5))
+    out = tmp_path / "p.parquet"
+    run_job(cfg(model, tmp_path / "x.npy", out))
+    first = out.read_bytes()
+    np.save(tmp_path / "x.npy", digits(8, seed=3))
+    with pytest.raises(OutputError, match=r"p\.parquet: already exists; pass --overwrite"):
+        run_job(cfg(model, tmp_path / "x.npy", out))
+    assert out.read_bytes() == first
+    (tmp_path / "q.parquet.manifest.json").write_text("someone's file")  # the manifest counts too
+    with pytest.raises(OutputError, match=r"q\.parquet\.manifest\.json: already exists"):
+        run_job(cfg(model, tmp_path / "x.npy", tmp_path / "q.parquet"))
+    assert run_job(cfg(model, tmp_path / "x.npy", out, overwrite=True)).predicted == 8
+    assert pq.read_table(out).num_rows == 8
+
+
+# --- exit codes shared by `python -m serving` and `mnistops infer` ---------------------------------
+
+
+@pytest.mark.parametrize("cmd", [[sys.executable, "-m", "serving"], [sys.executable, "-m", "flows.cli", "infer"]],
+                         ids=["python -m serving", "mnistops infer"])
+def test_exit_codes_and_one_line(model, tmp_path: Path, cmd: list[str]) -> None:
+    np.save(tmp_path / "x.npy", digits(3))
+    np.save(tmp_path / "bad.npy", np.zeros((2, 10), np.uint8))
+    env = {**ENV, "MNISTOPS_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    base = ["--model", str(model[0]), "--device", "cpu"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+
+    cases = [
+        (["--input", str(tmp_path / "bad.npy"), "--output", "o1.parquet", *base], 1, r"bad\.npy: array of shape \(2, 10\)"),
+        (["--input", str(tmp_path / "nope.npy"), "--output", "o2.parquet", *base], 1, r"nope\.npy: no such file"),
+        (["--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "x.npy"), *base], 1, "refusing to write over the input"),
+        (["--input", str(tmp_path / "x.npy"), "--output", "o3.parquet", "--device", "tpu"], 2, "invalid choice"),
+        (["--output", "o4.parquet"], 2, "one of the arguments --input --inbox is required"),
+    ]
+    for args, code, pattern in cases:
+        r = run(*args)
+        assert r.returncode == code, (args, r.stderr)
+        errors = [line for line in r.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and __import__("re").search(pattern, errors[0]), r.stderr
+        assert "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("o*.parquet*"))
+    # a good job: the same default store as `mnistops` (MNISTOPS_HOME/mlflow.db), run without Prefect
+    r = run("--input", str(tmp_path / "x.npy"), "--output", "ok.parquet", *base)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["predicted"] == 3 and summary["mlflow_run_id"]
+    assert (tmp_path / "home" / "mlflow.db").is_file() and not (tmp_path / "mlflow.db").exists()
+    assert (tmp_path / "home" / "mlartifacts").is_dir()
+
+
+def test_infer_validates_before_importing_torch_or_prefect(tmp_path: Path) -> None:
+    code = (
+        "import sys; from flows.cli import main; "
+        f"rc = main(['infer', '--input', {str(tmp_path / 'nope.npy')!r}, '--output', {str(tmp_path / 'o.parquet')!r}]); "
+        "bad = sorted(m for m in ('torch', 'prefect', 'onnxruntime') if m in sys.modules); print(rc, bad)"
+    )
+    env = {**ENV, "MNISTOPS_HOME": str(tmp_path / "home")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split("\n")[0] == "1 []", (r.stdout, r.stderr)
+    assert "nope.npy: no such file or folder" in r.stderr
+
+
+# --- the inbox --------------------------------------------------------------------------------------
+
+
+def make_inbox(root: Path) -> Path:
+    inbox = root / "inbox"
+    (inbox / "scans").mkdir(parents=True)
+    np.save(inbox / "a.npy", digits(20, seed=1))
+    write_idx(inbox / "b-images-idx3-ubyte.gz", digits(30, seed=2), gz=True)
+    for i, a in enumerate(digits(4, seed=3)):
+        Image.fromarray(a).save(inbox / "scans" / f"{i}.png")
+    np.save(inbox / "a-labels.npy", np.arange(20) % 10)  # 1-D: labels, not an input
+    (inbox / "README.txt").write_text("drop files here")
+    (inbox / ".b.npy.part").write_bytes(b"an upload in progress")
+    return inbox
+
+
+def test_inbox_scores_each_input_once(model, tmp_path: Path) -> None:
+    inbox, out = make_inbox(tmp_path), tmp_path / "out"
+    r1 = run_inbox(inbox, out, cfg(model, inbox, out))
+    assert sorted(r.input_path.name for r in r1.scored) == ["a.npy", "b-images-idx3-ubyte.gz", "scans"]
+    assert sorted(r1.ignored) == ["README.txt", "a-labels.npy"]
+    assert {r.input_path.name: pq.read_table(r.output).num_rows for r in r1.scored} == {
+        "a.npy": 20, "b-images-idx3-ubyte.gz": 30, "scans": 4}
+    ledger = sorted((out / "ledger").glob("*.json"))
+    assert len(ledger) == 3
+    for r in r1.scored:
+        record = json.loads((out / "ledger" / f"{r.input_digest}.json").read_text())
+        assert record["status"] == "scored" and record["output"] == str(r.output) and len(record["history"]) == 1
+    outputs = files(out)
+
+    r2 = run_inbox(inbox, out, cfg(model, inbox, out))  # nothing new
+    assert r2.scored == [] and len(r2.already) == 3 and files(out) == outputs
+
+    np.save(inbox / "c.npy", digits(5, seed=9))
+    (inbox / "a-copy.npy").write_bytes((inbox / "a.npy").read_bytes())  # same content, another name
+    r3 = run_inbox(inbox, out, cfg(model, inbox, out))
+    assert [r.input_path.name for r in r3.scored] == ["c.npy"]
+    assert {"input": "a-copy.npy"}.items() <= next(a for a in r3.already if a["input"] == "a-copy.npy").items()
+    assert len(files(out)) == len(outputs) + 4  # c's predictions, manifest, ledger record and lock
+
+    r4 = run_inbox(inbox, out, cfg(model, inbox, out), rescore=True)  # everything again, same files
+    assert len(r4.scored) == 4 and len(files(out)) == len(outputs) + 4
+    record = json.loads((out / "ledger" / f"{r1.scored[0].input_digest}.json").read_text())
+    assert len(record["history"]) == 2
+
+
+def test_inbox_bad_input_is_recorded_and_does_not_stop_the_others(model, tmp_path: Path) -> None:
+    inbox, out = make_inbox(tmp_path), tmp_path / "out"
+    np.save(inbox / "broken.npy", np.zeros((3, 30), np.uint8))
+    r = run_inbox(inbox, out, cfg(model, inbox, out))
+    assert len(r.scored) == 3 and [f["input"] for f in r.failed] == ["broken.npy"]
+    assert "array of shape (3, 30)" in r.failed[0]["error"]
+    again = run_inbox(inbox, out, cfg(model, inbox, out))  # not retried until its content changes
+    assert again.failed == [] and any(a.get("status") == "failed" for a in again.already)
+    from serving import cli
+
+    assert cli.exit_code("t", r.summary()) == 1 and cli.exit_code("t", again.summary()) == 0
+
+
+def test_inbox_and_output_folders_checked(model, tmp_path: Path) -> None:
+    inbox = make_inbox(tmp_path)
+    with pytest.raises(OutputError, match="inside the inbox"):
+        run_inbox(inbox, inbox / "out", cfg(model, inbox, inbox / "out"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="must be a folder"):
+        run_inbox(inbox, tmp_path / "file", cfg(model, inbox, tmp_path / "file"))
+
+
+def test_output_of_a_job_killed_before_its_ledger_record_is_not_scored_twice(model, tmp_path: Path) -> None:
+    inbox, out = make_inbox(tmp_path), tmp_path / "out"
+    r1 = run_inbox(inbox, out, cfg(model, inbox, out))
+    victim = r1.scored[0]
+    (out / "ledger" / f"{victim.input_digest}.json").unlink()  # as if killed right after the rename
+    mtime = victim.output.stat().st_mtime_ns
+    r2 = run_inbox(inbox, out, cfg(model, inbox, out))
+    assert r2.scored == [] and [a["status"] for a in r2.already].count("recovered") == 1
+    assert victim.output.stat().st_mtime_ns == mtime  # not rewritten
+    assert json.loads((out / "ledger" / f"{victim.input_digest}.json").read_text())["status"] == "scored"
+
+
+def _inbox_cmd(model: Path, inbox: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "serving", "--inbox", str(inbox), "--output", str(out), "--model", str(model),
+            "--no-track", "--device", "cpu", *extra]
+
+
+def _big_inbox(root: Path, n_big: int) -> Path:
+    inbox = root / "inbox"
+    inbox.mkdir()
+    np.save(inbox / "a-small.npy", digits(10, seed=1))
+    np.save(inbox / "b-big.npy", np.resize(digits(1000), (n_big, 28, 28)))
+    np.save(inbox / "c-small.npy", digits(10, seed=2))
+    return inbox
+
+
+def _assert_each_scored_once(inbox: Path, out: Path) -> None:
+    names = sorted(p.name for p in inbox.iterdir())
+    preds = sorted(p.name for p in out.glob("*.parquet"))
+    assert [p.split(".npy.")[0] + ".npy" for p in preds] == names  # one predictions file per input
+    assert not list(out.glob(".*.tmp"))  # no temp file left
+    for p in out.glob("*.parquet"):
+        m = json.loads(Path(str(p) + ".manifest.json").read_text())
+        assert pq.read_table(p).num_rows == m["counts"]["predicted"] == np.load(inbox / Path(m["input"]["path"]).name, mmap_mode="r").shape[0]
+    records = [json.loads(p.read_text()) for p in (out / "ledger").glob("*.json")]
+    assert sorted(r["input"] for r in records) == names
+    assert all(r["status"] == "scored" and len(r["history"]) == 1 for r in records)
+
+
+def test_killed_inbox_job_resumes_without_duplicates(model, tmp_path: Path) -> None:
+    inbox, out = _big_inbox(tmp_path, 150_000), tmp_path / "out"
+    # batch size 4: the big input takes seconds, so the job is killed while writing it
+    proc = subprocess.Popen(_inbox_cmd(model[0], inbox, out, "--batch-size", "4"), cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            temps = list(out.glob(".b-big.npy.*.tmp")) if out.exists() else []
+            if temps and temps[0].stat().st_size > 4:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(list(out.glob("*.parquet"))) == 1  # a-small was done; b-big was not
+    rerun = subprocess.run(_inbox_cmd(model[0], inbox, out), cwd=REPO, env=ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    s = json.loads(rerun.stdout)
+    assert sorted(Path(r["input"]).name for r in s["scored"]) == ["b-big.npy", "c-small.npy"]
+    _assert_each_scored_once(inbox, out)
+
+
+def test_two_inbox_jobs_at_once_score_each_input_once(model, tmp_path: Path) -> None:
+    inbox, out = _big_inbox(tmp_path, 60_000), tmp_path / "out"
+    for i in range(4):
+        np.save(inbox / f"d{i}.npy", digits(200, seed=10 + i))
+    procs = [subprocess.Popen(_inbox_cmd(model[0], inbox, out, "--batch-size", "64"), cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    scored = [Path(r["input"]).name for o, _ in outs for r in json.loads(o)["scored"]]
+    assert sorted(scored) == sorted(p.name for p in inbox.iterdir())  # each by exactly one job
+    _assert_each_scored_once(inbox, out)
