@@ -1,0 +1,129 @@
+"""The deployments of infra/prefect.yaml on a process work pool, for real: a Prefect server, the
+commands of infra/README.md (`prefect work-pool create`, `prefect --no-prompt deploy --all`,
+`prefect worker start`), each deployment run once by the worker, and what each run must leave behind:
+a Completed flow run, the MLflow run, the registered version, the predictions file.
+
+The server keeps its state in SQLite (the PostgreSQL path of the same server is tests/test_infra_servers.py;
+here the subject is the deployments, and SQLite starts faster). The worker gets MNISTOPS_HOME only
+at run time, and `prefect deploy` runs without it: the pull step must read it on the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from servers import QUIET_ENV, _venv_script, prefect_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = ROOT / "infra" / "prefect.yaml"
+POOL = "mnistops-process"
+
+
+def _deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+
+
+def _prefect(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    done = subprocess.run([_venv_script("prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _stop_worker(proc: subprocess.Popen) -> None:
+    """A worker may ignore the first SIGTERM while it finishes up: a second one, then SIGKILL."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Its flow-run processes share its process group; none may outlive the test.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _flow_name(entrypoint: str) -> str:
+    return {"training_pipeline": "training-pipeline", "batch_inference": "batch-inference",
+            "hyperparameter_sweep": "hyperparameter-sweep"}[entrypoint.rsplit(":", 1)[-1]]
+
+
+def test_deployments_run_on_a_process_work_pool(tmp_path, mnist, mnist_source):
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.inference import export_test_split
+
+    home = tmp_path / "home"  # MNISTOPS_HOME on the worker: created and owned before it starts
+    home.mkdir()
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("PREFECT_", "MLFLOW_", "MNISTOPS_"))}
+    base.update(QUIET_ENV)
+    with prefect_server(f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}", home=tmp_path / "prefect-server",
+                        log_path=tmp_path / "prefect-server.log") as api_url:
+        cli_env = {**base, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / "prefect-cli")}
+        # infra/README.md, from the repository root:
+        _prefect(["work-pool", "create", POOL, "--type", "process"], cli_env)
+        out = _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], cli_env)
+        declared = _deployments()
+        for name in declared:
+            assert name in out, out
+
+        worker_env = {**cli_env, "MNISTOPS_HOME": str(home),
+                      # The dataset cache this test session verified; the flows re-verify nothing else.
+                      "MNISTOPS_DATA_DIR": str(mnist.cache_path.parent), "MNISTOPS_DATA_SOURCE": str(mnist_source),
+                      "PREFECT_WORKER_QUERY_SECONDS": "2", "OMP_NUM_THREADS": "1"}
+        log = tmp_path / "worker.log"
+        with open(log, "wb") as f:
+            worker = subprocess.Popen([_venv_script("prefect"), "worker", "start", "--pool", POOL], cwd=ROOT,
+                                      env=worker_env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: api_url}):
+                def run(name: str, parameters: dict | None = None):
+                    flow = _flow_name(declared[name]["entrypoint"])
+                    fr = run_deployment(f"{flow}/{name}", parameters=parameters or {}, timeout=900, poll_interval=2)
+                    assert fr.state.is_completed(), (f"{name}: {fr.state.type} {fr.state.message}\n"
+                                                     f"{log.read_text()[-6000:]}")
+                    return fr
+
+                # Small parameters: 2 epochs pass a 0.5 gate, so the version becomes the champion.
+                run("training-nightly", {"epochs": 2, "gate_threshold": 0.5})
+                # What `mnistops run` / `mnistops serve` export, where the deployment's relative paths point.
+                export_test_split("mnist", str(mnist.cache_path.parent), home / "outputs" / "inputs")
+                run("inference-hourly")  # its own parameters, as the schedule would run it
+                run("hyperparameter-sweep", {"grid": {"hidden": [[32]], "lr": [3e-3], "batch_size": [256],
+                                                      "epochs": [1]},
+                                             "gate_threshold": 0.5})
+        finally:
+            _stop_worker(worker)
+
+    # Everything landed under MNISTOPS_HOME, nowhere else: the embedded MLflow store...
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("mnist-mlp", "champion")
+    versions = client.search_model_versions("name='mnist-mlp'")
+    assert len(versions) == 2, [v.version for v in versions]  # the nightly training's and the sweep's best
+    train_run = client.get_run(champion.run_id)
+    assert train_run.info.status == "FINISHED" and train_run.data.metrics["val_accuracy"] > 0.5
+    # ...and the predictions file of the hourly job, at the deployment's relative output folder.
+    params = declared["inference-hourly"]["parameters"]
+    (predictions,) = (home / params["output"]).glob("predictions-*.parquet")
+    assert pq.read_table(predictions).num_rows == 10_000
+    assert not (ROOT / params["output"]).exists()  # not resolved against the repository
