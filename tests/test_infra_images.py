@@ -10,6 +10,7 @@ neither nn_core nor flows is there to import.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dockerfile import base_python, build
+from dockerfile import base_python, build, instructions
 from serving_fixtures import digits, mlp_onnx, mlp_weights, reference_probabilities, save_model
 
 pytestmark = pytest.mark.slow
@@ -128,14 +129,43 @@ def test_batch_job_from_the_registry_of_an_mlflow_server(image, tmp_path):
         assert run.info.status == "FINISHED" and run.data.metrics["accuracy"] == 1.0
 
 
-def test_the_gpu_variant_resolves_to_the_gpu_runtime_only(tmp_path):
-    """`--build-arg RUNTIME=gpu`: pip's resolver (dry run, no GPU here) installs onnxruntime-gpu with
-    its CUDA/cuDNN wheels and never the CPU onnxruntime beside it."""
-    report = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                           "--report", str(report), f"{ROOT}[gpu]"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    names = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
-    assert "onnxruntime-gpu" in names and "onnxruntime" not in names
-    assert {"nvidia-cudnn-cu13", "nvidia-cuda-runtime"} <= names
-    assert "torch" not in names
+def _dependency_install(dockerfile: Path, build_args: dict[str, str]) -> str:
+    """The requirement of the file's first `pip install` (its dependency layer), ARGs filled in."""
+    args = {}
+    for ins in instructions(dockerfile):
+        if ins.word == "ARG":
+            name, _, default = ins.rest.partition("=")
+            args[name] = build_args.get(name, default)
+        if ins.word == "RUN" and ins.rest.startswith("pip install"):
+            (req,) = shlex.split(ins.rest)[2:]
+            return req.replace("${", "{").format(**args).replace(".[", f"{ROOT}[", 1)
+    raise AssertionError(f"{dockerfile.name} installs nothing")
+
+
+def test_images_that_cannot_be_built_here_resolve_to_one_runtime(tmp_path):
+    """What the images install and CI cannot (GBs of CUDA wheels), resolved by pip itself (a dry run
+    of the files' own `pip install` lines, no GPU needed): the GPU inference variant gets
+    onnxruntime-gpu with its CUDA/cuDNN wheels and no torch; the training image torch and the same
+    runtime, whose CUDA wheels are torch's own. Never the CPU onnxruntime beside the GPU one."""
+    cases = {
+        "inference-gpu": (INFERENCE, {"RUNTIME": "gpu"}),
+        "train": (ROOT / "infra" / "docker" / "train.Dockerfile", {}),
+    }
+    procs = {}
+    for name, (dockerfile, args) in cases.items():  # side by side: each waits mostly on the index
+        req = _dependency_install(dockerfile, args)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+             "--report", str(tmp_path / f"{name}.json"), req],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    resolved = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+        resolved[name] = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+                          for i in json.loads((tmp_path / f"{name}.json").read_text())["install"]}
+    for name, names in resolved.items():
+        assert "onnxruntime-gpu" in names and "onnxruntime" not in names, name
+        assert {"nvidia-cudnn-cu13", "nvidia-cuda-runtime", "nvidia-cublas"} <= set(names), name
+    assert "torch" not in resolved["inference-gpu"] and "prefect" not in resolved["inference-gpu"]
+    assert {"torch", "prefect", "psycopg", "boto3"} <= set(resolved["train"])

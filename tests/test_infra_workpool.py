@@ -11,6 +11,8 @@ at run time, and `prefect deploy` runs without it: the pull step must read it on
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
@@ -25,7 +27,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "infra" / "prefect.yaml"
+README = ROOT / "infra" / "README.md"
 POOL = "mnistops-process"
+
+
+def readme_prefect_commands() -> list[tuple[dict[str, str], list[str]]]:
+    """Every `prefect ...` command line of infra/README.md, in order, once each: (the VAR=value
+    assignments before it, argv)."""
+    seen, out = set(), []
+    for line in README.read_text().splitlines():
+        # Indented code lines that run prefect, possibly after VAR=value assignments.
+        words = shlex.split(line) if re.match(r"^ {4}(?:[A-Z_][A-Z0-9_]*=\S*\s+)*prefect\s", line) else []
+        assigns = {}
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+            key, _, value = words.pop(0).partition("=")
+            assigns[key] = value
+        if words[:1] == ["prefect"] and line.strip() not in seen:
+            seen.add(line.strip())
+            out.append((assigns, words))
+    return out
 
 
 def _deployments() -> dict[str, dict]:
@@ -33,7 +53,7 @@ def _deployments() -> dict[str, dict]:
 
 
 def _prefect(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
-    done = subprocess.run([_venv_script("prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    done = subprocess.run([_venv_script("prefect"), *args[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -66,6 +86,7 @@ def _flow_name(entrypoint: str) -> str:
 def test_deployments_run_on_a_process_work_pool(tmp_path, mnist, mnist_source):
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -79,24 +100,37 @@ def test_deployments_run_on_a_process_work_pool(tmp_path, mnist, mnist_source):
     with prefect_server(f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}", home=tmp_path / "prefect-server",
                         log_path=tmp_path / "prefect-server.log") as api_url:
         cli_env = {**base, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / "prefect-cli")}
-        # infra/README.md, from the repository root:
-        _prefect(["work-pool", "create", POOL, "--type", "process"], cli_env)
-        out = _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], cli_env)
+        # infra/README.md's commands, verbatim, from the repository root; the worker last.
+        commands = readme_prefect_commands()
+        assert [argv[:3] for _, argv in commands] == [
+            ["prefect", "work-pool", "create"], ["prefect", "--no-prompt", "deploy"], ["prefect", "worker", "start"]]
+        (_, create), (_, deploy), (worker_assigns, worker_argv) = commands
+        assert POOL in create and POOL in worker_argv
+        _prefect(create, cli_env)
+        out = _prefect(deploy, cli_env)  # without MNISTOPS_HOME: the worker's value must count
         declared = _deployments()
         for name in declared:
             assert name in out, out
 
+        # The README's MNISTOPS_HOME=... becomes this test's folder; no other setting is needed.
+        assert set(worker_assigns) == {"MNISTOPS_HOME"}, worker_assigns
         worker_env = {**cli_env, "MNISTOPS_HOME": str(home),
                       # The dataset cache this test session verified; the flows re-verify nothing else.
                       "MNISTOPS_DATA_DIR": str(mnist.cache_path.parent), "MNISTOPS_DATA_SOURCE": str(mnist_source),
                       "PREFECT_WORKER_QUERY_SECONDS": "2", "OMP_NUM_THREADS": "1"}
         log = tmp_path / "worker.log"
         with open(log, "wb") as f:
-            worker = subprocess.Popen([_venv_script("prefect"), "worker", "start", "--pool", POOL], cwd=ROOT,
+            worker = subprocess.Popen([_venv_script("prefect"), *worker_argv[1:]], cwd=ROOT,
                                       env=worker_env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         try:
             with temporary_settings(updates={PREFECT_API_URL: api_url}):
+                with get_client(sync_client=True) as client:
+                    limits = {d.name: d.global_concurrency_limit and d.global_concurrency_limit.limit
+                              for d in client.read_deployments()}
+                assert limits == {name: d.get("concurrency_limit") for name, d in declared.items()}
+                assert set(limits.values()) == {1}  # no schedule piles up
+
                 def run(name: str, parameters: dict | None = None):
                     flow = _flow_name(declared[name]["entrypoint"])
                     fr = run_deployment(f"{flow}/{name}", parameters=parameters or {}, timeout=900, poll_interval=2)
