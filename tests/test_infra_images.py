@@ -55,9 +55,9 @@ def test_torch_prefect_and_the_training_code_are_not_installed(image):
         assert done.returncode != 0, f"{module} imports in the inference image"
         assert "ModuleNotFoundError" in done.stderr, done.stderr
     # One ONNX runtime, the CPU one: the `serving` extra.
-    listed = image.python("import importlib.metadata as m; print(sorted(d.metadata['Name'].lower() "
-                          "for d in m.distributions()))")
-    names = set(json.loads(listed.stdout.replace("'", '"')))
+    listed = image.python("import importlib.metadata as m, json; "
+                          "print(json.dumps([d.metadata['Name'].lower() for d in m.distributions()]))")
+    names = set(json.loads(listed.stdout))
     assert "onnxruntime" in names and "onnxruntime-gpu" not in names
 
 

@@ -138,8 +138,8 @@ def test_deployments_run_on_a_process_work_pool(tmp_path, mnist, mnist_source):
                                                      f"{log.read_text()[-6000:]}")
                     return fr
 
-                # Small parameters: 2 epochs pass a 0.5 gate, so the version becomes the champion.
-                run("training-nightly", {"epochs": 2, "gate_threshold": 0.5})
+                # Small parameters: one epoch passes a 0.5 gate, so the version becomes the champion.
+                run("training-nightly", {"epochs": 1, "gate_threshold": 0.5})
                 # What `mnistops run` / `mnistops serve` export, where the deployment's relative paths point.
                 export_test_split("mnist", str(mnist.cache_path.parent), home / "outputs" / "inputs")
                 run("inference-hourly")  # its own parameters, as the schedule would run it
