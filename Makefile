@@ -19,7 +19,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[train,test]'
+	# gpu: onnxruntime-gpu with its CUDA/cuDNN extras; torch's CUDA build already brings those
+	# libraries, so it adds only the runtime's own wheel. Never `serving` beside it (pyproject.toml).
+	$(PY) -m pip install --quiet -e '.[train,gpu,test]'
 	touch $@
 
 run: setup

@@ -13,14 +13,21 @@ from flows.training import training_pipeline
 TRAINING_DEPLOYMENT, INFERENCE_DEPLOYMENT = "training-nightly", "inference-hourly"
 
 
+# One run at a time per deployment, as in infra/prefect.yaml: a training that outlasts its interval
+# (or a backlog after downtime) queues instead of starting a second one on the same GPU and files.
+CONCURRENCY_LIMIT = 1
+
+
 def deployments(training_cron: str, inference_cron: str, training_parameters: dict,
                 inference_parameters: dict) -> list[RunnerDeployment]:
     return [
         training_pipeline.to_deployment(name=TRAINING_DEPLOYMENT, cron=training_cron,
                                         parameters=training_parameters, tags=["mnistops", "training"],
+                                        concurrency_limit=CONCURRENCY_LIMIT,
                                         description="Nightly: data -> DDP training -> ONNX -> gate -> champion"),
         batch_inference.to_deployment(name=INFERENCE_DEPLOYMENT, cron=inference_cron,
                                       parameters=inference_parameters, tags=["mnistops", "inference"],
+                                      concurrency_limit=CONCURRENCY_LIMIT,
                                       description="Hourly: the champion over the configured input"),
     ]
 

@@ -91,11 +91,14 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     log.info("launching %d %s worker(s) x %d node(s), training id %s", nproc, device, spec.nnodes, training_id)
     try:
-        elastic_launch(config, worker_main)(job)
+        # {global rank: return value} of this node's workers only.
+        returns = elastic_launch(config, worker_main)(job)
     except Exception as e:  # ChildFailedError carries the workers' tracebacks
         _mark_failed(job)
         raise TrainingError(f"training {training_id} failed after {spec.max_restarts} restart(s):\n{e}") from e
-    if not (out_dir / RESULT_NAME).exists():
+    # With out_dir on a shared volume every node sees rank 0's result.json: only the node whose
+    # workers included rank 0 reports it.
+    if 0 not in (returns or {}) or not (out_dir / RESULT_NAME).exists():
         return None  # this node did not host rank 0
     return TrainResult.read(out_dir)
 

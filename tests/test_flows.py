@@ -241,6 +241,9 @@ def test_serve_registers_schedules_and_cancel_stops_training(prefect_server_url,
             crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
             assert crons == {"training-nightly": ["15 3 * * *"], "inference-hourly": ["*/30 * * * *"]}
             assert all(s.active for d in deployments.values() for s in d.schedules)
+            # One run at a time each, as in infra/prefect.yaml: schedules queue instead of piling up.
+            assert {n: d.global_concurrency_limit.limit for n, d in deployments.items()} == \
+                {"training-nightly": 1, "inference-hourly": 1}
 
             run = run_deployment("training-pipeline/training-nightly", timeout=0)
             deadline = time.time() + 180

@@ -188,7 +188,9 @@ def test_two_nodes_join_one_rendezvous_on_localhost(tmp_path, mnist):
     nodes = [
         subprocess.Popen(_cli("train", "--nnodes", "2", "--nproc", "1", "--rdzv-endpoint", endpoint, "--rdzv-id", rid,
                               "--epochs", "4", env=env),
-                         env={**env, "MNISTOPS_HOME": str(tmp_path / f"node{i}")},
+                         # One MNISTOPS_HOME for both, as on a shared (ReadWriteMany) volume: both
+                         # see the result.json rank 0 writes; only the node that hosted rank 0 reports it.
+                         env={**env, "MNISTOPS_HOME": str(tmp_path / "shared-home")},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
