@@ -57,6 +57,7 @@ def cmd_serve(args) -> int:
     from flows.settings import configure
     from nn_core.data import prepare
     from nn_core.datasets import get_spec
+    from nn_core.registry import default_model_name
 
     cfg = configure()
     infer_input, infer_labels = args.infer_input, args.infer_labels
@@ -69,7 +70,7 @@ def cmd_serve(args) -> int:
     deps = deployments(
         args.training_cron, args.inference_cron, _pipeline_kwargs(args),
         {"input": str(infer_input), "output": output, "labels": str(infer_labels) if infer_labels else None,
-         "model": f"models:/{args.model_name}@champion"},
+         "model": f"models:/{args.model_name or default_model_name(args.dataset)}@champion"},
     )
     print(f"serving deployments {[d.name for d in deps]} (training '{args.training_cron}', "
           f"inference '{args.inference_cron}'); Ctrl-C stops", flush=True)
