@@ -217,15 +217,14 @@ def test_every_file_of_every_dataset_is_pinned_by_content():
 
 
 def test_a_self_consistent_but_altered_cache_is_refused(tmp_path):
-    """Someone edits the cached tensors and re-signs every checksum the cache carries of itself: the
-    content no longer hashes to the per-file SHA-256, so loading refuses it."""
+    """Someone edits the cached tensors and saves a well-formed cache: the content no longer hashes
+    to the per-file SHA-256, so loading refuses it."""
     from nn_core.checkpoint import atomic_torch_save
 
     spec = synthetic_dataset(tmp_path / "src")
     p = prepare(spec, str(tmp_path / "src"), tmp_path / "data")
     payload = torch.load(p.cache_path, weights_only=True)
     payload["tensors"]["train_labels"][0] = (payload["tensors"]["train_labels"][0] + 1) % 10
-    payload["content_sha256"] = "whatever a forger computes"
     atomic_torch_save(payload, p.cache_path)
     with pytest.raises(IntegrityError, match="train_labels changed") as e:
         load_splits(p.cache_path)
