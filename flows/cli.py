@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int, help="registered model version")
     p.add_argument("--force", action="store_true",
                    help="move the alias even when the figures fail the checks (never across datasets)")
-    _data_args(p, dataset_help="picks the default model name DATASET-mlp; the split is always the registered "
-                               "model's own dataset (default: mnist-mlp's)", dataset_default=None)
+    _data_args(p, dataset_help="names the task: the default model name is DATASET-mlp (mnist-mlp without it); "
+                               "the split is always the registered model's own dataset's", dataset_default=None)
     _gate_args(p)
 
     p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address")
