@@ -25,9 +25,9 @@ def _hidden(text: str) -> list[int]:
     return sizes
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
+def _data_args(p: argparse.ArgumentParser, dataset_help: str = "which dataset", dataset_default: str | None = "mnist") -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"], help="which dataset")
+    g.add_argument("--dataset", default=dataset_default, choices=["mnist", "fashion-mnist"], help=dataset_help)
     g.add_argument("--data-source", default=None, metavar="PATH|URL",
                    help="folder or file:// URL with the four IDX files (gzipped or not), or an http(s) mirror; "
                         "default: $MNISTOPS_DATA_SOURCE, else the official mirrors")
@@ -53,7 +53,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _gate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("registry and gate")
-    g.add_argument("--model-name", default="mnist-mlp", help="registered model name")
+    g.add_argument("--model-name", default=None,
+                   help="registered model name (default: DATASET-mlp); bound to the dataset of its first version")
     g.add_argument("--threshold", type=float, default=0.96, help="minimum validation accuracy (ONNX) to promote")
     g.add_argument("--margin", type=float, default=0.0, help="how much worse than the champion a candidate may be")
 
@@ -122,7 +123,7 @@ def cmd_run(args) -> int:
     if not args.no_inference:
         from flows.inference import score_test_split
 
-        s = score_test_split(dataset=args.dataset, data_dir=args.data_dir, model=f"models:/{args.model_name}@champion")
+        s = score_test_split(dataset=args.dataset, data_dir=args.data_dir, model=f"models:/{outcome.model_name}@champion")
         print(f"batch inference over the test set with {s['model']} (version {s['model_version']}): "
               f"accuracy {s['accuracy']:.4f}, {s['predicted']} predictions in {s['output']}")
     return code
@@ -130,14 +131,16 @@ def cmd_run(args) -> int:
 
 def cmd_models(args) -> int:
     from nn_core import tracking
-    from nn_core.registry import champion
+    from nn_core.registry import bound_task, champion, default_model_name
 
     c = tracking.client()
-    versions = sorted(c.search_model_versions(f"name = '{args.model_name}'"), key=lambda v: int(v.version))
+    name = args.model_name or default_model_name(args.dataset)
+    versions = sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     if not versions:
-        print(f"no registered versions of {args.model_name!r} in {tracking.mlflow.get_tracking_uri()}")
+        print(f"no registered versions of {name!r} in {tracking.mlflow.get_tracking_uri()}")
         return EXIT_OK
-    best = champion(args.model_name)
+    best = champion(name)
+    print(f"{name}: bound to {bound_task(name)}")
     print(f"{'version':>7}  {'champion':8}  {'val_acc':>7}  {'test_acc':>8}  {'promotion':9}  run_id")
     for v in versions:
         t = v.tags
@@ -147,15 +150,24 @@ def cmd_models(args) -> int:
 
 
 def cmd_promote(args) -> int:
+    """The gate by hand, on the registered model's own task: its dataset comes from the registered
+    model, never from --dataset (which may only name it); --force overrides figures, never the task."""
+    from flows.promotion import promotion_lock
     from nn_core.data import load_splits, prepare
     from nn_core.datasets import get_spec
-    from nn_core.registry import GateConfig, gate
+    from nn_core.registry import GateConfig, Task, TaskMismatchError, bound_task, default_model_name, gate
 
-    prepared = prepare(get_spec(args.dataset), _data_source(args), Path(args.data_dir) if args.data_dir else None)
+    name = args.model_name or default_model_name(args.dataset or "mnist")
+    task = bound_task(name)
+    if args.dataset and args.dataset != task.dataset:
+        raise TaskMismatchError(f"registered model {name!r} is bound to {task}; --dataset {args.dataset} "
+                                "names another task (its split is never used for this model)")
+    prepared = prepare(get_spec(task.dataset), _data_source(args), Path(args.data_dir) if args.data_dir else None)
     s = load_splits(prepared.cache_path)
-    decision = gate(args.model_name, str(args.version), s.val_images.numpy(), s.val_labels.numpy(),
-                    GateConfig(threshold=args.threshold, margin=args.margin), force=args.force)
-    print(f"{args.model_name} version {args.version}: {decision.promotion} ({decision.reason})")
+    decision = gate(name, str(args.version), s.val_images.numpy(), s.val_labels.numpy(),
+                    GateConfig(threshold=args.threshold, margin=args.margin), force=args.force,
+                    task=Task(s.name, s.digest), lock=promotion_lock, decide_again=True)
+    print(f"{name} version {args.version}: {decision.promotion} ({decision.reason})")
     return EXIT_OK if decision.accepted else EXIT_REJECTED
 
 
@@ -206,12 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-inference", action="store_true", help="skip the batch inference over the test set")
 
     p = command("models", cmd_models, "registered versions, their metrics and the champion")
-    p.add_argument("--model-name", default="mnist-mlp", help="registered model name")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"],
+                   help="the task whose registered model to list (DATASET-mlp)")
+    p.add_argument("--model-name", default=None, help="registered model name (default: DATASET-mlp)")
 
-    p = command("promote", cmd_promote, "move the champion alias to VERSION through the gate's checks")
+    p = command("promote", cmd_promote, "move the champion alias to VERSION through the gate's checks, on the "
+                                        "registered model's own validation split")
     p.add_argument("version", type=int, help="registered model version")
-    p.add_argument("--force", action="store_true", help="move the alias even when the checks fail")
-    _data_args(p)
+    p.add_argument("--force", action="store_true",
+                   help="move the alias even when the figures fail the checks (never across datasets)")
+    _data_args(p, dataset_help="names the task: the default model name is DATASET-mlp (mnist-mlp without it); "
+                               "the split is always the registered model's own dataset's", dataset_default=None)
     _gate_args(p)
 
     p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address")

@@ -77,6 +77,7 @@ def cmd_serve(args) -> int:
     from flows.cli import EXIT_OK, _pipeline_kwargs
     from flows.deployments import deployments, serve_all
     from flows.settings import configure
+    from nn_core.registry import default_model_name
 
     cfg = configure()
     # The hourly job scores what arrives in the inbox, once per input content, and fails its flow run
@@ -87,8 +88,8 @@ def cmd_serve(args) -> int:
     output.mkdir(parents=True, exist_ok=True)
     deps = deployments(
         args.training_cron, args.inference_cron, _pipeline_kwargs(args),
-        {"inbox": str(inbox), "output": str(output), "model": f"models:/{args.model_name}@champion",
-         "fail_on_drift": True},
+        {"inbox": str(inbox), "output": str(output),
+         "model": f"models:/{args.model_name or default_model_name(args.dataset)}@champion", "fail_on_drift": True},
     )
     print(f"serving deployments {[d.name for d in deps]} (training '{args.training_cron}', "
           f"inference '{args.inference_cron}'); Ctrl-C stops", flush=True)

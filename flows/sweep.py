@@ -11,10 +11,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows import settings
-from flows.training import PipelineResult, obtain_data, publish, release, train_job, train_model
+from flows.training import PipelineResult, obtain_data, publish, refuse_other_task, release, train_job, train_model
 from nn_core import tracking
 from nn_core.launch import LaunchSpec, TrainResult
-from nn_core.registry import GateConfig
+from nn_core.registry import GateConfig, default_model_name
 from nn_core.sweep import SweepPoint, spec_from_mapping
 
 
@@ -75,15 +75,18 @@ def hyperparameter_sweep(
     device: str = "auto",
     gate_threshold: float = 0.96,
     gate_margin: float = 0.0,
-    model_name: str = "mnist-mlp",
+    model_name: str | None = None,
     experiment: str = "mnist-mlp",
 ) -> SweepResult:
-    """`grid` has lists under hidden, lr, batch_size and epochs, and optionally sample and seed."""
+    """`grid` has lists under hidden, lr, batch_size and epochs, and optionally sample and seed.
+    `model_name` defaults to the dataset's (`mnist-mlp`, `fashion-mnist-mlp`)."""
     settings.configure()
     points = spec_from_mapping(grid or {}).points()
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    model_name = model_name or default_model_name(dataset)
     prepared = obtain_data(dataset, data_source, data_dir)
+    refuse_other_task(model_name, prepared)
     c = tracking.client()
     parent = c.create_run(tracking.ensure_experiment(experiment), run_name=f"sweep-{len(points)}-configs",
                           tags={"mnistops.kind": "sweep", "dataset_digest": prepared.digest})

@@ -17,7 +17,7 @@ from nn_core.data import PreparedDataset, SourceUnavailableError, default_data_d
 from nn_core.datasets import fingerprint, get_spec
 from nn_core.launch import LaunchSpec, TrainResult, launch_training, new_training_id
 from nn_core.model import MLPConfig
-from nn_core.registry import GateConfig, GateDecision
+from nn_core.registry import GateConfig, GateDecision, Task, TaskMismatchError, check_task, default_model_name
 from nn_core.release import ExportResult, export_and_check, gate_and_record, register
 from nn_core.train import TrackingConfig, TrainConfig, TrainJob
 
@@ -94,17 +94,32 @@ def export_task(result: TrainResult, prepared: PreparedDataset) -> ExportResult:
     return exported
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
+def _retry_registry_errors(task, task_run, state) -> bool:
+    """A registry error (network, 5xx) is retried; a candidate of another task never will pass."""
+    try:
+        state.result()
+    except TaskMismatchError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+# Both are idempotent, so a registry hiccup is retried like any other I/O: a retried register finds
+# the version it made, a retried gate the decision it recorded (or finishes a promotion cut short).
+@task(name="register", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_retry_registry_errors,
+      cache_policy=NO_CACHE)
 def register_task(result: TrainResult, exported: ExportResult, prepared: PreparedDataset, model_name: str) -> str:
     return register(result, exported, prepared.cache_path, model_name)
 
 
-# Re-running the gate is safe (it decides again under the lock and moves the alias at most once),
-# so a registry hiccup is retried like any other I/O.
-@task(name="gate", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
+@task(name="gate", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_retry_registry_errors,
+      cache_policy=NO_CACHE)
 def gate_task(result: TrainResult, exported: ExportResult, version: str, prepared: PreparedDataset,
               model_name: str, gate: GateConfig) -> GateDecision:
-    decision = gate_and_record(result, exported, version, prepared.cache_path, model_name, gate)
+    from flows.promotion import promotion_lock
+
+    decision = gate_and_record(result, exported, version, prepared.cache_path, model_name, gate, lock=promotion_lock)
     get_run_logger().info("gate: version %s %s: %s", version, decision.promotion, decision.reason)
     return decision
 
@@ -120,6 +135,11 @@ def obtain_data(dataset: str, data_source: str | None, data_dir: str | None) -> 
     if not Path(prepared.cache_path).exists():
         prepared = prepare_data.with_options(refresh_cache=True)(dataset, data_source, data_dir)
     return prepared
+
+
+def refuse_other_task(model_name: str, prepared: PreparedDataset) -> None:
+    """Fail before training when `model_name` serves another dataset (register checks it again)."""
+    check_task(model_name, Task(prepared.name, prepared.digest), "this pipeline's dataset")
 
 
 def train_job(prepared: PreparedDataset, *, hidden: list[int], epochs: int, batch_size: int, lr: float,
@@ -192,14 +212,17 @@ def training_pipeline(
     device: str = "auto",
     gate_threshold: float = 0.96,
     gate_margin: float = 0.0,
-    model_name: str = "mnist-mlp",
+    model_name: str | None = None,
     experiment: str = "mnist-mlp",
     data_dir: str | None = None,
 ) -> PipelineResult:
-    """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion."""
+    """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion.
+    `model_name` defaults to the dataset's (`mnist-mlp`, `fashion-mnist-mlp`)."""
     settings.configure()
     gate = GateConfig(threshold=gate_threshold, margin=gate_margin)
+    model_name = model_name or default_model_name(dataset)
     prepared = obtain_data(dataset, data_source, data_dir)
+    refuse_other_task(model_name, prepared)
     job = train_job(prepared, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                     weight_decay=weight_decay, schedule=schedule, seed=seed, data_source=data_source,
                     experiment=experiment)

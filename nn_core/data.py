@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import socket
+import struct
 import sys
 import tempfile
 import zlib
@@ -29,7 +30,7 @@ from nn_core.datasets import IMAGES, DatasetSpec, FileSpec, mirrors_for
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: per-file SHA-256 checked on every load
 CHUNK = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60.0
 
@@ -116,12 +117,11 @@ def verify_file(path: Path, spec: FileSpec, dataset: str) -> VerifiedFile:
     magic = idx.IMAGES_MAGIC if spec.kind == IMAGES else idx.LABELS_MAGIC
     expected_bytes = 4 + 4 * (3 if spec.kind == IMAGES else 1) + spec.count * (784 if spec.kind == IMAGES else 1)
     gz = idx.is_gzip(path)
-    raw_sha = hashlib.sha256()
     content_sha = hashlib.sha256()
     buf = bytearray()
     try:
         with open(path, "rb") as raw, _progress(expected_bytes, f"verify {path.name}") as bar:
-            stream = gzip.GzipFile(fileobj=_Tee(raw, raw_sha), mode="rb") if gz else _Tee(raw, raw_sha)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
             while chunk := stream.read(CHUNK):
                 content_sha.update(chunk)
                 buf += chunk
@@ -147,35 +147,13 @@ def verify_file(path: Path, spec: FileSpec, dataset: str) -> VerifiedFile:
             f"{spec.filename} (truncated or padded)"
         )
     sha = content_sha.hexdigest()
-    if spec.sha256 is not None:
-        if sha != spec.sha256:
-            raise IntegrityError(
-                f"{path}: SHA-256 of the uncompressed content is {sha}, expected {spec.sha256} "
-                f"(the pinned {dataset} file {spec.filename}); the file is corrupt or a different file"
-            )
-    elif spec.gz_sha256 is not None:
-        if not gz or raw_sha.hexdigest() != spec.gz_sha256:
-            what = f"SHA-256 {raw_sha.hexdigest()}" if gz else "an uncompressed file"
-            raise IntegrityError(
-                f"{path}: {what}, expected the official {dataset} release file {spec.filename}.gz with "
-                f"SHA-256 {spec.gz_sha256} (its checksums are pinned for the gzip release files)"
-            )
-    else:
-        raise IntegrityError(f"{path}: no checksum pinned for the {dataset} file {spec.filename}")
+    if sha != spec.sha256:
+        raise IntegrityError(
+            f"{path}: SHA-256 of the uncompressed content is {sha}, expected {spec.sha256} "
+            f"(the pinned {dataset} file {spec.filename}); the file is corrupt or a different file"
+        )
     array = np.frombuffer(bytes(buf), dtype=np.uint8, offset=header.nbytes_header).reshape(header.shape)
     return VerifiedFile(spec=spec, path=path, sha256=sha, array=array)
-
-
-class _Tee:
-    """A read-only file wrapper that feeds every byte it reads into a hash."""
-
-    def __init__(self, f, h):
-        self._f, self._h = f, h
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self._h.update(data)
-        return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,11 +216,17 @@ def _download(spec: FileSpec, mirrors: tuple[str, ...], dest: Path) -> Path:
 # Cache
 
 
-def _content_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].contiguous().numpy().tobytes())
+def _file_sha256(role: str, tensor: torch.Tensor) -> str:
+    """SHA-256 of the IDX file that `tensor` was read from, rebuilt from the tensor: the pinned
+    per-file checksum, so a cache is checked against the very values the source files were."""
+    images = tensor.dim() == 3
+    header = struct.pack(">I", idx.IMAGES_MAGIC if images else idx.LABELS_MAGIC)
+    header += struct.pack(f">{tensor.dim()}I", *tensor.shape)
+    data = tensor.contiguous().numpy()
+    if not images:
+        data = data.astype(np.uint8)  # labels are cached as int64; the file holds one byte each
+    h = hashlib.sha256(header)
+    h.update(memoryview(np.ascontiguousarray(data)).cast("B"))  # no copy of the images
     return h.hexdigest()
 
 
@@ -260,7 +244,6 @@ def write_cache(path: Path, spec: DatasetSpec, files: dict[str, VerifiedFile]) -
         "digest": digest,
         "file_sha256": shas,
         "train_size": spec.train_size,
-        "content_sha256": _content_checksum(tensors),
         "tensors": tensors,
     }
     atomic_torch_save(payload, path)
@@ -268,7 +251,11 @@ def write_cache(path: Path, spec: DatasetSpec, files: dict[str, VerifiedFile]) -
 
 
 def read_cache(path: Path, spec: DatasetSpec | None = None) -> dict:
-    """Load and check a cache file; IntegrityError names it when it is corrupt or not the pinned data."""
+    """Load and check a cache file; IntegrityError names it when it is corrupt or not the pinned data.
+
+    Every load hashes the cached content as the four IDX files it came from and compares with the
+    per-file SHA-256 stored beside it (and, given `spec`, with the pinned ones): a cache edited and
+    re-signed with a fresh checksum of its own is still refused."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -277,20 +264,23 @@ def read_cache(path: Path, spec: DatasetSpec | None = None) -> dict:
     except Exception as e:
         raise IntegrityError(f"{path}: cached dataset unreadable ({type(e).__name__}: {e}); delete it to rebuild") from e
     try:
-        ok_format = payload["format"] == CACHE_FORMAT
-        tensors = payload["tensors"]
-        checksum_ok = _content_checksum(tensors) == payload["content_sha256"]
-        digest_ok = dataset_digest(payload["file_sha256"]) == payload["digest"]
+        if payload["format"] != CACHE_FORMAT:
+            raise IntegrityError(f"{path}: cache format {payload['format']}, expected {CACHE_FORMAT}; "
+                                 "delete it to rebuild from the source")
+        tensors, stored = payload["tensors"], payload["file_sha256"]
+        actual = {role: _file_sha256(role, tensors[role]) for role in sorted(tensors)}
+        digest_ok = dataset_digest(stored) == payload["digest"]
     except (KeyError, TypeError, AttributeError) as e:
         raise IntegrityError(f"{path}: not a mnistops dataset cache (missing {e})") from e
-    if not (ok_format and checksum_ok and digest_ok):
+    changed = sorted(r for r in actual if actual[r] != stored.get(r))
+    if changed or set(actual) != set(stored) or not digest_ok:
         raise IntegrityError(
-            f"{path}: cached dataset fails its checksum (content or digest changed since it was written); "
-            "delete it to rebuild from the source"
+            f"{path}: cached dataset fails its checksum ({', '.join(changed) or 'digest'} changed since it "
+            "was written); delete it to rebuild from the source"
         )
     if spec is not None:
-        pinned = {f.role: f.sha256 for f in spec.files if f.sha256}
-        if payload["dataset"] != spec.name or any(payload["file_sha256"].get(r) != s for r, s in pinned.items()):
+        pinned = {f.role: f.sha256 for f in spec.files}
+        if payload["dataset"] != spec.name or stored != pinned:
             raise IntegrityError(f"{path}: cache holds {payload['dataset']!r} data, not the pinned {spec.name} files")
     return payload
 

@@ -1,9 +1,9 @@
 """The datasets this project knows: four IDX files each, with checksums pinned here.
 
-MNIST's SHA-256 are of the uncompressed files (byte-identical to the official release whatever
-gzip wrapper they come in). Fashion-MNIST's official release publishes its gzip files; their SHA-256
-is pinned (and agrees with the MD5s torchvision pins for the same files), so Fashion-MNIST is
-verified through its official .gz files.
+Every SHA-256 is of a file's uncompressed content, never of a gzip wrapper: the same content
+gzipped by anyone (Debian recompresses Fashion-MNIST, for one) or not gzipped at all is the same
+file, and anything else is refused by name. The Fashion-MNIST values agree with the MD5s of the
+uncompressed files that the official release publishes.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ class FileSpec:
     filename: str  # canonical name, without .gz
     kind: str  # IMAGES or LABELS
     count: int
-    sha256: str | None = None  # of the uncompressed content
-    gz_sha256: str | None = None  # of the official .gz release file
+    sha256: str  # of the uncompressed content
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class DatasetSpec:
         return next(f for f in self.files if f.role == role)
 
 
-def _four_files(shas: dict[str, str | None], gz_shas: dict[str, str | None]) -> tuple[FileSpec, ...]:
+def _four_files(shas: dict[str, str]) -> tuple[FileSpec, ...]:
     layout = [
         ("train_images", "train-images-idx3-ubyte", IMAGES, 60_000),
         ("train_labels", "train-labels-idx1-ubyte", LABELS, 60_000),
@@ -43,7 +42,7 @@ def _four_files(shas: dict[str, str | None], gz_shas: dict[str, str | None]) -> 
         ("test_labels", "t10k-labels-idx1-ubyte", LABELS, 10_000),
     ]
     return tuple(
-        FileSpec(role, name, kind, count, sha256=shas.get(role), gz_sha256=gz_shas.get(role))
+        FileSpec(role, name, kind, count, sha256=shas[role])
         for role, name, kind, count in layout
     )
 
@@ -64,7 +63,6 @@ MNIST = DatasetSpec(
             "test_images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
             "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         },
-        {},
     ),
     mirrors=(),  # filled from torchvision on use: see mirrors_for()
     classes=tuple(str(d) for d in range(10)),
@@ -73,12 +71,11 @@ MNIST = DatasetSpec(
 FASHION_MNIST = DatasetSpec(
     name="fashion-mnist",
     files=_four_files(
-        {},
         {
-            "train_images": "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
-            "train_labels": "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
-            "test_images": "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
-            "test_labels": "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+            "train_images": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train_labels": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "test_images": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "test_labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         },
     ),
     mirrors=(),
@@ -103,7 +100,7 @@ def fingerprint(spec: DatasetSpec) -> str:
     """A digest of what the spec pins: stable for a dataset before any byte of it is read."""
     import hashlib
 
-    pins = "".join(f"{f.role} {f.sha256} {f.gz_sha256}\n" for f in spec.files)
+    pins = "".join(f"{f.role} {f.sha256}\n" for f in spec.files)
     return hashlib.sha256(f"{spec.name}\n{spec.train_size}\n{pins}".encode()).hexdigest()
 
 

@@ -14,7 +14,7 @@ from nn_core.data import load_splits
 from nn_core.datasets import get_spec
 from nn_core.export import ParityReport, check_parity, export_onnx
 from nn_core.launch import TrainResult
-from nn_core.registry import GateConfig, GateDecision, gate, register_candidate
+from nn_core.registry import GateConfig, GateDecision, Task, gate, promotion_lock, register_candidate
 from serving.drift import store_reference
 
 
@@ -38,17 +38,21 @@ def export_and_check(result: TrainResult, data_path: Path, onnx_path: Path | Non
     return ExportResult(onnx_path=onnx_path, parity=parity)
 
 
+def task_of(splits) -> Task:
+    return Task(splits.name, splits.digest)
+
+
 def register(result: TrainResult, exported: ExportResult, data_path: Path, model_name: str) -> str:
+    """Register the candidate under `model_name`, bound to the candidate's dataset (refused when the
+    registered model serves another one). Idempotent: a retry returns the version already made."""
     splits = load_splits(data_path)
     tags = {
         "val_accuracy": f"{result.val_accuracy:.6f}",
         "test_accuracy": f"{result.test_accuracy:.6f}",
-        "dataset": splits.name,
-        "dataset_digest": splits.digest,
         "git_commit": tracking.git_commit(),
     }
     version = register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
-                                 splits.val_images[:2].numpy(), tags)
+                                 splits.val_images[:2].numpy(), tags, task_of(splits))
     # The drift reference profile (serving.drift), stored with the version: what batch jobs compare with.
     store_reference(model_name, version, result.run_id, exported.onnx_path, splits.train_images.numpy(),
                     splits.val_images.numpy())
@@ -56,10 +60,11 @@ def register(result: TrainResult, exported: ExportResult, data_path: Path, model
 
 
 def gate_and_record(result: TrainResult, exported: ExportResult, version: str, data_path: Path,
-                    model_name: str, cfg: GateConfig) -> GateDecision:
+                    model_name: str, cfg: GateConfig, lock=promotion_lock) -> GateDecision:
     """Run the gate on the registered version, then attach the model card to the run and the version."""
     splits = load_splits(data_path)
-    decision = gate(model_name, version, splits.val_images.numpy(), splits.val_labels.numpy(), cfg)
+    decision = gate(model_name, version, splits.val_images.numpy(), splits.val_labels.numpy(), cfg,
+                    task=task_of(splits), lock=lock)
     _, ckpt = load_model(result.checkpoint)
     card = model_card(
         model_name=model_name, version=version, run_id=result.run_id, dataset=splits.name,

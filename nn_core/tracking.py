@@ -17,6 +17,11 @@ TRAINING_ID_TAG = "mnistops.training_id"
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
+class ResumeError(ValueError):
+    """A training id, checkpoint or MLflow run that this job must not resume: finished, or made by
+    another job (the message names the differing fields)."""
+
+
 def client() -> MlflowClient:
     return MlflowClient()
 
@@ -43,11 +48,27 @@ def find_run(experiment: str, training_id: str) -> str | None:
 
 
 def find_or_create_run(
-    experiment: str, training_id: str, run_name: str, tags: dict[str, str]
+    experiment: str, training_id: str, run_name: str, tags: dict[str, str],
+    params: dict | None = None, ignore: frozenset[str] = frozenset(),
 ) -> tuple[str, bool]:
-    """(run_id, created). One run per training id: a restarted worker finds the existing one."""
+    """(run_id, created). One run per training id: a restarted worker finds the existing one, and
+    resumes it only when it was made by the same job (`params`, but for the keys in `ignore`).
+    A FINISHED run is never reopened: ResumeError."""
     existing = find_run(experiment, training_id)
     if existing is not None:
+        run = client().get_run(existing)
+        if run.info.status == "FINISHED":
+            raise ResumeError(
+                f"training id {training_id!r}: its MLflow run {existing} is FINISHED and is never reopened; "
+                "start a new training under a new id")
+        if params:
+            stored = run.data.params
+            diffs = [f"{k} (run {stored[k]}, job {v})" for k, v in sorted(params.items())
+                     if k not in ignore and k in stored and stored[k] != str(v)]
+            if diffs:
+                raise ResumeError(
+                    f"training id {training_id!r}: MLflow run {existing} was made by another job; it differs in "
+                    f"{', '.join(diffs)}; start a new training under a new id")
         client().update_run(existing, status="RUNNING")
         return existing, False
     run = client().create_run(
@@ -83,7 +104,11 @@ def logged_steps(run_id: str, key: str) -> set[int]:
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    client().set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+    status = RunStatus.to_string(RunStatus.from_string(status))
+    # A finished training stands: a later failure (e.g. a refused attempt to reopen it) never marks it failed.
+    if status != "FINISHED" and client().get_run(run_id).info.status == "FINISHED":
+        return
+    client().set_terminated(run_id, status=status)
 
 
 def redact_url(url: str) -> str:

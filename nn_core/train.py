@@ -29,6 +29,8 @@ from nn_core.model import MLPConfig, build_model, stats_from
 
 RESULT_NAME = "result.json"
 SCHEDULES = ("none", "cosine", "onecycle")
+# TrainConfig fields that change no weight: a checkpoint or run may be resumed with other values.
+REPORTING_ONLY = ("eval_batch_size", "target_val_accuracy")
 
 
 @dataclass(frozen=True)
@@ -178,18 +180,20 @@ class RunLogger:
         if t.parent_run_id:
             tags["mlflow.parentRunId"] = t.parent_run_id
         run_name = t.run_name or default_run_name(job)
-        self.run_id, created = tracking.find_or_create_run(t.experiment, t.training_id, run_name, {k: str(v) for k, v in tags.items()})
+        params = {
+            **tracking.flatten("model", job.model.to_dict()),
+            **tracking.flatten("train", asdict(job.train)),
+            "world_size": env.world_size,
+            "dataset": splits.name,
+            "dataset_digest": splits.digest,
+        }
+        self.run_id, created = tracking.find_or_create_run(
+            t.experiment, t.training_id, run_name, {k: str(v) for k, v in tags.items()},
+            params=params, ignore=frozenset({"world_size", *(f"train.{k}" for k in REPORTING_ONLY)}))
         self.steps_per_epoch = steps_per_epoch
         # After a restart, what the run already holds: epochs logged before the crash are not repeated.
         self.logged: set[int] = set() if created else tracking.logged_steps(self.run_id, "val_accuracy")
         if created:
-            params = {
-                **tracking.flatten("model", job.model.to_dict()),
-                **tracking.flatten("train", asdict(job.train)),
-                "world_size": env.world_size,
-                "dataset": splits.name,
-                "dataset_digest": splits.digest,
-            }
             tracking.log_params(self.run_id, params)
             self._log_dataset(job, splits)
 
@@ -314,6 +318,8 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
     ckpt_path = out_dir / CHECKPOINT_NAME
     ckpt = load_checkpoint(ckpt_path) if env.is_main and ckpt_path.exists() else None
     ckpt = broadcast_object(ckpt, env)
+    if ckpt is not None:  # every rank refuses alike, so none is left waiting in a collective
+        check_resumable(ckpt, job, splits.digest, ckpt_path)
 
     if ckpt is not None:
         model_cfg = MLPConfig.from_dict(ckpt["model_config"])
@@ -360,7 +366,7 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
         history.append(h)
         if env.is_main:
             save_checkpoint(ckpt_path, model, model_cfg, cfg, optimizer, scheduler, history,
-                            logger.run_id if logger else None)
+                            logger.run_id if logger else None, dataset_digest=splits.digest)
             if logger is not None:
                 logger.sync(history)
             print(f"epoch {epoch}/{cfg.epochs}: train loss {h['train_loss']:.4f}  val loss {val.loss:.4f}  "
@@ -373,11 +379,41 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
     return finish(job, env, logger, history, val, test, out_dir, list(get_spec(splits.name).classes))
 
 
-def save_checkpoint(path, model, model_cfg, cfg, optimizer, scheduler, history, run_id) -> None:
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def resume_mismatches(ckpt: dict, job: TrainJob, dataset_digest: str) -> list[str]:
+    """The fields in which a checkpoint differs from the job about to resume it: 'model.hidden
+    (checkpoint [50], job [128])'. The model's mean/std come from the data (covered by the digest);
+    REPORTING_ONLY fields change no weight."""
+    diffs = []
+    saved_model, want_model = ckpt.get("model_config", {}), job.model.to_dict()
+    for k, v in want_model.items():
+        if k not in ("mean", "std") and _plain(saved_model.get(k)) != _plain(v):
+            diffs.append(f"model.{k} (checkpoint {_plain(saved_model.get(k))}, job {_plain(v)})")
+    saved_train, want_train = ckpt.get("train_config", {}), asdict(job.train)
+    for k, v in want_train.items():
+        if k not in REPORTING_ONLY and saved_train.get(k) != v:
+            diffs.append(f"train.{k} (checkpoint {saved_train.get(k)}, job {v})")
+    if ckpt.get("dataset_digest") != dataset_digest:
+        diffs.append(f"dataset_digest (checkpoint {ckpt.get('dataset_digest')}, job {dataset_digest})")
+    return diffs
+
+
+def check_resumable(ckpt: dict, job: TrainJob, dataset_digest: str, path: Path) -> None:
+    if diffs := resume_mismatches(ckpt, job, dataset_digest):
+        raise tracking.ResumeError(
+            f"{path}: checkpoint of another job, not resumed; it differs in {', '.join(diffs)}. "
+            "Start a new training under a new id, or resume with the checkpoint's settings")
+
+
+def save_checkpoint(path, model, model_cfg, cfg, optimizer, scheduler, history, run_id, dataset_digest=None) -> None:
     atomic_torch_save(
         {
             "model_config": model_cfg.to_dict(),
             "train_config": asdict(cfg),
+            "dataset_digest": dataset_digest,
             "model_state": model.state_dict(),  # the raw module: no DDP "module." prefix
             "optimizer_state": optimizer.state_dict(),
             "scheduler_state": scheduler.state_dict() if scheduler is not None else None,

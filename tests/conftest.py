@@ -40,6 +40,20 @@ def mnist_source() -> Path:
     return src
 
 
+DEFAULT_FASHION_SOURCE = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+
+
+@pytest.fixture(scope="session")
+def fashion_source() -> Path:
+    """The real Fashion-MNIST files (infra/scripts/ensure-test-data.sh installs Debian's copy, which
+    Debian recompressed: the case the content pins are for)."""
+    src = Path(os.environ.get("MNISTOPS_FASHION_SOURCE") or DEFAULT_FASHION_SOURCE)
+    if not src.is_dir():
+        why = f"{src}: no Fashion-MNIST files (run infra/scripts/ensure-test-data.sh or set MNISTOPS_FASHION_SOURCE)"
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
+    return src.resolve()
+
+
 @pytest.fixture(scope="session")
 def mnist(mnist_source, tmp_path_factory):
     """Real MNIST, verified and cached once per test session."""

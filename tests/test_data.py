@@ -24,7 +24,7 @@ from nn_core.data import (
     read_cache,
     verify_file,
 )
-from nn_core.datasets import FASHION_MNIST, MNIST, FileSpec
+from nn_core.datasets import FASHION_MNIST, MNIST
 
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -207,24 +207,77 @@ def test_unreachable_mirror_is_a_retryable_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fashion-MNIST: verified through the official release's gzip files
+# Every file pinned by its uncompressed content
 
 
-def test_gzip_release_checksum_path(tmp_path):
-    synthetic_dataset(tmp_path / "src", gz=True)
-    path = tmp_path / "src" / (FILES[1] + ".gz")
-    gz_spec = FileSpec("train_labels", FILES[1], "labels", 120, sha256=None,
-                       gz_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-    assert verify_file(path, gz_spec, "fashion-mnist").array.shape == (120,)
-    raw = tmp_path / FILES[1]
-    raw.write_bytes(gzip.decompress(path.read_bytes()))
-    with pytest.raises(IntegrityError, match="official fashion-mnist release file"):
-        verify_file(raw, gz_spec, "fashion-mnist")
-
-
-def test_both_datasets_share_one_layout():
+def test_every_file_of_every_dataset_is_pinned_by_content():
     assert [f.filename for f in MNIST.files] == [f.filename for f in FASHION_MNIST.files] == FILES
-    assert all(f.sha256 for f in MNIST.files) and all(f.gz_sha256 for f in FASHION_MNIST.files)
+    for spec in (MNIST, FASHION_MNIST):
+        assert all(len(f.sha256) == 64 for f in spec.files)
+
+
+def test_a_self_consistent_but_altered_cache_is_refused(tmp_path):
+    """Someone edits the cached tensors and saves a well-formed cache: the content no longer hashes
+    to the per-file SHA-256, so loading refuses it."""
+    from nn_core.checkpoint import atomic_torch_save
+
+    spec = synthetic_dataset(tmp_path / "src")
+    p = prepare(spec, str(tmp_path / "src"), tmp_path / "data")
+    payload = torch.load(p.cache_path, weights_only=True)
+    payload["tensors"]["train_labels"][0] = (payload["tensors"]["train_labels"][0] + 1) % 10
+    atomic_torch_save(payload, p.cache_path)
+    with pytest.raises(IntegrityError, match="train_labels changed") as e:
+        load_splits(p.cache_path)
+    assert str(p.cache_path) in str(e.value)
+    # ... and when the forger also rewrites the per-file SHA-256 to the altered content's, the pins refuse it
+    from nn_core.data import _file_sha256
+
+    payload["file_sha256"]["train_labels"] = _file_sha256("train_labels", payload["tensors"]["train_labels"])
+    payload["digest"] = dataset_digest(payload["file_sha256"])
+    atomic_torch_save(payload, p.cache_path)
+    with pytest.raises(IntegrityError, match="not the pinned mnist files"):
+        read_cache(p.cache_path, spec)
+    rebuilt = prepare(spec, str(tmp_path / "src"), tmp_path / "data")  # prepare rebuilds it from the source
+    assert not rebuilt.reused_cache and rebuilt.digest == p.digest
+
+
+def test_the_cache_checksum_is_the_pinned_file_checksum(tmp_path):
+    spec = synthetic_dataset(tmp_path / "src", gz=False)
+    p = prepare(spec, str(tmp_path / "src"), tmp_path / "data")
+    payload = read_cache(p.cache_path, spec)
+    assert payload["file_sha256"] == {f.role: f.sha256 for f in spec.files}
+    assert {f.role: hashlib.sha256((tmp_path / "src" / f.filename).read_bytes()).hexdigest() for f in spec.files} \
+        == payload["file_sha256"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Fashion-MNIST: Debian's recompressed copy, the same files uncompressed, and a damaged one
+
+
+@pytest.mark.e2e
+def test_real_fashion_mnist_recompressed_or_plain(fashion_source, tmp_path):
+    from nn_core.datasets import fingerprint
+
+    recompressed = prepare(FASHION_MNIST, str(fashion_source), tmp_path / "a")
+    assert recompressed.digest == dataset_digest({f.role: f.sha256 for f in FASHION_MNIST.files})
+    assert recompressed.split_sizes == {"train": 50_000, "val": 10_000, "test": 10_000}
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in FILES:
+        gz = fashion_source / (name + ".gz")
+        (plain / name).write_bytes(gzip.decompress(gz.read_bytes()) if gz.exists() else (fashion_source / name).read_bytes())
+    assert prepare(FASHION_MNIST, str(plain), tmp_path / "b").digest == recompressed.digest
+    s = load_splits(recompressed.cache_path)
+    assert torch.bincount(s.test_labels, minlength=10).tolist() == [1000] * 10
+    # One byte of one file changed: refused by name, nothing cached.
+    content = bytearray((plain / FILES[2]).read_bytes())
+    content[5000] ^= 0x01
+    (plain / FILES[2]).write_bytes(bytes(content))
+    with pytest.raises(IntegrityError, match="SHA-256") as e:
+        prepare(FASHION_MNIST, str(plain), tmp_path / "c")
+    assert FILES[2] in str(e.value) and "fashion-mnist" in str(e.value)
+    assert not (tmp_path / "c" / "fashion-mnist.pt").exists()
+    assert fingerprint(FASHION_MNIST) != fingerprint(MNIST)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,7 +151,8 @@ def test_k8s_manifests_have_identity():
     docs = _k8s_docs()
     assert {d["kind"] for _, d in docs} >= {"Job", "Service", "PyTorchJob", "Deployment", "PersistentVolumeClaim"}
     for file, d in docs:
-        assert d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name"), file
+        meta = d.get("metadata", {})
+        assert d.get("apiVersion") and d.get("kind") and (meta.get("name") or meta.get("generateName")), file
 
 
 def test_k8s_manifests_match_the_kubernetes_schemas():
@@ -224,6 +225,11 @@ def test_pytorchjob_uses_the_operators_master_address():
         assert container["name"] == "pytorch", "the operator sets MASTER_ADDR only in the container named pytorch"
         endpoint = _check_train_command(container["command"], nodes)
         assert endpoint == "$(MASTER_ADDR):$(MASTER_PORT)"
+        # One id per submission (generateName), read from the operator's label: never a fixed id.
+        assert job["metadata"].get("generateName") and "name" not in job["metadata"]
+        assert _option(container["command"], "--rdzv-id") == "$(JOB_NAME)"
+        (env,) = [e for e in container["env"] if e["name"] == "JOB_NAME"]
+        assert env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['training.kubeflow.org/job-name']"
         assert "pytorchjob-port" in {p["name"] for p in container["ports"]}
         _check_gpu_and_secrets(container)
 

@@ -108,3 +108,16 @@ def test_two_pipelines_finishing_together(stack, tmp_path, mnist, mnist_source):
     assert champion.tags["promotion"] == "accepted"  # never a rejected version
     accs = {v.version: float(v.tags["promotion.val_accuracy"]) for v in versions}
     assert accs[champion.version] == max(accs.values())  # the better one
+    # Serialised: only the first gate found no champion; the other compared with it.
+    reasons = [v.tags["promotion.reason"] for v in versions]
+    assert sum("no champion yet" in r for r in reasons) == 1, reasons
+    # ... under the Prefect global concurrency limit of this registered model (the pipelines could be on
+    # two hosts), created by the first promotion and released by both.
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.promotion import limit_name
+
+    with temporary_settings({PREFECT_API_URL: stack.prefect_url}), get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(limit_name("race-mlp"))
+    assert limit.limit == 1 and limit.active and limit.active_slots == 0

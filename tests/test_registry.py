@@ -8,6 +8,7 @@ import mlflow
 import numpy as np
 import onnx
 import pytest
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from onnx import numpy_helper
 
 from nn_core import registry, tracking
@@ -73,8 +74,19 @@ def models(mnist, store):
     return {
         "weak": _train(mnist, store, "weak", epochs=1, lr=1e-5),  # a few hundred tiny steps
         "medium": _train(mnist, store, "medium", epochs=3),
+        "medium_b": _train(mnist, store, "medium_b", epochs=3, seed=1),
         "good": _train(mnist, store, "good", epochs=10),
     }
+
+
+@pytest.fixture(scope="module")
+def fashion_model(fashion_source, store, tmp_path_factory):
+    """A real Fashion-MNIST candidate (one epoch is enough: only its task matters here)."""
+    from nn_core.data import prepare
+    from nn_core.datasets import FASHION_MNIST
+
+    fashion = prepare(FASHION_MNIST, str(fashion_source), tmp_path_factory.mktemp("fashion-cache"))
+    return fashion, _train(fashion, store, "fashion", epochs=1)
 
 
 def _champion(name="mnist-mlp"):
@@ -118,7 +130,8 @@ def test_tampered_export_fails_parity_and_is_never_registered(models, mnist, tmp
     assert not report.passed and "max |logit diff|" in report.reason and report.max_abs_diff > 1e-4
     before = mlflow.MlflowClient().search_model_versions("name = 'mnist-mlp'")
     with pytest.raises(ValueError, match="parity failed"):
-        registry.register_candidate(models["good"].run_id, path, report, "mnist-mlp", s.val_images[:2].numpy(), {})
+        registry.register_candidate(models["good"].run_id, path, report, "mnist-mlp", s.val_images[:2].numpy(), {},
+                                    registry.Task(s.name, s.digest))
     assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-mlp'")) == len(before)
 
 
@@ -129,37 +142,52 @@ def _candidate(result: TrainResult, mnist, cfg=GateConfig()):
     return version, gate_and_record(result, exported, version, mnist.cache_path, "mnist-mlp", cfg)
 
 
+def _versions(name="mnist-mlp"):
+    return sorted(int(v.version) for v in tracking.client().search_model_versions(f"name = '{name}'"))
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_the_gate_over_a_sequence_of_candidates(models, mnist):
     c = tracking.client()
-    # 1. a weak model is registered, rejected, and no champion appears
+    # 1. a weak model is registered, rejected, and no champion appears; the registered model is now
+    #    bound to MNIST (its first registration)
     v1, d1 = _candidate(models["weak"], mnist)
     assert not d1.accepted and "< threshold" in d1.reason and _champion() is None
     mv = c.get_model_version("mnist-mlp", v1)
     assert mv.tags["promotion"] == "rejected" and "threshold" in mv.tags["promotion.reason"]
     assert c.get_run(models["weak"].run_id).data.tags["promotion"] == "rejected"
+    rm = c.get_registered_model("mnist-mlp")
+    assert rm.tags[registry.DATASET_TAG] == "mnist" and rm.tags[registry.DIGEST_TAG] == mnist.digest
+    assert "mnist" in rm.description and mnist.digest in rm.description
 
     # 2. a decent model becomes champion
     v2, d2 = _candidate(models["medium"], mnist)
-    assert d2.accepted and _champion() == v2
+    assert d2.accepted and _champion() == v2 and "no champion yet" in d2.reason
 
-    # 3. the weak model again: rejected, the champion does not move
+    # 3. the weak run again (a retried register and gate): the same version, its decision unchanged
+    tags_before = c.get_model_version("mnist-mlp", v1).tags
     v3, d3 = _candidate(models["weak"], mnist)
-    assert not d3.accepted and _champion() == v2
+    assert v3 == v1 and d3 == d1 and _versions() == [1, 2] and _champion() == v2
+    assert c.get_model_version("mnist-mlp", v1).tags == tags_before
 
     # 4. a better model replaces the champion
     v4, d4 = _candidate(models["good"], mnist)
     assert d4.accepted and _champion() == v4
     assert d4.champion_version == v2 and d4.champion_val_accuracy < d4.val_accuracy
 
-    # 5. worse than the champion: rejected (margin 0) ... unless the margin allows it
-    v5, d5 = _candidate(models["medium"], mnist)
+    # 5. worse than the champion: rejected (margin 0) ... unless a promotion by hand allows the margin
+    v5, d5 = _candidate(models["medium_b"], mnist)
     assert not d5.accepted and "worse than the champion" in d5.reason and _champion() == v4
     assert c.get_model_version("mnist-mlp", v5).tags["promotion.champion_version"] == v4
     gap = d5.champion_val_accuracy - d5.val_accuracy
-    _, d6 = _candidate(models["medium"], mnist, GateConfig(margin=gap + 0.001))
-    assert d6.accepted
+    s = load_splits(mnist.cache_path)
+    task = registry.Task(s.name, s.digest)
+    again = registry.gate("mnist-mlp", v5, s.val_images.numpy(), s.val_labels.numpy(), GateConfig(margin=gap + 0.001), task=task)
+    assert again == d5 and _champion() == v4  # the pipeline's gate keeps the recorded decision
+    d6 = registry.gate("mnist-mlp", v5, s.val_images.numpy(), s.val_labels.numpy(), GateConfig(margin=gap + 0.001),
+                       task=task, decide_again=True)
+    assert d6.accepted and _champion() == v5 and c.get_model_version("mnist-mlp", v5).tags["promotion"] == "accepted"
 
     # the champion is what `models:/mnist-mlp@champion` serves, and it reproduces its accuracy
     loaded = mlflow.onnx.load_model(f"models:/mnist-mlp@{CHAMPION}")
@@ -180,19 +208,114 @@ def test_the_gate_over_a_sequence_of_candidates(models, mnist):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_an_error_between_registration_and_promotion_leaves_the_alias(models, mnist, monkeypatch):
+def test_an_error_between_registration_and_promotion_leaves_the_alias(models, mnist, store, monkeypatch):
     before = _champion()
     if before is None:
         v, d = _candidate(models["good"], mnist)
         before = v
-    exported = export_and_check(models["good"], mnist.cache_path)
-    version = register(models["good"], exported, mnist.cache_path, "mnist-mlp")
+    fresh = _train(mnist, store, "fresh", epochs=2)  # a run never registered: its gate has to decide
+    exported = export_and_check(fresh, mnist.cache_path)
+    version = register(fresh, exported, mnist.cache_path, "mnist-mlp")
 
     def boom(*a, **k):
         raise RuntimeError("injected failure before the alias moves")
 
     monkeypatch.setattr(registry, "decide", boom)
     with pytest.raises(RuntimeError, match="injected"):
-        gate_and_record(models["good"], exported, version, mnist.cache_path, "mnist-mlp", GateConfig())
+        gate_and_record(fresh, exported, version, mnist.cache_path, "mnist-mlp", GateConfig())
     assert _champion() == before
     assert tracking.client().get_model_version("mnist-mlp", version).tags["promotion"] == "pending"
+
+
+def _fail_once(monkeypatch, method: str, when):
+    """Make one real MlflowClient call raise once (when `when(*args)`), as a registry that fails mid-way."""
+    real = getattr(mlflow.MlflowClient, method)
+    state = {"armed": True}
+
+    def flaky(self, *args, **kwargs):
+        if state["armed"] and when(*args):
+            state["armed"] = False
+            raise mlflow.exceptions.MlflowException("injected: the registry went away", error_code=TEMPORARILY_UNAVAILABLE)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, method, flaky)
+    return state
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_retried_register_and_gate_change_nothing(models, mnist, store, monkeypatch):
+    """A failure after the version was created, and one after the alias moved: the retries (as Prefect
+    makes them) find the version and finish the decision, with no second version, no lost comparison."""
+    name = "retry-mlp"
+    s = load_splits(mnist.cache_path)
+    seed = _train(mnist, store, "retry-seed", epochs=2)
+    exported = export_and_check(seed, mnist.cache_path)
+    first = register(seed, exported, mnist.cache_path, name)
+    assert gate_and_record(seed, exported, first, mnist.cache_path, name, GateConfig(threshold=0.5)).accepted
+
+    exported = export_and_check(models["good"], mnist.cache_path)
+    armed = _fail_once(monkeypatch, "set_model_version_tag", lambda n, v, k, val: k == "git_commit")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="injected"):
+        register(models["good"], exported, mnist.cache_path, name)
+    assert not armed["armed"] and _versions(name) == [1, 2]  # created, then the failure
+    version = register(models["good"], exported, mnist.cache_path, name)  # the retry
+    assert version == "2" and _versions(name) == [1, 2]
+    assert tracking.client().get_model_version(name, version).tags["promotion"] == "pending"
+
+    armed = _fail_once(monkeypatch, "set_model_version_tag", lambda n, v, k, val: k == "promotion" and val == "accepted")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="injected"):
+        gate_and_record(models["good"], exported, version, mnist.cache_path, name, GateConfig(threshold=0.5))
+    assert not armed["armed"]
+    d = gate_and_record(models["good"], exported, version, mnist.cache_path, name, GateConfig(threshold=0.5))
+    assert d.accepted and d.champion_version == first and "not worse than the champion" in d.reason
+    assert "no champion yet" not in d.reason and registry.champion(name) == version
+    tags = tracking.client().get_model_version(name, version).tags
+    assert tags["promotion"] == "accepted" and tags["promotion.champion_version"] == first
+
+    # a third attempt (the task retried once more) changes nothing at all
+    again = gate_and_record(models["good"], exported, version, mnist.cache_path, name, GateConfig(threshold=0.5))
+    assert again == d and tracking.client().get_model_version(name, version).tags == tags
+    assert str(registry.version_of_run(name, models["good"].run_id).version) == version
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_champion_is_none_only_when_absent(store, models, mnist):
+    assert registry.champion("no-such-model") is None
+    tracking.client().create_registered_model("no-alias-mlp")
+    assert registry.champion("no-alias-mlp") is None
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_candidate_of_another_dataset_is_refused(models, mnist, fashion_model):
+    """mnist-mlp is bound to MNIST: a Fashion-MNIST candidate is refused before anything is registered;
+    a Fashion-MNIST version that got in anyway (registered by hand, or before models were bound) is
+    refused by the gate even with force, and so is another task's split."""
+    fashion, result = fashion_model
+    c = tracking.client()
+    _candidate(models["medium"], mnist)  # mnist-mlp exists and is bound to MNIST
+    champion_before, versions_before = _champion(), _versions()
+    exported = export_and_check(result, fashion.cache_path)
+    with pytest.raises(registry.TaskMismatchError, match="bound to mnist") as e:
+        register(result, exported, fashion.cache_path, "mnist-mlp")
+    assert "fashion-mnist" in str(e.value) and "'fashion-mnist-mlp'" in str(e.value)
+    assert _versions() == versions_before and c.get_registered_model("mnist-mlp").tags[registry.DATASET_TAG] == "mnist"
+
+    # Under its own name it is fine, and that registered model is bound to Fashion-MNIST.
+    fv = register(result, exported, fashion.cache_path, "fashion-mnist-mlp")
+    assert c.get_registered_model("fashion-mnist-mlp").tags[registry.DIGEST_TAG] == fashion.digest
+
+    # A Fashion-MNIST version inside mnist-mlp, as the registry held them before models were bound.
+    src = c.get_model_version("fashion-mnist-mlp", fv)
+    stray = c.create_model_version("mnist-mlp", src.source, run_id=result.run_id,
+                                   tags={"dataset": "fashion-mnist", "dataset_digest": fashion.digest,
+                                         "parity_passed": "true", "promotion": "pending"}).version
+    m, f = load_splits(mnist.cache_path), load_splits(fashion.cache_path)
+    for split in (m, f):
+        with pytest.raises(registry.TaskMismatchError, match="bound to mnist"):
+            registry.gate("mnist-mlp", stray, split.val_images.numpy(), split.val_labels.numpy(), GateConfig(threshold=0.0),
+                          force=True, task=registry.Task(split.name, split.digest), decide_again=True)
+    assert _champion() == champion_before
+    assert c.get_model_version("mnist-mlp", stray).tags["promotion"] == "pending"
