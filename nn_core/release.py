@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.card import model_card
 from nn_core.checkpoint import load_model
@@ -44,10 +45,24 @@ def register(result: TrainResult, exported: ExportResult, data_path: Path, model
         "test_accuracy": f"{result.test_accuracy:.6f}",
         "dataset": splits.name,
         "dataset_digest": splits.digest,
-        "git_commit": tracking.git_commit(),
     }
-    return register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
-                              splits.val_images[:2].numpy(), tags)
+    version = register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
+                                 splits.val_images[:2].numpy(), tags)
+    link_model_metrics(result, model_name, version)
+    return version
+
+
+def link_model_metrics(result: TrainResult, model_name: str, version: str) -> None:
+    """Attach the run's final validation accuracy to the logged model (MLflow 3's model page shows a
+    model's own metrics). The point is the series' last one, re-sent with the model's id: same key,
+    step, value and timestamp, so the run's history gains no duplicate."""
+    c = tracking.client()
+    model_id = getattr(c.get_model_version(model_name, version), "model_id", None)
+    history = c.get_metric_history(result.run_id, M.VAL_ACCURACY) if model_id else []
+    if history:
+        last = max(history, key=lambda m: (m.step, m.timestamp))
+        c.log_metric(result.run_id, M.VAL_ACCURACY, last.value, timestamp=last.timestamp, step=last.step,
+                     model_id=model_id)
 
 
 def gate_and_record(result: TrainResult, exported: ExportResult, version: str, data_path: Path,
