@@ -115,15 +115,17 @@ def append_note(run_id: str, text: str) -> None:
         set_note(run_id, f"{current} {text.strip()}".strip())
 
 
-def dataset_source(uri: str):
-    """The source MLflow shows for a dataset: a local folder or file:// is `local`, a URL `http`."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
+def dataset_source(uri: str) -> tuple[str, str]:
+    """(source type, source JSON) as MLflow shows a dataset's source: a URL is `http`, a local
+    folder or file:// URL `local` (what MLflow's LocalArtifactDatasetSource records)."""
+    import json
 
     if uri.startswith(("http://", "https://")):
-        return HTTPDatasetSource(uri)
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
 
-    return LocalArtifactDatasetSource(uri if "://" in uri else Path(uri).resolve().as_uri())
+        source = HTTPDatasetSource(uri)
+        return source._get_source_type(), source.to_json()
+    return "local", json.dumps({"uri": uri if "://" in uri else Path(uri).resolve().as_uri()})
 
 
 def split_profile(splits, split: str) -> dict:
@@ -148,13 +150,13 @@ def log_dataset_splits(run_id: str, splits, source_uri: str) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.types import Schema, TensorSpec
 
-    source = dataset_source(source_uri)
+    source_type, source = dataset_source(source_uri)
     schema = TensorDatasetSchema(features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28), "pixels")]),
                                  targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")]))
     inputs = []
     for split, context in (("train", "train"), ("val", "validation"), ("test", "test")):
-        entity = Dataset(name=f"{splits.name}-{split}", digest=splits.digest[:36], source_type=source._get_source_type(),
-                         source=source.to_json(), schema=json.dumps(schema.to_dict()),
+        entity = Dataset(name=f"{splits.name}-{split}", digest=splits.digest[:36], source_type=source_type,
+                         source=source, schema=json.dumps(schema.to_dict()),
                          profile=json.dumps(split_profile(splits, split)))
         inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
     client().log_inputs(run_id, datasets=inputs)
