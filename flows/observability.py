@@ -89,10 +89,17 @@ def _rank_of(path: Path) -> str:
     return f"rank {path.parent.name}" + (f" ({path.parent.parent.name})" if path.parent.parent.name != "attempt_0" else "")
 
 
+def _level(path: Path, text: str) -> int:
+    """stderr carries Python's log lines as well as errors: only what says it is one is a warning."""
+    if path.name == "stderr.log" and any(w in text for w in ("Traceback", "Error", "ERROR", "WARNING", "Warning")):
+        return logging.WARNING
+    return logging.INFO
+
+
 @contextlib.contextmanager
 def forward_worker_logs(log_dir: Path, logger: logging.Logger | logging.LoggerAdapter, poll: float = 0.25):
     """Follow every worker's stdout/stderr file under `log_dir` (torch's per-rank files, restarts
-    included) and log each complete line: stdout at INFO, stderr at WARNING. Everything written is
+    included) and log each complete line: at INFO, warnings and errors at WARNING. Everything written is
     forwarded, also after the workers end (the last read runs when the block exits)."""
     stop = threading.Event()
     offsets: dict[Path, int] = {}
@@ -112,11 +119,10 @@ def forward_worker_logs(log_dir: Path, logger: logging.Logger | logging.LoggerAd
             *lines, rest = (partial.pop(path, b"") + data).split(b"\n")
             if rest:
                 partial[path] = rest
-            level = logging.WARNING if path.name == "stderr.log" else logging.INFO
             for line in lines:
                 text = line.decode(errors="replace").rstrip()
                 if text:
-                    logger.log(level, "[%s] %s", _rank_of(path), text)
+                    logger.log(_level(path, text), "[%s] %s", _rank_of(path), text)
 
     def follow() -> None:
         while not stop.wait(poll):

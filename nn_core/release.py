@@ -57,12 +57,22 @@ def link_model_metrics(result: TrainResult, model_name: str, version: str) -> No
     model's own metrics). The point is the series' last one, re-sent with the model's id: same key,
     step, value and timestamp, so the run's history gains no duplicate."""
     c = tracking.client()
-    model_id = getattr(c.get_model_version(model_name, version), "model_id", None)
+    model_id = logged_model_id(model_name, version)
     history = c.get_metric_history(result.run_id, M.VAL_ACCURACY) if model_id else []
     if history:
         last = max(history, key=lambda m: (m.step, m.timestamp))
         c.log_metric(result.run_id, M.VAL_ACCURACY, last.value, timestamp=last.timestamp, step=last.step,
                      model_id=model_id)
+
+
+def logged_model_id(model_name: str, version: str) -> str | None:
+    """The MLflow 3 logged model behind a registered version: its source is `models:/<model id>`
+    (the version's own model_id field is left empty by the SQL store)."""
+    mv = tracking.client().get_model_version(model_name, version)
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = mv.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 def gate_and_record(result: TrainResult, exported: ExportResult, version: str, data_path: Path,

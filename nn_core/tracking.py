@@ -165,6 +165,10 @@ def log_dataset_splits(run_id: str, splits, source_uri: str) -> None:
 def start_system_metrics(run_id: str, resume: bool = False):
     """CPU, memory, disk and network (and GPU where pynvml sees one) as `system/...` metrics of the
     run, sampled by MLflow's own monitor in a thread of this process; None if it cannot start."""
+    import logging
+
+    # Its start/stop INFO lines would fill the worker's log (and the Prefect task run's) with noise.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -173,8 +177,6 @@ def start_system_metrics(run_id: str, resume: bool = False):
         monitor.start()
         return monitor
     except Exception as e:  # a missing monitor costs a chart, never the training
-        import logging
-
         logging.getLogger(__name__).warning("system metrics are not recorded: %s", e)
         return None
 

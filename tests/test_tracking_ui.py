@@ -18,6 +18,7 @@ from nn_core import tracking
 from nn_core.checkpoint import load_checkpoint
 from nn_core.data import prepare
 from nn_core.launch import LaunchSpec, launch_training, new_training_id
+from nn_core.release import logged_model_id
 from nn_core.train import TrackingConfig, TrainConfig, TrainJob
 
 LEGACY = {"val_accuracy", "final_val_accuracy", "test_accuracy", "train_loss_step", "train_loss", "lr",
@@ -145,7 +146,7 @@ def test_pipeline_sweep_and_batch_job_read_back_through_mlflow_and_prefect(prefe
     c = tracking.client()
 
     # --- the training pipeline
-    state = training_pipeline(data_source=str(mnist_source), epochs=2, return_state=True)
+    state = training_pipeline(data_source=str(mnist_source), epochs=2, gate_threshold=0.9, return_state=True)
     assert state.is_completed()
     outcome = state.result()
     flow_run_id = state.state_details.flow_run_id
@@ -165,9 +166,11 @@ def test_pipeline_sweep_and_batch_job_read_back_through_mlflow_and_prefect(prefe
     assert {"promotion", "val_accuracy", "dataset_digest", "parity_passed"} <= set(mv.tags)
     assert not {"git_commit", "run_id", "parity_max_abs_diff_batch_1"} & set(mv.tags) and len(mv.tags) <= 14
     assert c.get_registered_model("mnist-mlp").description.startswith("The mnist MLP as ONNX")
-    logged = c.get_logged_model(mv.model_id)
+    logged = c.get_logged_model(logged_model_id("mnist-mlp", "1"))
     assert logged.name == "mnist-mlp"
-    assert {m.key: m.value for m in logged.metrics} == {M.VAL_ACCURACY: pytest.approx(outcome.metrics["val_accuracy"])}
+    model_metrics = {m.key: m for m in logged.metrics}  # the model page's metrics: the trained model's
+    assert model_metrics[M.VAL_ACCURACY].value == pytest.approx(outcome.metrics["val_accuracy"])
+    assert model_metrics[M.VAL_ACCURACY].step == 2
     assert [m.step for m in c.get_metric_history(outcome.run_id, M.VAL_ACCURACY)] == [1, 2]  # no duplicate
     info = mlflow.models.get_model_info("models:/mnist-mlp/1")
     assert info.signature.inputs.input_names() == ["pixels"]
@@ -192,7 +195,7 @@ def test_pipeline_sweep_and_batch_job_read_back_through_mlflow_and_prefect(prefe
     assert parent.data.params["grid.hidden"] == "50 | 32" and parent.data.params["grid.lr"] == "0.002"
     assert parent.data.params["grid.batch_size"] == "128" and parent.data.params["grid.epochs"] == "1"
     assert not any(k.startswith("trial") for k in parent.data.metrics) and M.SWEEP_BEST_VAL_ACCURACY in parent.data.metrics
-    table = mlflow.load_table("trials.json", run_ids=[sweep.parent_run_id])
+    table = c.load_table(parent.info.experiment_id, "trials.json", run_ids=[sweep.parent_run_id])
     assert sorted(table["config"]) == sorted(t["name"] for t in sweep.trials)
     assert set(table["run_id"]) == {t["run_id"] for t in sweep.trials}
     assert parent.data.tags["mlflow.source.name"] == "hyperparameter-sweep" and "Best: " in parent.data.tags["mlflow.note.content"]
