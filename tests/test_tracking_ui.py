@@ -154,6 +154,7 @@ def test_pipeline_sweep_and_batch_job_read_back_through_mlflow_and_prefect(prefe
     tags = run.data.tags
     assert tags["mlflow.source.name"] == "training-pipeline" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["prefect.flow_run_id"] == str(flow_run_id)
+    assert tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{flow_run_id}")  # the harness serves a UI URL
     note = tags["mlflow.note.content"]
     assert "Registered as mnist-mlp version 1: promoted to champion" in note and str(flow_run_id) in note
     exp = c.get_experiment(run.info.experiment_id)
