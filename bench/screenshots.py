@@ -119,7 +119,11 @@ def pages(base: str) -> dict[str, str]:
     if exp is None:
         raise SystemExit("screenshots: no experiment 'mnist-mlp' in this store: run `mnistops run` first")
     runs = c.search_runs([exp.experiment_id], filter_string="tags.`mnistops.kind` = 'training'",
-                         order_by=["attributes.start_time DESC"], max_results=5)
+                         order_by=["attributes.start_time DESC"], max_results=20)
+    # The newest pipeline runs first (a sweep's trials are nested under its parent, shown separately).
+    runs = sorted(runs, key=lambda r: "mlflow.parentRunId" in r.data.tags)[:5]
+    sweeps = c.search_runs([exp.experiment_id], filter_string="tags.`mnistops.kind` = 'sweep'",
+                           order_by=["attributes.start_time DESC"], max_results=1)
     # MLflow 3.17's UI opens in its GenAI view unless the link asks for the model-training one.
     ml = "workflowType=machine_learning"
     out = {"experiment": f"{base}/#/experiments/{exp.experiment_id}?{ml}"}
@@ -127,6 +131,8 @@ def pages(base: str) -> dict[str, str]:
         rid = runs[0].info.run_id
         out["run"] = f"{base}/#/experiments/{exp.experiment_id}/runs/{rid}?{ml}"
         out["run-metrics"] = f"{base}/#/experiments/{exp.experiment_id}/runs/{rid}/model-metrics?{ml}"
+    if sweeps:
+        out["sweep"] = f"{base}/#/experiments/{exp.experiment_id}/runs/{sweeps[0].info.run_id}?{ml}"
     if len(runs) >= 2:
         ids = json.dumps([r.info.run_id for r in runs])
         query = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([exp.experiment_id]),

@@ -7,17 +7,20 @@ import dataclasses
 import datetime
 import os
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import settings
+from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
+from nn_core import tracking
 from serving.atomic import atomic_path
 from serving.cli import summary
 from serving.errors import DriftAlert, InputError
 from serving.inbox import InboxResult, run_inbox
-from serving.job import JobConfig, JobResult, run_job
+from serving.job import EXPERIMENT, JobConfig, JobResult, run_job
 from serving.model_source import DEFAULT_MODEL_URI
 
 
@@ -72,8 +75,8 @@ def batch_inference(
     model: str = DEFAULT_MODEL_URI,
     labels: str | None = None,
     batch_size: int | None = None,
-    device: str = "auto",
-    on_error: str = "fail",
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    on_error: Literal["fail", "skip"] = "fail",
     format: str | None = None,
     all_probabilities: bool = False,
     threads: int | None = None,
@@ -86,10 +89,33 @@ def batch_inference(
 ) -> dict:
     """Predict every image of `input` (or every new input of the folder `inbox`) with `model`; write
     predictions and manifests atomically, with a drift check. With `fail_on_drift` an alert fails the
-    flow run (after the outputs and the artifact are written)."""
+    flow run (after the outputs and the artifact are written).
+
+    Args:
+        output: Predictions file (.parquet or .csv) for `input`, or a folder: one timestamped file per run
+            of `input`, one file per scored input of `inbox` (with the ledger that scores each once).
+        input: Images to predict: a folder of image files, an IDX file (gzipped or not) or a .npy array.
+        inbox: A folder whose inputs (IDX, .npy, image folders) are each scored once per content.
+        model: MLflow model URI (models:/NAME@champion, models:/NAME/VERSION) or a local .onnx file.
+        labels: Labels of `input` (IDX or .npy); with them the job reports accuracy.
+        batch_size: Images per onnxruntime call; default: the job's own choice for the device.
+        device: Where onnxruntime runs; auto takes CUDA when it is usable.
+        on_error: A bad image fails the job, or is skipped and listed in the manifest.
+        format: Output format: parquet or csv (default: from the output's suffix, else parquet).
+        all_probabilities: Write all ten class probabilities, not only the top one.
+        threads: onnxruntime intra-op threads per stream; default: the CPUs shared among the streams.
+        streams: Batches inferred side by side; default: 1 on CUDA, else up to 4.
+        track: Record each job as an MLflow run.
+        overwrite: Replace an existing output file (never an input).
+        rescore: Score the inbox's inputs again with the current model.
+        fail_on_drift: Fail the flow run when an input drifted from the model's reference profile.
+        drift_reference: A reference profile (JSON) to compare with, instead of the version's own.
+    """
     if (input is None) == (inbox is None):
         raise ValueError("give exactly one of input and inbox")
     settings.configure()
+    if track:
+        tracking.ensure_experiment(EXPERIMENT, description=INFERENCE_DESCRIPTION)
     cfg = JobConfig(input=Path(input or inbox), output=Path(output), model=model,
                     labels=Path(labels) if labels else None, batch_size=batch_size, device=device,
                     on_error=on_error, format=format, all_probabilities=all_probabilities, threads=threads,
@@ -110,6 +136,9 @@ def batch_inference(
         s = summary(result)
         _artifact(f"Batch inference: {result.predicted} predictions", model, [result])
         res, alerts = result, [result] if result.drift.alert else []
+    for r in (res.scored if inbox is not None else [res]):
+        if r.mlflow_run_id:
+            _tag_job_run(r)
     logger.info("batch inference: %s", s)
     for r in alerts:
         logger.warning("drift alert on %s: %s", r.input_path, r.drift.reason)
@@ -120,6 +149,22 @@ def batch_inference(
         raise InputError(f"{len(res.failed)} input(s) of {inbox} failed: "
                          + "; ".join(f["error"] for f in res.failed))
     return s
+
+
+def _tag_job_run(result: JobResult) -> None:
+    """The batch job's MLflow run as the UI expects it: who and what started it, and a description."""
+    run_id = result.mlflow_run_id
+    tracking.log_tags(run_id, mlflow_context_tags("batch-inference"))
+    accuracy = "" if result.accuracy is None else f", accuracy {result.accuracy:.2%}"
+    tracking.set_note(run_id, f"Batch inference of {result.predicted} of {result.records} records with "
+                              f"{result.model.uri} (version {result.model.version or 'local file'}) on {result.provider}"
+                              f"{accuracy}; {len(result.skipped)} skipped. {prefect_note()}".strip())
+    url = settings.run_url(tracking.client().get_run(run_id).info.experiment_id, run_id)
+    link_mlflow_run(url, "mlflow-batch-run", f"MLflow run {run_id} (batch inference)")
+
+
+INFERENCE_DESCRIPTION = ("Batch inference jobs: one run per job with the model version it used, its input and "
+                         "labels digests, throughput and (with labels) accuracy; the manifest is its artifact.")
 
 
 def export_test_split(dataset: str, data_dir: str | None, dest: Path) -> tuple[Path, Path]:

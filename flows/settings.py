@@ -84,4 +84,5 @@ def mlflow_ui_base() -> str:
 
 
 def run_url(experiment_id: str, run_id: str) -> str:
-    return f"{mlflow_ui_base()}/#/experiments/{experiment_id}/runs/{run_id}"
+    # MLflow 3.17's UI opens in its GenAI view unless the link asks for the model-training one.
+    return f"{mlflow_ui_base()}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"

@@ -6,12 +6,16 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows import settings
-from flows.training import PipelineResult, obtain_data, publish, refuse_other_task, release, train_job, train_model
+from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
+from flows.training import (EXPERIMENT_DESCRIPTION, PipelineResult, obtain_data, publish, refuse_other_task, release,
+                            train_job, train_model)
+from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.launch import LaunchSpec, TrainResult
 from nn_core.registry import GateConfig, default_model_name
@@ -26,12 +30,45 @@ class SweepResult:
     release: PipelineResult
 
 
-def _comparison_table(trials: list[dict]) -> str:
+def _comparison_table(trials: list[dict], run_url=None) -> str:
+    """Markdown, best first; with `run_url(run_id)`, each run id links to its MLflow run."""
+    def run(t: dict) -> str:
+        return f"[{t['run_id']}]({run_url(t['run_id'])})" if run_url else f"`{t['run_id']}`"
+
     rows = sorted(trials, key=lambda t: -t["val_accuracy"])
-    lines = ["| rank | config | val acc | test acc | train s | run |", "|---|---|---|---|---|---|"]
+    lines = ["| rank | config | val acc | test acc | train s | MLflow run |", "|---|---|---|---|---|---|"]
     lines += [f"| {i} | {t['name']} | {t['val_accuracy']:.4f} | {t['test_accuracy']:.4f} | "
-              f"{t['train_seconds']:.1f} | `{t['run_id']}` |" for i, t in enumerate(rows, 1)]
+              f"{t['train_seconds']:.1f} | {run(t)} |" for i, t in enumerate(rows, 1)]
     return "\n".join(lines)
+
+
+def _trials_table(trials: list[dict]) -> dict[str, list]:
+    """The trials as columns for MLflow's log_table (the run's Artifacts tab shows it as a table)."""
+    rows = sorted(trials, key=lambda t: -t["val_accuracy"])
+    return {
+        "rank": list(range(1, len(rows) + 1)),
+        "config": [t["name"] for t in rows],
+        "hidden": ["x".join(map(str, t["hidden"])) for t in rows],
+        "lr": [t["lr"] for t in rows],
+        "batch_size": [t["batch_size"] for t in rows],
+        "epochs": [t["epochs"] for t in rows],
+        "val_accuracy": [t["val_accuracy"] for t in rows],
+        "test_accuracy": [t["test_accuracy"] for t in rows],
+        "train_seconds": [t["train_seconds"] for t in rows],
+        "run_id": [t["run_id"] for t in rows],
+    }
+
+
+def _grid_params(spec) -> dict[str, str]:
+    """The searched grid, one param per axis (the values tried, in order)."""
+    return {
+        "grid.hidden": " | ".join("x".join(map(str, h)) for h in spec.hidden),
+        "grid.lr": ", ".join(f"{v:g}" for v in spec.lr),
+        "grid.batch_size": ", ".join(map(str, spec.batch_size)),
+        "grid.epochs": ", ".join(map(str, spec.epochs)),
+        "grid.sample": "all" if spec.sample is None else str(spec.sample),
+        "grid.seed": str(spec.seed),
+    }
 
 
 def _comparison_chart(trials: list[dict], path: Path) -> Path:
@@ -62,6 +99,16 @@ def _comparison_chart(trials: list[dict], path: Path) -> Path:
     return path
 
 
+def _sweep_note(spec, trials: list[dict], best: dict, outcome: PipelineResult) -> str:
+    grid = "; ".join(f"{k.removeprefix('grid.')} {v}" for k, v in _grid_params(spec).items() if k != "grid.seed")
+    verdict = (f"registered as {outcome.model_name} version {outcome.version}, "
+               f"{'promoted to champion' if outcome.promoted else 'not promoted'} ({outcome.reason})"
+               if outcome.version else outcome.reason)
+    return (f"Sweep of {len(trials)} configs over the grid ({grid}). Best: {best['name']} with validation "
+            f"accuracy {best['val_accuracy']:.2%} (test {best['test_accuracy']:.2%}); {verdict}. The trials are "
+            f"the nested runs and the table trials.json.")
+
+
 @flow(name="hyperparameter-sweep", log_prints=True)
 def hyperparameter_sweep(
     grid: dict | None = None,
@@ -70,28 +117,50 @@ def hyperparameter_sweep(
     data_source: str | None = None,
     data_dir: str | None = None,
     seed: int = 0,
-    schedule: str = "cosine",
+    schedule: Literal["none", "cosine", "onecycle"] = "cosine",
     nproc: int = 1,
-    device: str = "auto",
+    device: Literal["auto", "cpu", "cuda"] = "auto",
     gate_threshold: float = 0.96,
     gate_margin: float = 0.0,
     model_name: str | None = None,
     experiment: str = "mnist-mlp",
 ) -> SweepResult:
-    """`grid` has lists under hidden, lr, batch_size and epochs, and optionally sample and seed.
-    `model_name` defaults to the dataset's (`mnist-mlp`, `fashion-mnist-mlp`)."""
+    """Train every config of a grid as a nested MLflow run, compare them, gate the best one.
+
+    Args:
+        grid: Lists under hidden, lr, batch_size and epochs (each value one config axis), optionally
+            sample (train only that many configs, drawn at random) and seed (of the draw).
+        concurrency: Configs trained at the same time.
+        dataset: Which dataset: mnist or fashion-mnist.
+        data_source: Folder or file:// URL with the four IDX files, or an http(s) mirror.
+        data_dir: Where the verified dataset cache lives.
+        seed: Seed of every config's training.
+        schedule: Learning-rate schedule of every config.
+        nproc: CPU worker processes per config.
+        device: Training device; auto takes CUDA when it is usable.
+        gate_threshold: Minimum validation accuracy (ONNX) for the best config to be promoted.
+        gate_margin: How much worse than the champion the best config may be.
+        model_name: Registered model name; default: the dataset's (mnist-mlp, fashion-mnist-mlp).
+        experiment: MLflow experiment of the parent and trial runs.
+    """
     settings.configure()
-    points = spec_from_mapping(grid or {}).points()
+    spec = spec_from_mapping(grid or {})
+    points = spec.points()
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     model_name = model_name or default_model_name(dataset)
     prepared = obtain_data(dataset, data_source, data_dir)
     refuse_other_task(model_name, prepared)
     c = tracking.client()
-    parent = c.create_run(tracking.ensure_experiment(experiment), run_name=f"sweep-{len(points)}-configs",
-                          tags={"mnistops.kind": "sweep", "dataset_digest": prepared.digest})
+    parent = c.create_run(tracking.ensure_experiment(experiment, description=EXPERIMENT_DESCRIPTION),
+                          run_name=f"sweep-{len(points)}-configs",
+                          tags={**mlflow_context_tags("hyperparameter-sweep"), "mnistops.kind": "sweep",
+                                "dataset_digest": prepared.digest})
     parent_id = parent.info.run_id
-    tracking.log_params(parent_id, {"configs": len(points), "concurrency": concurrency, "seed": seed, "dataset": dataset})
+    tracking.log_params(parent_id, {"configs": len(points), "concurrency": concurrency, "seed": seed, "dataset": dataset,
+                                    "schedule": schedule, **_grid_params(spec)})
+    parent_url = settings.run_url(parent.info.experiment_id, parent_id)
+    link_mlflow_run(parent_url, "mlflow-sweep-run", f"MLflow parent run of the sweep ({len(points)} configs)")
     try:
         results: list[tuple[SweepPoint, TrainResult, str]] = []
         for start in range(0, len(points), concurrency):  # bounded concurrency: one wave at a time
@@ -106,25 +175,27 @@ def hyperparameter_sweep(
         trials = [{**p.to_dict(), "name": p.name(), "run_id": r.run_id, "val_accuracy": r.val_accuracy,
                    "test_accuracy": r.test_accuracy, "train_seconds": r.metrics["train_seconds"]}
                   for p, r, _ in results]
-        for i, t in enumerate(trials):
-            tracking.log_metrics(parent_id, {"trial_val_accuracy": t["val_accuracy"], "trial_test_accuracy": t["test_accuracy"]}, step=i)
+        # The trials are rows of a table, not a series: their order means nothing on a chart's x axis.
+        c.log_table(parent_id, data=_trials_table(trials), artifact_file="trials.json")
         best_i = max(range(len(trials)), key=lambda i: trials[i]["val_accuracy"])
         best_point, best_result, best_tid = results[best_i]
-        tracking.log_metrics(parent_id, {"best_val_accuracy": trials[best_i]["val_accuracy"]})
+        tracking.log_metrics(parent_id, {M.SWEEP_BEST_VAL_ACCURACY: trials[best_i]["val_accuracy"]})
         tracking.log_tags(parent_id, {"best_run_id": best_result.run_id, "best_config": best_point.name()})
         table = _comparison_table(trials)
+        linked = _comparison_table(trials, lambda rid: settings.run_url(parent.info.experiment_id, rid))
         with tempfile.TemporaryDirectory() as tmp:
             _comparison_chart(trials, Path(tmp) / "sweep_comparison.png")
             (Path(tmp) / "sweep_comparison.md").write_text(table + "\n")
             for f in Path(tmp).iterdir():
                 c.log_artifact(parent_id, str(f))
-        create_markdown_artifact(key="sweep-comparison", markdown=f"# Sweep: {len(trials)} configs\n\n{table}\n",
-                                 description=f"best: {best_point.name()}")
+        create_markdown_artifact(key="sweep-comparison", markdown=f"# Sweep: {len(trials)} configs\n\n{linked}\n\n"
+                                 f"MLflow parent run: [{parent_id}]({parent_url})\n", description=f"best: {best_point.name()}")
         get_run_logger().info("best config %s: val acc %.4f", best_point.name(), best_result.val_accuracy)
 
         outcome = release(best_result, prepared, model_name, GateConfig(gate_threshold, gate_margin), best_tid, experiment)
         publish(outcome)
         tracking.log_tags(parent_id, {"best_version": str(outcome.version), "promotion": "accepted" if outcome.promoted else "rejected"})
+        tracking.set_note(parent_id, _sweep_note(spec, trials, trials[best_i], outcome) + " " + prefect_note())
         tracking.end_run(parent_id, "FINISHED")
     except BaseException:
         tracking.end_run(parent_id, "FAILED")

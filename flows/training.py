@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import datetime
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import settings
+from flows.observability import forward_worker_logs, link_mlflow_run, mlflow_context_tags, prefect_note
 from nn_core import tracking
 from nn_core.data import PreparedDataset, SourceUnavailableError, default_data_dir, prepare
 from nn_core.datasets import fingerprint, get_spec
@@ -19,7 +21,13 @@ from nn_core.launch import LaunchSpec, TrainResult, launch_training, new_trainin
 from nn_core.model import MLPConfig
 from nn_core.registry import GateConfig, GateDecision, Task, TaskMismatchError, check_task, default_model_name
 from nn_core.release import ExportResult, export_and_check, gate_and_record, register
-from nn_core.train import TrackingConfig, TrainConfig, TrainJob
+from nn_core.train import TrackingConfig, TrainConfig, TrainJob, default_run_name
+
+EXPERIMENT_DESCRIPTION = (
+    "Training runs of the MNIST multilayer perceptron (raw 28x28 pixels in, 10 classes out), one run per "
+    "training; a sweep's trials are nested under its parent run. Metrics by section: train/ and val/ per "
+    "epoch, train_step/ per optimizer step, test/, parity/ (ONNX vs PyTorch) and time/ once per run, system/ "
+    "from MLflow's monitor. The registered ONNX model and its gate decision are on the run's Models tab.")
 
 
 @dataclass(frozen=True)
@@ -77,9 +85,13 @@ def prepare_data(dataset: str, data_source: str | None, data_dir: str | None = N
     return prepared
 
 
-@task(name="train", cache_policy=NO_CACHE)
+@task(name="train", cache_policy=NO_CACHE, task_run_name="train {job.tracking.run_name}")
 def train_model(job: TrainJob, launch: LaunchSpec) -> TrainResult:
-    result = launch_training(job, launch)
+    # The workers are child processes: their output goes to files that are followed into this task
+    # run's logs (and, through Prefect's console handler, to the terminal), epoch lines included.
+    log_dir = Path(job.out_dir) / "logs"
+    with forward_worker_logs(log_dir, get_run_logger()):
+        result = launch_training(job, replace(launch, log_dir=str(log_dir)))
     if result is None:
         raise RuntimeError("this node did not host rank 0; the pipeline runs on the node that does")
     get_run_logger().info("trained: val acc %.4f, test acc %.4f, MLflow run %s",
@@ -148,16 +160,19 @@ def train_job(prepared: PreparedDataset, *, hidden: list[int], epochs: int, batc
               run_name: str | None = None) -> TrainJob:
     cfg = settings.configure()
     training_id = training_id or new_training_id()
-    return TrainJob(
+    tracking.ensure_experiment(experiment, description=EXPERIMENT_DESCRIPTION)
+    job = TrainJob(
         data_path=str(prepared.cache_path),
         out_dir=str(cfg.runs_dir / training_id),
         model=MLPConfig(hidden=tuple(hidden)),
         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                           schedule=schedule, seed=seed),
         tracking=TrackingConfig(training_id=training_id, experiment=experiment, run_name=run_name,
-                                parent_run_id=parent_run_id),
+                                parent_run_id=parent_run_id, tags=mlflow_context_tags("training-pipeline")),
         data_source=data_source,
     )
+    # Named here, so that the Prefect task run and the MLflow run carry the same name.
+    return replace(job, tracking=replace(job.tracking, run_name=run_name or default_run_name(job)))
 
 
 def release(result: TrainResult, prepared: PreparedDataset, model_name: str, gate: GateConfig,
@@ -169,11 +184,16 @@ def release(result: TrainResult, prepared: PreparedDataset, model_name: str, gat
         "parity_max_abs_diff": exported.parity.max_abs_diff, "train_seconds": result.metrics["train_seconds"],
     }
     url = settings.run_url(tracking.ensure_experiment(experiment), result.run_id) if result.run_id else None
+    link_mlflow_run(url, "mlflow-run", f"MLflow run {result.run_id} ({model_name} candidate)")
     if not exported.parity.passed:
+        _note_outcome(result.run_id, f"Not registered: {exported.parity.reason}.")
         return PipelineResult(result.run_id, training_id, model_name, None, False,
                               f"not registered: {exported.parity.reason}", metrics, url)
     version = register_task(result, exported, prepared, model_name)
+    describe_registered_model(model_name, prepared.name)
     decision = gate_task(result, exported, version, prepared, model_name, gate)
+    _note_outcome(result.run_id, f"Registered as {model_name} version {version}: "
+                                 f"{'promoted to champion' if decision.accepted else 'not promoted'} ({decision.reason}).")
     metrics["onnx_val_accuracy"] = decision.val_accuracy
     if decision.champion_val_accuracy is not None:
         metrics["champion_val_accuracy"] = decision.champion_val_accuracy
@@ -181,8 +201,35 @@ def release(result: TrainResult, prepared: PreparedDataset, model_name: str, gat
                           decision.reason, metrics, url)
 
 
+def describe_registered_model(model_name: str, dataset: str) -> None:
+    """The registered model's description, written once (a description edited in the UI stays)."""
+    c = tracking.client()
+    if c.get_registered_model(model_name).description:
+        return
+    c.update_registered_model(model_name, description=(
+        f"The {dataset} MLP as ONNX: input `pixels`, uint8 [batch, 28, 28] raw pixels; outputs `logits` and "
+        "`probabilities`, float32 [batch, 10]. Each version is a candidate from the training pipeline, its "
+        "description is its model card. The `champion` alias marks the version that passed the gate "
+        "(validation accuracy of the ONNX model at or above the threshold, ONNX parity, not worse than the "
+        "previous champion); batch inference serves `models:/" + model_name + "@champion`."))
+
+
+def _note_outcome(run_id: str | None, sentence: str) -> None:
+    """The gate's outcome and the Prefect flow run, appended to the MLflow run's description."""
+    if run_id:
+        tracking.append_note(run_id, f"{sentence} {prefect_note()}")
+
+
+def figure(v) -> str:
+    """A table cell: accuracies and seconds as 0.9766; a tiny figure (a parity difference of 2e-06)
+    in scientific notation rather than as 0.0000."""
+    if isinstance(v, float):
+        return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.2e}"
+    return str(v)
+
+
 def publish(result: PipelineResult, key: str = "training-pipeline") -> None:
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.metrics.items())
+    rows = "\n".join(f"| {k} | {figure(v)} |" for k, v in result.metrics.items())
     verdict = "PROMOTED to champion" if result.promoted else "NOT PROMOTED"
     create_markdown_artifact(
         key=key,
@@ -205,11 +252,11 @@ def training_pipeline(
     batch_size: int = 256,
     lr: float = 3e-3,
     weight_decay: float = 0.0,
-    schedule: str = "cosine",
+    schedule: Literal["none", "cosine", "onecycle"] = "cosine",
     seed: int = 0,
     nproc: int = 1,
     max_restarts: int = 0,
-    device: str = "auto",
+    device: Literal["auto", "cpu", "cuda"] = "auto",
     gate_threshold: float = 0.96,
     gate_margin: float = 0.0,
     model_name: str | None = None,
@@ -217,7 +264,27 @@ def training_pipeline(
     data_dir: str | None = None,
 ) -> PipelineResult:
     """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion.
-    `model_name` defaults to the dataset's (`mnist-mlp`, `fashion-mnist-mlp`)."""
+
+    Args:
+        dataset: Which dataset: mnist or fashion-mnist.
+        data_source: Folder or file:// URL with the four IDX files, or an http(s) mirror; default: the
+            official mirrors.
+        hidden: Hidden layer sizes, e.g. [50] or [128, 64].
+        epochs: Training epochs.
+        batch_size: Global batch size, split evenly across the worker processes.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        schedule: Learning-rate schedule.
+        seed: Seed of the initial weights and of the shuffling.
+        nproc: CPU worker processes when there is no CUDA (with CUDA: one per GPU).
+        max_restarts: Times the launcher restarts failed workers (they resume from the checkpoint).
+        device: Training device; auto takes CUDA when it is usable.
+        gate_threshold: Minimum validation accuracy (of the ONNX model) to promote.
+        gate_margin: How much worse than the champion a candidate may be and still be promoted.
+        model_name: Registered model name; default: the dataset's (mnist-mlp, fashion-mnist-mlp).
+        experiment: MLflow experiment of the training runs.
+        data_dir: Where the verified dataset cache lives; default: $MNISTOPS_DATA_DIR or ~/.cache/mnistops.
+    """
     settings.configure()
     gate = GateConfig(threshold=gate_threshold, margin=gate_margin)
     model_name = model_name or default_model_name(dataset)

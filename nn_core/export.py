@@ -88,15 +88,11 @@ class ParityReport:
     reason: str
 
     def metrics(self) -> dict[str, float]:
-        m = {
-            "parity_max_abs_diff": self.max_abs_diff,
-            "parity_argmax_agreement": self.argmax_agreement,
-            "parity_torch_val_accuracy": self.torch_accuracy,
-            "parity_onnx_val_accuracy": self.onnx_accuracy,
-            "parity_passed": float(self.passed),
-        }
-        m.update({f"parity_max_abs_diff_batch_{b}": d for b, d in self.batch_max_abs_diff.items()})
-        return m
+        """The run's `parity/` figures (logged once); the per-batch-size figures are in the card."""
+        from nn_core import metrics as M
+
+        return {M.PARITY_MAX_ABS_DIFF: self.max_abs_diff, M.PARITY_ARGMAX_AGREEMENT: self.argmax_agreement,
+                M.PARITY_ONNX_VAL_ACCURACY: self.onnx_accuracy}
 
     def to_dict(self) -> dict:
         return asdict(self)

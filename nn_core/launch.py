@@ -27,6 +27,9 @@ class LaunchSpec:
     max_restarts: int = 0
     device: str = "auto"  # auto | cpu | cuda
     monitor_interval: float = 0.2
+    # Workers' stdout/stderr go to files under this folder instead of the terminal, for a caller that
+    # forwards them (the Prefect task tails them into its run's logs); None: on the terminal.
+    log_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
         max_restarts=spec.max_restarts,
         monitor_interval=spec.monitor_interval,
         start_method="spawn",
+        logs_specs=_logs_specs(spec.log_dir),
     )
     # Give every restart round a fresh store for the workers' process group. With the store shared
     # with the rendezvous (torch's default), restarted gloo workers read their dead predecessors'
@@ -101,6 +105,13 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     if 0 not in (returns or {}) or not (out_dir / RESULT_NAME).exists():
         return None  # this node did not host rank 0
     return TrainResult.read(out_dir)
+
+
+def _logs_specs(log_dir: str | None):
+    """torch's own per-rank log files: <log_dir>/<run>/attempt_<n>/<rank>/{stdout,stderr}.log."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+
+    return DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL) if log_dir else None
 
 
 def _mark_failed(job: TrainJob) -> None:

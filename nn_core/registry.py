@@ -254,21 +254,24 @@ def register_candidate(run_id: str, onnx_path: Path, parity: ParityReport, model
         from nn_core.export import onnx_session
 
         outputs = onnx_session(onnx_path).run(None, {"pixels": example})
-        signature = infer_signature(example, {"logits": outputs[0], "probabilities": outputs[1]})
+        # Named input and outputs, as the ONNX graph and the serving contract call them.
+        signature = infer_signature({"pixels": example}, {"logits": outputs[0], "probabilities": outputs[1]})
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)),
-                name="model",
+                name=model_name,  # the run's Models tab lists it by the registered model's name
                 signature=signature,
-                input_example=example,
+                input_example={"pixels": example},
                 registered_model_name=model_name,
                 # Decided at load time by whoever serves it; without this every load tries CUDA first.
                 onnx_execution_providers=["CPUExecutionProvider"],
                 pip_requirements=_pip_requirements(),
             )
         version, decided = str(info.registered_model_version), None
-    all_tags = {**tags, **{k: f"{v:.6g}" for k, v in parity.metrics().items()},
-                "dataset": task.dataset, "dataset_digest": task.digest, "parity_passed": "true", "run_id": run_id}
+    # A handful of tags a version list can show (the run id is the version's own field; the parity
+    # details and the gate's figures are in the model card, the version's description).
+    all_tags = {**tags, "dataset": task.dataset, "dataset_digest": task.digest,
+                "parity_max_abs_diff": f"{parity.max_abs_diff:.3g}", "parity_passed": "true"}
     for k, v in all_tags.items():
         c.set_model_version_tag(model_name, version, k, str(v))
     if decided is None:  # a decision already recorded by the gate is never reset

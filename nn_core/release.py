@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.card import model_card
 from nn_core.checkpoint import load_model
@@ -49,14 +50,37 @@ def register(result: TrainResult, exported: ExportResult, data_path: Path, model
     tags = {
         "val_accuracy": f"{result.val_accuracy:.6f}",
         "test_accuracy": f"{result.test_accuracy:.6f}",
-        "git_commit": tracking.git_commit(),
     }
     version = register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
                                  splits.val_images[:2].numpy(), tags, task_of(splits))
     # The drift reference profile (serving.drift), stored with the version: what batch jobs compare with.
     store_reference(model_name, version, result.run_id, exported.onnx_path, splits.train_images.numpy(),
                     splits.val_images.numpy())
+    link_model_metrics(result, model_name, version)
     return version
+
+
+def link_model_metrics(result: TrainResult, model_name: str, version: str) -> None:
+    """Attach the run's final validation accuracy to the logged model (MLflow 3's model page shows a
+    model's own metrics). The point is the series' last one, re-sent with the model's id: same key,
+    step, value and timestamp, so the run's history gains no duplicate."""
+    c = tracking.client()
+    model_id = logged_model_id(model_name, version)
+    history = c.get_metric_history(result.run_id, M.VAL_ACCURACY) if model_id else []
+    if history:
+        last = max(history, key=lambda m: (m.step, m.timestamp))
+        c.log_metric(result.run_id, M.VAL_ACCURACY, last.value, timestamp=last.timestamp, step=last.step,
+                     model_id=model_id)
+
+
+def logged_model_id(model_name: str, version: str) -> str | None:
+    """The MLflow 3 logged model behind a registered version: its source is `models:/<model id>`
+    (the version's own model_id field is left empty by the SQL store)."""
+    mv = tracking.client().get_model_version(model_name, version)
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = mv.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 def gate_and_record(result: TrainResult, exported: ExportResult, version: str, data_path: Path,

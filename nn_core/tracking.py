@@ -3,7 +3,6 @@ restarted worker can pick up the very run that its predecessor created."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from serving.experiments import ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
+from serving.experiments import NOTE_TAG, ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
 
 TRAINING_ID_TAG = "mnistops.training_id"
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -24,17 +23,6 @@ class ResumeError(ValueError):
 
 def client() -> MlflowClient:
     return MlflowClient()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def find_run(experiment: str, training_id: str) -> str | None:
@@ -134,3 +122,101 @@ def flatten(prefix: str, d: dict) -> dict[str, object]:
         else:
             out[key] = v
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What the MLflow UI shows beyond params and metrics: the note, dataset inputs, system metrics
+
+
+def set_note(run_id: str, text: str) -> None:
+    """The run's description (`mlflow.note.content`, Markdown), shown at the top of its page."""
+    client().set_tag(run_id, NOTE_TAG, text)
+
+
+def append_note(run_id: str, text: str) -> None:
+    """Add a sentence to the run's description (e.g. the gate's decision, known after training)."""
+    current = client().get_run(run_id).data.tags.get(NOTE_TAG, "").rstrip()
+    if text.strip() and text.strip() not in current:
+        set_note(run_id, f"{current} {text.strip()}".strip())
+
+
+def dataset_source(uri: str) -> tuple[str, str]:
+    """(source type, source JSON) as MLflow shows a dataset's source: a URL is `http`, a local
+    folder or file:// URL `local` (what MLflow's LocalArtifactDatasetSource records)."""
+    import json
+
+    if uri.startswith(("http://", "https://")):
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+        source = HTTPDatasetSource(uri)
+        return source._get_source_type(), source.to_json()
+    return "local", json.dumps({"uri": uri if "://" in uri else Path(uri).resolve().as_uri()})
+
+
+def split_profile(splits, split: str) -> dict:
+    """A small profile of one split: size, labels per class, and the dataset's full SHA-256 (MLflow's
+    digest column holds 36 characters)."""
+    import torch
+
+    labels = getattr(splits, f"{split}_labels")
+    counts = torch.bincount(labels.cpu(), minlength=10).tolist()
+    return {"split": split, "num_images": len(labels), "image_shape": [28, 28], "pixel_dtype": "uint8",
+            "label_counts": {str(i): c for i, c in enumerate(counts)}, "dataset_sha256": splits.digest}
+
+
+def log_dataset_splits(run_id: str, splits, source_uri: str) -> None:
+    """Train, validation and test as three dataset inputs with their contexts. Each gets its own name:
+    MLflow keeps one context per (name, digest) on a run, so three contexts of one dataset would show
+    as the first only."""
+    import json
+
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+
+    source_type, source = dataset_source(source_uri)
+    schema = TensorDatasetSchema(features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28), "pixels")]),
+                                 targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")]))
+    inputs = []
+    for split, context in (("train", "train"), ("val", "validation"), ("test", "test")):
+        entity = Dataset(name=f"{splits.name}-{split}", digest=splits.digest[:36], source_type=source_type,
+                         source=source, schema=json.dumps(schema.to_dict()),
+                         profile=json.dumps(split_profile(splits, split)))
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
+    client().log_inputs(run_id, datasets=inputs)
+
+
+def start_system_metrics(run_id: str, resume: bool = False):
+    """CPU, memory, disk and network (and GPU where pynvml sees one) as `system/...` metrics of the
+    run, sampled by MLflow's own monitor in a thread of this process; None if it cannot start."""
+    import logging
+
+    # Its start/stop INFO lines would fill the worker's log (and the Prefect task run's) with noise.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Every 2 s rather than MLflow's 10: a training here takes tens of seconds.
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=2, samples_before_logging=1, resume_logging=resume)
+        monitor.start()
+        return monitor
+    except Exception as e:  # a missing monitor costs a chart, never the training
+        logging.getLogger(__name__).warning("system metrics are not recorded: %s", e)
+        return None
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop the monitor and log one last sample: MLflow's loop drops the samples of its last
+    interval when the run ends, so a training shorter than one interval would have none at all."""
+    if monitor is None:
+        return
+    monitor.finish()  # joins the sampling thread
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:  # a missing sample costs a chart point, never the training
+        import logging
+
+        logging.getLogger(__name__).warning("last system metrics sample not logged: %s", e)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nn_core import metrics as M
 from nn_core import plots, tracking
 from serving.atomic import atomic_path
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
@@ -26,6 +27,7 @@ from nn_core.data import Splits, load_splits
 from nn_core.datasets import get_spec, mirrors_for
 from nn_core.distributed import DistEnv, all_reduce_sum, broadcast_object, ddp_context
 from nn_core.model import MLPConfig, build_model, stats_from
+from serving.experiments import run_context_tags
 
 RESULT_NAME = "result.json"
 SCHEDULES = ("none", "cosine", "onecycle")
@@ -163,9 +165,11 @@ def per_class_accuracy(cm: np.ndarray) -> list[float]:
 class RunLogger:
     """Rank 0's MLflow run for this training: created once, found again after a restart."""
 
-    def __init__(self, job: TrainJob, env: DistEnv, splits: Splits, steps_per_epoch: int):
+    def __init__(self, job: TrainJob, env: DistEnv, splits: Splits, steps_per_epoch: int, model_cfg: MLPConfig):
         t = job.tracking
         tags = {
+            # Who and what started it ("Created by", "Source" in the UI); the caller's tags say better.
+            **run_context_tags("mnistops train"),
             **t.tags,
             "mnistops.kind": "training",
             "dataset": splits.name,
@@ -174,14 +178,14 @@ class RunLogger:
             "world_size": env.world_size,
             "backend": env.backend or "none",
             "torch_version": torch.__version__,
-            "git_commit": tracking.git_commit(),
-            "hidden": "x".join(map(str, job.model.hidden)),
+            "hidden": "x".join(map(str, model_cfg.hidden)),
         }
         if t.parent_run_id:
             tags["mlflow.parentRunId"] = t.parent_run_id
         run_name = t.run_name or default_run_name(job)
         params = {
-            **tracking.flatten("model", job.model.to_dict()),
+            # The model as built: mean/std are the training split's, not the config's defaults.
+            **tracking.flatten("model", model_cfg.to_dict()),
             **tracking.flatten("train", asdict(job.train)),
             "world_size": env.world_size,
             "dataset": splits.name,
@@ -192,33 +196,23 @@ class RunLogger:
             params=params, ignore=frozenset({"world_size", *(f"train.{k}" for k in REPORTING_ONLY)}))
         self.steps_per_epoch = steps_per_epoch
         # After a restart, what the run already holds: epochs logged before the crash are not repeated.
-        self.logged: set[int] = set() if created else tracking.logged_steps(self.run_id, "val_accuracy")
+        self.logged: set[int] = set() if created else tracking.logged_steps(self.run_id, M.VAL_ACCURACY)
         if created:
             tracking.log_params(self.run_id, params)
-            self._log_dataset(job, splits)
+            tracking.log_dataset_splits(self.run_id, splits, self._source_uri(job, splits))
+        self.system_metrics = tracking.start_system_metrics(self.run_id, resume=not created)
 
-    def _log_dataset(self, job: TrainJob, splits: Splits) -> None:
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-
+    @staticmethod
+    def _source_uri(job: TrainJob, splits: Splits) -> str:
         source = job.data_source
         if not source:
-            uri = mirrors_for(get_spec(splits.name))[0]
-        else:
-            uri = tracking.redact_url(source) if "://" in source else Path(source).resolve().as_uri()
-        ds = MetaDataset(source=HTTPDatasetSource(uri), name=splits.name, digest=splits.digest[:36])
-        for context in splits.sizes():
-            tracking.client().log_inputs(
-                self.run_id,
-                datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
-            )
+            return mirrors_for(get_spec(splits.name))[0]
+        return tracking.redact_url(source) if "://" in source else Path(source).resolve().as_uri()
 
     def _log_epoch(self, h: dict) -> None:
         epoch = h["epoch"]
-        tracking.log_series(self.run_id, "train_loss_step", h["step_losses"], first_step=(epoch - 1) * self.steps_per_epoch)
-        metrics = {k: h[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds", "lr")}
-        tracking.log_metrics(self.run_id, metrics, step=epoch)
+        tracking.log_series(self.run_id, M.TRAIN_LOSS_STEP, h["step_losses"], first_step=(epoch - 1) * self.steps_per_epoch)
+        tracking.log_metrics(self.run_id, {name: h[key] for key, name in M.EPOCH_SERIES.items()}, step=epoch)
         self.logged.add(epoch)
 
     def sync(self, history: list[dict], *, final: bool = False) -> None:
@@ -273,23 +267,43 @@ def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[
     if logger is not None:
         logger.sync(history, final=True)
         rid = logger.run_id
-        tracking.log_metrics(rid, {"test_accuracy": test.accuracy, "test_loss": test.loss,
-                                   "final_val_accuracy": val.accuracy, "train_seconds": result["train_seconds"]},
-                             step=len(history))
+        # Final figures, logged once (step 0): the runs table and the compare view read them; the
+        # per-epoch series already hold the final validation figures as their last points.
+        summary = {M.TEST_ACCURACY: test.accuracy, M.TEST_LOSS: test.loss, M.TRAIN_SECONDS: result["train_seconds"]}
         if result["seconds_to_target"] is not None:
-            tracking.log_metrics(rid, {"seconds_to_target": result["seconds_to_target"]})
+            summary[M.SECONDS_TO_TARGET] = result["seconds_to_target"]
+        tracking.log_metrics(rid, summary)
         steps = [x for h in history for x in h["step_losses"]]
+        name = job.tracking.run_name or default_run_name(job)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            plots.loss_curve(steps, logger.steps_per_epoch, history, tmp / "loss_curve.png")
+            plots.loss_curve(steps, logger.steps_per_epoch, history, tmp / "loss_curve.png", title=f"Training curves: {name}")
             plots.confusion_matrix(val.confusion, classes, f"validation ({val.accuracy:.2%})", tmp / "confusion_matrix_val.png")
             plots.confusion_matrix(test.confusion, classes, f"test ({test.accuracy:.2%})", tmp / "confusion_matrix_test.png")
+            plots.per_class_accuracy(result["val_per_class_accuracy"], result["test_per_class_accuracy"], classes,
+                                     tmp / "per_class_accuracy.png", title=f"Accuracy per class: {name}")
             for png in tmp.glob("*.png"):
                 tracking.client().log_artifact(rid, str(png), "plots")
         tracking.client().log_artifact(rid, str(out_dir / CHECKPOINT_NAME), "checkpoint")
+        tracking.set_note(rid, training_note(job, env, result))
+        tracking.stop_system_metrics(logger.system_metrics)
         tracking.end_run(rid, "FINISHED")
     _write_json_atomic(result, out_dir / RESULT_NAME)
     return result
+
+
+def training_note(job: TrainJob, env: DistEnv, result: dict) -> str:
+    """The run's one-paragraph description (the UI shows it on the run page): what was trained, how,
+    on what, and how well. The pipeline appends the gate's decision once it is known."""
+    m, t = job.model, job.train
+    layers = "-".join(map(str, (m.in_features, *m.hidden, m.num_classes)))
+    to_target = result["seconds_to_target"]
+    reached = (f"reached {t.target_val_accuracy:.0%} validation accuracy after {to_target:.1f} s"
+               if to_target is not None else f"never reached {t.target_val_accuracy:.0%} validation accuracy")
+    return (f"MLP {layers} trained for {result['epochs']} epochs with Adam (lr {t.lr:g}, {t.schedule} schedule, "
+            f"weight decay {t.weight_decay:g}, global batch {t.batch_size}, seed {t.seed}) on {env.world_size} x "
+            f"{env.device.type} ({env.backend or 'one process'}) on {Path(job.data_path).stem}: validation accuracy {result['val_accuracy']:.2%}, test accuracy "
+            f"{result['test_accuracy']:.2%}; {result['train_seconds']:.1f} s of training, {reached}.")
 
 
 def seconds_to_target(history: list[dict], target: float) -> float | None:
@@ -347,7 +361,7 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
     # DDP only pays off with a peer to sync with: a one-process group skips the per-step all-reduce.
     ddp_model = DDP(model) if env.world_size > 1 else model
 
-    logger = RunLogger(job, env, splits, steps_per_epoch) if env.is_main and job.tracking.enabled else None
+    logger = RunLogger(job, env, splits, steps_per_epoch, model_cfg) if env.is_main and job.tracking.enabled else None
 
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         t0 = time.perf_counter()

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from nn_core import metrics as M
 from nn_core.launch import LaunchSpec, TrainingError, launch_training
 from nn_core.train import TrackingConfig, TrainJob
 
@@ -58,7 +59,7 @@ def test_killed_worker_restarts_resumes_and_the_model_is_promoted(tmp_path, mnis
     try:
         runs = mlflow.search_runs(experiment_names=["mnist-mlp"], output_format="list")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        steps = [m.step for m in MlflowClient().get_metric_history(runs[0].info.run_id, "val_accuracy")]
+        steps = [m.step for m in MlflowClient().get_metric_history(runs[0].info.run_id, M.VAL_ACCURACY)]
         assert sorted(steps) == [1, 2, 3, 4, 5, 6]
         assert MlflowClient().get_model_version_by_alias("mnist-mlp", "champion").run_id == runs[0].info.run_id
     finally:
@@ -82,7 +83,7 @@ def test_mlflow_server_stopped_during_training_loses_nothing(tmp_path, mnist, mn
 
             def first_epoch_logged():
                 runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-                return runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy")
+                return runs and client.get_metric_history(runs[0].info.run_id, M.VAL_ACCURACY)
 
             _wait_for(first_epoch_logged, 120, proc, "the first epoch in MLflow")
         # The server is down now, mid-training; the run keeps training.
@@ -94,9 +95,9 @@ def test_mlflow_server_stopped_during_training_loses_nothing(tmp_path, mnist, mn
             client = MlflowClient(url)
             (run,) = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == "mnist-mlp"])
             assert run.info.status == "FINISHED"
-            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy"))
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY))
             assert steps == list(range(1, 31))  # every epoch logged exactly once, the missed ones late
-            assert run.data.metrics["final_val_accuracy"] >= 0.96
+            assert run.data.metrics[M.VAL_ACCURACY] >= 0.96
     finally:
         if proc is not None:
             proc.kill()

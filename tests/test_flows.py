@@ -163,9 +163,9 @@ def test_sweep_of_three_configs(prefect_api, home, mnist_source):
     assert result.release.promoted and registry.champion("mnist-mlp") == result.release.version
     parent = mlflow.get_run(result.parent_run_id)
     assert parent.data.tags["best_run_id"] == best["run_id"] and parent.info.status == "FINISHED"
-    history = tracking.client().get_metric_history(result.parent_run_id, "trial_val_accuracy")
-    assert sorted(m.step for m in history) == [0, 1, 2]
-    assert {"sweep_comparison.png", "sweep_comparison.md"} <= {a.path for a in tracking.client().list_artifacts(result.parent_run_id)}
+    table = tracking.client().load_table(parent.info.experiment_id, "trials.json", run_ids=[result.parent_run_id])
+    assert sorted(table["run_id"]) == sorted(t["run_id"] for t in result.trials)
+    assert {"sweep_comparison.png", "sweep_comparison.md", "trials.json"} <= {a.path for a in tracking.client().list_artifacts(result.parent_run_id)}
     assert best["name"] in _artifact("sweep-comparison")
 
 

@@ -155,7 +155,7 @@ def test_deployments_run_on_a_process_work_pool(tmp_path, mnist, mnist_source):
     versions = client.search_model_versions("name='mnist-mlp'")
     assert len(versions) == 2, [v.version for v in versions]  # the nightly training's and the sweep's best
     train_run = client.get_run(champion.run_id)
-    assert train_run.info.status == "FINISHED" and train_run.data.metrics["val_accuracy"] > 0.5
+    assert train_run.info.status == "FINISHED" and train_run.data.metrics["val/accuracy"] > 0.5
     # ...and the predictions file of the hourly job (the inbox's one input), at the deployment's
     # relative output folder.
     params = declared["inference-hourly"]["parameters"]

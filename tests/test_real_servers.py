@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from nn_core import metrics as M
+
 pytestmark = [pytest.mark.servers, pytest.mark.e2e, pytest.mark.slow]
 
 
@@ -67,11 +69,11 @@ def test_pipeline_and_batch_job_against_real_servers(stack, tmp_path, mnist, mni
     c = MlflowClient(stack.mlflow_url)
     (run,) = c.search_runs([c.get_experiment_by_name("mnist-mlp").experiment_id],
                            filter_string="tags.`mnistops.kind` = 'training'", max_results=50)
-    assert run.info.status == "FINISHED" and run.data.metrics["final_val_accuracy"] >= 0.96
+    assert run.info.status == "FINISHED" and run.data.metrics[M.VAL_ACCURACY] >= 0.96
     champion = c.get_model_version_by_alias("servers-mlp", "champion")
     assert champion.version == "1" and champion.run_id == run.info.run_id and champion.tags["promotion"] == "accepted"
     (job,) = c.search_runs([c.get_experiment_by_name("mnist-mlp-inference").experiment_id])
-    assert job.data.metrics["accuracy"] == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-9)
+    assert job.data.metrics["accuracy"] == pytest.approx(run.data.metrics[M.TEST_ACCURACY], abs=1e-9)
     assert {a.path for a in c.list_artifacts(run.info.run_id, "plots")} >= {"plots/loss_curve.png"}
 
     pipeline_runs = _flow_runs(stack.prefect_url, "training-pipeline")

@@ -11,6 +11,7 @@ import pytest
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from onnx import numpy_helper
 
+from nn_core import metrics as M
 from nn_core import registry, tracking
 from nn_core.checkpoint import load_model
 from nn_core.data import load_splits
@@ -203,7 +204,7 @@ def test_the_gate_over_a_sequence_of_candidates(models, mnist):
     assert "Gate decision: ACCEPTED" in card and "Per-class accuracy" in card and "ONNX parity" in card
     assert "model_card.md" in {a.path for a in c.list_artifacts(models["good"].run_id)}
     # parity figures are metrics of the training run
-    assert c.get_run(models["good"].run_id).data.metrics["parity_argmax_agreement"] == 1.0
+    assert c.get_run(models["good"].run_id).data.metrics[M.PARITY_ARGMAX_AGREEMENT] == 1.0
 
 
 @pytest.mark.e2e

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from idx_files import synthetic_dataset
+from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.checkpoint import load_checkpoint
 from nn_core.data import load_splits, prepare
@@ -76,14 +77,14 @@ def test_training_logs_exactly_one_run_from_rank_zero(synthetic_cache, tmp_path,
     assert run.data.params["train.lr"] == "0.003" and run.data.params["model.hidden"] == "50"
     c = tracking.client()
     # rank > 0 logs nothing: every epoch and every step appears exactly once
-    assert sorted(m.step for m in c.get_metric_history(result.run_id, "val_accuracy")) == [1, 2, 3]
-    steps = [m.step for m in c.get_metric_history(result.run_id, "train_loss_step")]
+    assert sorted(m.step for m in c.get_metric_history(result.run_id, M.VAL_ACCURACY)) == [1, 2, 3]
+    steps = [m.step for m in c.get_metric_history(result.run_id, M.TRAIN_LOSS_STEP)]
     assert sorted(steps) == list(range(3 * (1000 // 32 + 1)))
-    assert {"test_accuracy", "train_accuracy", "val_loss", "train_loss"} <= set(run.data.metrics)
+    assert {M.TEST_ACCURACY, M.TRAIN_ACCURACY, M.VAL_LOSS, M.TRAIN_LOSS} <= set(run.data.metrics)
     artifacts = {a.path for a in c.list_artifacts(result.run_id, "plots")} | {a.path for a in c.list_artifacts(result.run_id, "checkpoint")}
     assert {"plots/loss_curve.png", "plots/confusion_matrix_val.png", "plots/confusion_matrix_test.png", "checkpoint/checkpoint.pt"} <= artifacts
     inputs = c.get_run(result.run_id).inputs.dataset_inputs
-    assert {i.dataset.digest for i in inputs} and all(i.dataset.name == "mnist" for i in inputs)
+    assert {i.dataset.name for i in inputs} == {"mnist-train", "mnist-val", "mnist-test"}
     assert all("s3cret" not in i.dataset.source and "127.0.0.1:9/mnist" in i.dataset.source for i in inputs)
     out = capfd.readouterr().out
     assert out.count("epoch 1/3") == 1, out  # prints are gated on rank 0 too
@@ -167,11 +168,11 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path, 
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        history = tracking.client().get_metric_history(runs[0].info.run_id, "val_accuracy")
+        history = tracking.client().get_metric_history(runs[0].info.run_id, M.VAL_ACCURACY)
     finally:
         mlflow.set_tracking_uri(None)
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
-    assert runs[0].data.metrics["final_val_accuracy"] >= 0.96
+    assert runs[0].data.metrics[M.VAL_ACCURACY] >= 0.96
 
 
 def _free_port() -> int:
@@ -202,7 +203,7 @@ def test_two_nodes_join_one_rendezvous_on_localhost(tmp_path, mnist):
     runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
     assert runs[0].data.tags["mnistops.training_id"] == rid
-    assert runs[0].data.metrics["final_val_accuracy"] >= 0.96
+    assert runs[0].data.metrics[M.VAL_ACCURACY] >= 0.96
 
 
 @pytest.mark.e2e
