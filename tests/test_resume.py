@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from idx_files import synthetic_dataset
+from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.checkpoint import CHECKPOINT_NAME
 from nn_core.data import prepare
@@ -93,4 +94,4 @@ def test_a_finished_run_is_never_reopened(caches, tmp_path, mlflow_store):
         launch_training(job, LaunchSpec(nproc=1, device="cpu"))
     after = _run("done-id")
     assert after.info.status == "FINISHED" and after.info.end_time == run.info.end_time
-    assert tracking.logged_steps(run.info.run_id, "val_accuracy") == {1}
+    assert tracking.logged_steps(run.info.run_id, M.VAL_ACCURACY) == {1}
