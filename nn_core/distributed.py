@@ -28,22 +28,38 @@ class DistEnv:
         return self.backend is not None
 
 
-def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+def cuda_device_count(preference: str = "auto") -> int:
+    """GPUs a training may use under this device preference: 0 for cpu or without CUDA."""
+    if preference == "cpu" or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
+def resolve_device(preference: str = "auto", local_rank: int = 0, devices: tuple[int, ...] | None = None) -> torch.device:
+    """This process's device. `devices`: the GPU ids this training was given (a sweep trial's share);
+    local rank i takes devices[i]. None: every visible GPU, local rank i takes GPU i."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
     if preference in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cuda", gpu_index(local_rank, devices, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
+def gpu_index(local_rank: int, devices: tuple[int, ...] | None, gpu_count: int) -> int:
+    """The GPU of local rank `local_rank`: its entry in the training's share, else GPU local_rank."""
+    if devices:
+        return devices[local_rank % len(devices)]
+    return local_rank % gpu_count
+
+
 @contextlib.contextmanager
-def ddp_context(device_preference: str = "auto"):
+def ddp_context(device_preference: str = "auto", devices: tuple[int, ...] | None = None):
     """Yield the DistEnv of this process; a plain single process when not started by torchrun."""
     in_ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(device_preference, local_rank)
+    device = resolve_device(device_preference, local_rank, devices)
     backend = None
     if in_ddp:
         backend = "nccl" if device.type == "cuda" else "gloo"

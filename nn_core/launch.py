@@ -9,10 +9,10 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from nn_core import tracking
+from nn_core.distributed import cuda_device_count
 from nn_core.train import RESULT_NAME, TrainJob, worker_main
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ class LaunchSpec:
     max_restarts: int = 0
     device: str = "auto"  # auto | cpu | cuda
     monitor_interval: float = 0.2
+    # GPU ids this training may use, one process each (a sweep trial's share); None: every GPU
+    devices: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,15 +54,25 @@ def new_training_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def _processes_and_threads(spec: LaunchSpec) -> tuple[int, int | None, str]:
-    use_cuda = spec.device != "cpu" and torch.cuda.is_available()
-    if spec.device == "cuda" and not use_cuda:
+def plan_workers(spec: LaunchSpec, gpu_count: int, cores: int) -> tuple[int, int | None, str]:
+    """(processes on this node, torch threads per process, device), from the machine's GPU count and
+    usable cores (pure: the launcher passes what it found). With GPUs: one process per GPU of the
+    training's share (`spec.devices`, else all). On the CPU: `spec.nproc` processes, one share of the
+    cores each: more threads than cores slows every process down."""
+    if spec.device == "cuda" and gpu_count == 0:
         raise TrainingError("--device cuda requested but CUDA is not available on this machine")
-    if use_cuda:
-        return torch.cuda.device_count(), None, "cuda"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # One share of the cores per process: more threads than cores slows every process down.
+    if spec.device != "cpu" and gpu_count > 0:
+        if spec.devices:
+            if any(d < 0 or d >= gpu_count for d in spec.devices) or len(set(spec.devices)) != len(spec.devices):
+                raise TrainingError(f"GPU ids {list(spec.devices)}: expected distinct ids in 0..{gpu_count - 1}")
+            return len(spec.devices), None, "cuda"
+        return gpu_count, None, "cuda"
     return spec.nproc, max(1, cores // spec.nproc), "cpu"
+
+
+def _processes_and_threads(spec: LaunchSpec) -> tuple[int, int | None, str]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return plan_workers(spec, cuda_device_count(spec.device), cores)
 
 
 def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
@@ -69,7 +81,8 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     if spec.nnodes > 1 and not (spec.rdzv_endpoint and spec.rdzv_id):
         raise TrainingError("multi-node training needs --rdzv-endpoint HOST:PORT and --rdzv-id on every node")
     training_id = spec.rdzv_id or job.tracking.training_id
-    job = replace(job, threads=threads, device=device, tracking=replace(job.tracking, training_id=training_id))
+    job = replace(job, threads=threads, device=device, devices=spec.devices if device == "cuda" else None,
+                  tracking=replace(job.tracking, training_id=training_id))
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT_NAME).unlink(missing_ok=True)

@@ -70,6 +70,7 @@ class TrainJob:
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig(training_id="local")
     device: str = "auto"
+    devices: tuple[int, ...] | None = None  # GPU ids of this training (local rank i -> devices[i]); None: all
     threads: int | None = None
     data_source: str | None = None  # recorded with the MLflow dataset input
 
@@ -412,5 +413,5 @@ def worker_main(job: TrainJob) -> dict | None:
     _die_with_parent()
     if job.threads:
         torch.set_num_threads(job.threads)
-    with ddp_context(job.device) as env:
+    with ddp_context(job.device, job.devices) as env:
         return train(job, env)
