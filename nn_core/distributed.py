@@ -73,6 +73,20 @@ def ddp_context(device_preference: str = "auto", devices: tuple[int, ...] | None
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def single_process_group(device_preference: str = "cpu"):
+    """A gloo process group of one in this very process (an in-memory store: no rendezvous, no port),
+    for a one-process training run in-process: train() then takes the same path, collectives
+    included, as in a launched worker. One default group per process: the caller serialises."""
+    device = resolve_device(device_preference)
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield DistEnv(rank=0, local_rank=0, world_size=1, device=device, backend="gloo")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import traceback
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from nn_core import tracking
@@ -76,7 +80,8 @@ def _processes_and_threads(spec: LaunchSpec) -> tuple[int, int | None, str]:
 
 
 def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
-    """Run the DDP training; the result on the node that hosts rank 0, None on the other nodes."""
+    """Run the DDP training; the result on the node that hosts rank 0, None on the other nodes.
+    A one-process CPU training with no restarts runs in this process (train_in_process)."""
     nproc, threads, device = _processes_and_threads(spec)
     if spec.nnodes > 1 and not (spec.rdzv_endpoint and spec.rdzv_id):
         raise TrainingError("multi-node training needs --rdzv-endpoint HOST:PORT and --rdzv-id on every node")
@@ -86,6 +91,11 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT_NAME).unlink(missing_ok=True)
+    if in_process_eligible(spec, nproc, device) and _IN_PROCESS.acquire(blocking=False):
+        try:
+            return train_in_process(job)
+        finally:
+            _IN_PROCESS.release()
     config = LaunchConfig(
         min_nodes=spec.nnodes,
         max_nodes=spec.nnodes,
@@ -111,6 +121,53 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     if not (out_dir / RESULT_NAME).exists():
         return None  # this node did not host rank 0
     return TrainResult.read(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-process path: one CPU process, no spawn
+
+
+# One default process group per process: a second in-process training at the same time (a sweep's
+# trials on threads) takes the launcher instead.
+_IN_PROCESS = threading.Lock()
+IN_PROCESS_ENV = "MNISTOPS_TRAIN_IN_PROCESS"  # "0": always start worker processes
+
+
+def in_process_eligible(spec: LaunchSpec, nproc: int, device: str) -> bool:
+    """A training that needs no launcher: one CPU process on one node with no restarts (a restart
+    needs a process to replace). Anything else (nproc > 1, --max-restarts > 0, multi-node, CUDA)
+    goes through torch's elastic launcher."""
+    if os.environ.get(IN_PROCESS_ENV, "1") == "0":
+        return False
+    return nproc == 1 and spec.nnodes == 1 and spec.max_restarts == 0 and device == "cpu" \
+        and not dist.is_initialized()
+
+
+def train_in_process(job: TrainJob) -> TrainResult:
+    """train() in a gloo process group of one, in this process: the same worker code (rank-0 MLflow
+    run, checkpoints and resume, collectives), without spawning a Python that imports torch and MLflow
+    again, a rendezvous and a TCP store (seconds of start-up for a training whose epochs take
+    fractions of one). An error is reported like a worker's: TrainingError with its traceback, the
+    MLflow run marked FAILED."""
+    from nn_core.distributed import single_process_group
+    from nn_core.train import train
+
+    training_id = job.tracking.training_id
+    threads_before = torch.get_num_threads()
+    log.info("training %s in this process (1 cpu worker, %s threads)", training_id, job.threads or threads_before)
+    try:
+        if job.threads:
+            torch.set_num_threads(job.threads)
+        with single_process_group(job.device) as env:
+            train(job, env)
+    except Exception as e:
+        _mark_failed(job)
+        trace = "".join(traceback.format_exception(e)).rstrip()
+        raise TrainingError(f"training {training_id} failed (in-process worker, rank 0): {type(e).__name__}: {e}\n"
+                            f"{trace}") from e
+    finally:
+        torch.set_num_threads(threads_before)
+    return TrainResult.read(Path(job.out_dir))
 
 
 def _mark_failed(job: TrainJob) -> None:
