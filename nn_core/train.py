@@ -253,7 +253,8 @@ def _write_json_atomic(obj: dict, path: Path) -> None:
 
 
 def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[dict],
-           val: EvalResult, test: EvalResult, out_dir: Path, classes: list[str]) -> dict:
+           val: EvalResult, test: EvalResult, out_dir: Path, classes: list[str],
+           final_eval_seconds: float = 0.0) -> dict:
     """Final artifacts (curves, confusion matrix, final checkpoint) and result.json."""
     result = {
         "run_id": logger.run_id if logger else None,
@@ -269,6 +270,9 @@ def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[
         "epochs": len(history),
         "train_seconds": sum(h["epoch_seconds"] for h in history),
         "epoch_seconds": [h["epoch_seconds"] for h in history],
+        # every evaluation of this training (per epoch and final): with train_seconds, the work that
+        # the training's wall time is measured against (bench/bench_pipeline.py)
+        "eval_seconds": sum(h.get("val_seconds", 0.0) for h in history) + final_eval_seconds,
         "seconds_to_target": seconds_to_target(history, job.train.target_val_accuracy),
         "world_size": env.world_size,
         "device": env.device.type,
@@ -363,7 +367,7 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
         h = {
             "epoch": epoch, "train_loss": float(step_losses.mean()), "train_accuracy": train_acc,
             "val_loss": val.loss, "val_accuracy": val.accuracy, "epoch_seconds": seconds, "lr": lr,
-            "step_losses": step_losses.tolist(),
+            "step_losses": step_losses.tolist(), "val_seconds": time.perf_counter() - t0 - seconds,
         }
         history.append(h)
         if env.is_main:
@@ -374,11 +378,14 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
             print(f"epoch {epoch}/{cfg.epochs}: train loss {h['train_loss']:.4f}  val loss {val.loss:.4f}  "
                   f"val acc {val.accuracy:.4f}  ({seconds:.2f} s)", flush=True)
 
+    t0 = time.perf_counter()
     val = evaluate(model, splits.val_images, splits.val_labels, env, cfg.eval_batch_size)
     test = evaluate(model, splits.test_images, splits.test_labels, env, cfg.eval_batch_size)
+    final_eval_seconds = time.perf_counter() - t0
     if not env.is_main:
         return None
-    return finish(job, env, logger, history, val, test, out_dir, list(get_spec(splits.name).classes))
+    return finish(job, env, logger, history, val, test, out_dir, list(get_spec(splits.name).classes),
+                  final_eval_seconds)
 
 
 def save_checkpoint(path, model, model_cfg, cfg, optimizer, scheduler, history, run_id) -> None:
