@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nn_core import plots, tracking
+from nn_core import tracking
 from serving.atomic import atomic_path
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
 from nn_core.data import Splits, load_splits
@@ -286,6 +286,8 @@ def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[
                              step=len(history))
         if result["seconds_to_target"] is not None:
             tracking.log_metrics(rid, {"seconds_to_target": result["seconds_to_target"]})
+        from nn_core import plots  # matplotlib: only rank 0, only here (~1 s of imports a worker need not pay)
+
         steps = [x for h in history for x in h["step_losses"]]
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
