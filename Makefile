@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Prefect's temporary local API needs more than its default 20 s to start on 2 cores.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench gpu-check clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -32,6 +32,12 @@ test: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# The GPU acceptance run (bench/gpu_check.py): on a CUDA machine it trains on every GPU to the gate,
+# checks ONNX parity on the CUDA provider and measures the batch job there (< 5 minutes), figures in
+# bench/out/gpu.json; without a GPU it prints one line and exits 0 (CI runs it so).
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf .mnistops bench/out

@@ -18,8 +18,9 @@ from flows.training import (EXPERIMENT_DESCRIPTION, PipelineResult, obtain_data,
 from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.launch import LaunchSpec, TrainResult
+from nn_core.distributed import cuda_device_count
 from nn_core.registry import GateConfig, default_model_name
-from nn_core.sweep import SweepPoint, spec_from_mapping
+from nn_core.sweep import SweepPoint, assign_devices, spec_from_mapping
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def hyperparameter_sweep(
     model_name = model_name or default_model_name(dataset)
     prepared = obtain_data(dataset, data_source, data_dir)
     refuse_other_task(model_name, prepared)
+    # Trials side by side share the GPUs out instead of each claiming all of them.
+    slots = assign_devices(cuda_device_count(device), concurrency)
     c = tracking.client()
     parent = c.create_run(tracking.ensure_experiment(experiment, description=EXPERIMENT_DESCRIPTION),
                           run_name=f"sweep-{len(points)}-configs",
@@ -169,7 +172,8 @@ def hyperparameter_sweep(
                               weight_decay=0.0, schedule=schedule, seed=seed, data_source=data_source,
                               experiment=experiment, parent_run_id=parent_id, run_name=p.name())
                     for p in wave]
-            futures = [train_model.submit(job, LaunchSpec(nproc=nproc, device=device)) for job in jobs]
+            futures = [train_model.submit(job, LaunchSpec(nproc=nproc, device=device, devices=slots[i]))
+                       for i, job in enumerate(jobs)]
             results += [(p, f.result(), job.tracking.training_id) for p, f, job in zip(wave, futures, jobs)]
 
         trials = [{**p.to_dict(), "name": p.name(), "run_id": r.run_id, "val_accuracy": r.val_accuracy,

@@ -28,22 +28,38 @@ class DistEnv:
         return self.backend is not None
 
 
-def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+def cuda_device_count(preference: str = "auto") -> int:
+    """GPUs a training may use under this device preference: 0 for cpu or without CUDA."""
+    if preference == "cpu" or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
+def resolve_device(preference: str = "auto", local_rank: int = 0, devices: tuple[int, ...] | None = None) -> torch.device:
+    """This process's device. `devices`: the GPU ids this training was given (a sweep trial's share);
+    local rank i takes devices[i]. None: every visible GPU, local rank i takes GPU i."""
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
     if preference in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cuda", gpu_index(local_rank, devices, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
+def gpu_index(local_rank: int, devices: tuple[int, ...] | None, gpu_count: int) -> int:
+    """The GPU of local rank `local_rank`: its entry in the training's share, else GPU local_rank."""
+    if devices:
+        return devices[local_rank % len(devices)]
+    return local_rank % gpu_count
+
+
 @contextlib.contextmanager
-def ddp_context(device_preference: str = "auto"):
+def ddp_context(device_preference: str = "auto", devices: tuple[int, ...] | None = None):
     """Yield the DistEnv of this process; a plain single process when not started by torchrun."""
     in_ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(device_preference, local_rank)
+    device = resolve_device(device_preference, local_rank, devices)
     backend = None
     if in_ddp:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -54,6 +70,20 @@ def ddp_context(device_preference: str = "auto"):
         yield DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
     finally:
         if in_ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process_group(device_preference: str = "cpu"):
+    """A gloo process group of one in this very process (an in-memory store: no rendezvous, no port),
+    for a one-process training run in-process: train() then takes the same path, collectives
+    included, as in a launched worker. One default group per process: the caller serialises."""
+    device = resolve_device(device_preference)
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield DistEnv(rank=0, local_rank=0, world_size=1, device=device, backend="gloo")
+    finally:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ deprecated TorchScript exporter adds a Shape/Gather/Unsqueeze/Concat chain for t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,14 +58,13 @@ def export_onnx(model: MLP, path: Path) -> Path:
     return Path(path)
 
 
-def onnx_session(path: Path):
-    """A CPU onnxruntime session for checks (parity and gate figures do not depend on the device)."""
-    import onnxruntime as ort
+def onnx_session(path: Path, device: str = "auto"):
+    """An onnxruntime session on the provider the model will be served on: serving's own session
+    (CUDA with its options, TF32 off, when a GPU is usable here; else the CPU), so that the parity
+    and gate figures describe what the batch job will run."""
+    from serving.session import create_session
 
-    ort.set_default_logger_severity(3)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return create_session(Path(path), device)  # type: ignore[arg-type]
 
 
 def onnx_logits(session, images: np.ndarray, batch_size: int = 10_000) -> np.ndarray:
@@ -86,6 +86,8 @@ class ParityReport:
     tolerance: float
     passed: bool
     reason: str
+    provider: str = "CPUExecutionProvider"  # where onnxruntime ran: the serving side's provider
+    torch_device: str = "cpu"  # where the PyTorch reference ran
 
     def metrics(self) -> dict[str, float]:
         """The run's `parity/` figures (logged once); the per-batch-size figures are in the card."""
@@ -94,27 +96,40 @@ class ParityReport:
         return {M.PARITY_MAX_ABS_DIFF: self.max_abs_diff, M.PARITY_ARGMAX_AGREEMENT: self.argmax_agreement,
                 M.PARITY_ONNX_VAL_ACCURACY: self.onnx_accuracy}
 
+    def tags(self) -> dict[str, str]:
+        """Which arithmetic the figures compare (a string: not a metric)."""
+        return {"parity.provider": self.provider, "parity.torch_device": self.torch_device}
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @torch.no_grad()
 def check_parity(model: MLP, onnx_path: Path, images: torch.Tensor, labels: torch.Tensor,
-                 tolerance: float = PARITY_TOLERANCE) -> ParityReport:
-    """Compare onnxruntime with PyTorch on the whole split and at batch sizes 1, 7 and 10,000."""
-    model = model.cpu().eval()
+                 tolerance: float = PARITY_TOLERANCE, device: str = "auto", torch_device: str = "cpu",
+                 session=None) -> ParityReport:
+    """Compare onnxruntime with PyTorch on the whole split and at batch sizes 1, 7 and 10,000.
+
+    onnxruntime runs on `device` (auto: the provider the batch job would use here), or in `session`
+    when given; PyTorch runs on `torch_device` in float32 (TF32 off on CUDA)."""
+    from serving.session import provider
+
+    dev = torch.device(torch_device)
+    model = model.to(dev).eval()
     x, y = images.cpu(), labels.cpu().numpy()
-    session = onnx_session(onnx_path)
-    ref = model(x).numpy()
-    got = onnx_logits(session, x.numpy())
+    session = session if session is not None else onnx_session(onnx_path, device)
+    with _no_tf32():
+        def ref_logits(xb: torch.Tensor) -> np.ndarray:
+            return model(xb.to(dev)).cpu().numpy()
+
+        ref = np.concatenate([ref_logits(x[i : i + 10_000]) for i in range(0, len(x), 10_000)])
+        got = onnx_logits(session, x.numpy())
+        per_batch = {b: float(np.abs(ref_logits(x[:b]) - session.run(["logits"], {INPUT_NAME: x[:b].numpy()})[0]).max())
+                     for b in PARITY_BATCH_SIZES}
     diff = float(np.abs(ref - got).max())
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())
     torch_acc = float((ref.argmax(1) == y).mean())
     onnx_acc = float((got.argmax(1) == y).mean())
-    per_batch = {}
-    for b in PARITY_BATCH_SIZES:
-        xb = x[:b]
-        per_batch[b] = float(np.abs(model(xb).numpy() - session.run(["logits"], {INPUT_NAME: xb.numpy()})[0]).max())
     failures = []
     if diff > tolerance:
         failures.append(f"max |logit diff| {diff:.3g} > {tolerance:g}")
@@ -127,5 +142,17 @@ def check_parity(model: MLP, onnx_path: Path, images: torch.Tensor, labels: torc
     return ParityReport(
         max_abs_diff=diff, argmax_agreement=agreement, torch_accuracy=torch_acc, onnx_accuracy=onnx_acc,
         batch_max_abs_diff=per_batch, tolerance=tolerance, passed=not failures,
-        reason="; ".join(failures) or "parity passed",
+        reason="; ".join(failures) or "parity passed", provider=provider(session), torch_device=str(dev),
     )
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """PyTorch's CUDA float32 matmuls in full float32 for the reference (TF32 would round the inputs
+    to a 10-bit mantissa); restores the caller's settings. No effect on the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

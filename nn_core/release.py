@@ -35,7 +35,8 @@ def export_and_check(result: TrainResult, data_path: Path, onnx_path: Path | Non
     parity = check_parity(model, onnx_path, splits.val_images, splits.val_labels)
     if result.run_id:
         tracking.log_metrics(result.run_id, parity.metrics())
-        tracking.log_tags(result.run_id, {"parity": "passed" if parity.passed else f"failed: {parity.reason}"})
+        tracking.log_tags(result.run_id, {"parity": "passed" if parity.passed else f"failed: {parity.reason}",
+                                          **parity.tags()})
     return ExportResult(onnx_path=onnx_path, parity=parity)
 
 

@@ -83,3 +83,21 @@ def load_spec(path: Path) -> SweepSpec:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with keys {list(AXES)}")
     return spec_from_mapping(data, str(path))
+
+
+def assign_devices(gpu_count: int, concurrency: int) -> list[tuple[int, ...] | None]:
+    """The GPU ids of each of `concurrency` trials that train side by side: disjoint equal blocks
+    when there are at least as many GPUs as trials (8 GPUs, 3 trials: (0, 1), (2, 3), (4, 5); the
+    remainder stays idle, as equal world sizes keep the trials comparable), one GPU each, shared
+    round-robin, when there are fewer (a 784-50-10 MLP leaves a GPU mostly idle). No GPU: None each
+    (the trials run on the CPU)."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if gpu_count < 0:
+        raise ValueError(f"gpu_count must be >= 0, got {gpu_count}")
+    if gpu_count == 0:
+        return [None] * concurrency
+    if concurrency <= gpu_count:
+        per = gpu_count // concurrency
+        return [tuple(range(i * per, (i + 1) * per)) for i in range(concurrency)]
+    return [(i % gpu_count,) for i in range(concurrency)]

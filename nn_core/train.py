@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nn_core import metrics as M
-from nn_core import plots, tracking
+from nn_core import tracking
 from serving.atomic import atomic_path
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
 from nn_core.data import Splits, load_splits
@@ -74,6 +74,7 @@ class TrainJob:
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig(training_id="local")
     device: str = "auto"
+    devices: tuple[int, ...] | None = None  # GPU ids of this training (local rank i -> devices[i]); None: all
     threads: int | None = None
     data_source: str | None = None  # recorded with the MLflow dataset input
 
@@ -113,22 +114,29 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 def run_epoch(
     model: torch.nn.Module, optimizer, scheduler, images, labels, idx: torch.Tensor, batch_size: int, env: DistEnv
 ) -> tuple[torch.Tensor, float]:
-    """One pass over this rank's shard. Returns (per-step loss averaged over ranks, train accuracy)."""
+    """One pass over this rank's shard. Returns (per-step loss averaged over ranks, train accuracy).
+
+    The step is what the arithmetic needs and little else (bench/bench_training.py prints its ratio to
+    the floor): the shard is gathered once per epoch, so a step takes a view instead of an index
+    gather; predictions go into one preallocated buffer and are compared once at the end, instead of
+    four small ops a step; losses stay on the device (.item() would be a CPU-GPU sync every step)."""
     model.train()
-    losses, correct = [], torch.zeros((), dtype=torch.int64, device=env.device)
+    xs, ys = images[idx], labels[idx]  # (n, 28, 28), (n,): this epoch's order, contiguous
+    preds = torch.empty(len(idx), dtype=torch.int64, device=env.device)
+    losses = []
     for start in range(0, len(idx), batch_size):
-        b = idx[start : start + batch_size]
-        logits = model(images[b])  # (B, 10)
-        loss = F.cross_entropy(logits, labels[b])
+        x, y = xs[start : start + batch_size], ys[start : start + batch_size]
+        logits = model(x)  # (B, 10)
+        loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        # Keep losses on the device: .item() here would be a CPU-GPU sync point every step.
         losses.append(loss.detach())
-        correct += (logits.detach().argmax(1) == labels[b]).sum()
+        torch.argmax(logits.detach(), 1, out=preds[start : start + len(y)])
     step_losses = all_reduce_sum(torch.stack(losses), env) / env.world_size
+    correct = (preds == ys).sum()
     counts = all_reduce_sum(torch.stack([correct, torch.tensor(len(idx), device=env.device)]), env)
     return step_losses.cpu(), counts[0].item() / counts[1].item()
 
@@ -243,7 +251,8 @@ def _write_json_atomic(obj: dict, path: Path) -> None:
 
 
 def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[dict],
-           val: EvalResult, test: EvalResult, out_dir: Path, classes: list[str]) -> dict:
+           val: EvalResult, test: EvalResult, out_dir: Path, classes: list[str],
+           final_eval_seconds: float = 0.0) -> dict:
     """Final artifacts (curves, confusion matrix, final checkpoint) and result.json."""
     result = {
         "run_id": logger.run_id if logger else None,
@@ -259,6 +268,9 @@ def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[
         "epochs": len(history),
         "train_seconds": sum(h["epoch_seconds"] for h in history),
         "epoch_seconds": [h["epoch_seconds"] for h in history],
+        # every evaluation of this training (per epoch and final): with train_seconds, the work that
+        # the training's wall time is measured against (bench/bench_pipeline.py)
+        "eval_seconds": sum(h.get("val_seconds", 0.0) for h in history) + final_eval_seconds,
         "seconds_to_target": seconds_to_target(history, job.train.target_val_accuracy),
         "world_size": env.world_size,
         "device": env.device.type,
@@ -273,6 +285,8 @@ def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[
         if result["seconds_to_target"] is not None:
             summary[M.SECONDS_TO_TARGET] = result["seconds_to_target"]
         tracking.log_metrics(rid, summary)
+        from nn_core import plots  # matplotlib: only rank 0, only here (~1 s of imports a worker need not pay)
+
         steps = [x for h in history for x in h["step_losses"]]
         name = job.tracking.run_name or default_run_name(job)
         with tempfile.TemporaryDirectory() as tmp:
@@ -375,7 +389,7 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
         h = {
             "epoch": epoch, "train_loss": float(step_losses.mean()), "train_accuracy": train_acc,
             "val_loss": val.loss, "val_accuracy": val.accuracy, "epoch_seconds": seconds, "lr": lr,
-            "step_losses": step_losses.tolist(),
+            "step_losses": step_losses.tolist(), "val_seconds": time.perf_counter() - t0 - seconds,
         }
         history.append(h)
         if env.is_main:
@@ -386,11 +400,14 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
             print(f"epoch {epoch}/{cfg.epochs}: train loss {h['train_loss']:.4f}  val loss {val.loss:.4f}  "
                   f"val acc {val.accuracy:.4f}  ({seconds:.2f} s)", flush=True)
 
+    t0 = time.perf_counter()
     val = evaluate(model, splits.val_images, splits.val_labels, env, cfg.eval_batch_size)
     test = evaluate(model, splits.test_images, splits.test_labels, env, cfg.eval_batch_size)
+    final_eval_seconds = time.perf_counter() - t0
     if not env.is_main:
         return None
-    return finish(job, env, logger, history, val, test, out_dir, list(get_spec(splits.name).classes))
+    return finish(job, env, logger, history, val, test, out_dir, list(get_spec(splits.name).classes),
+                  final_eval_seconds)
 
 
 def _plain(v):
@@ -462,5 +479,5 @@ def worker_main(job: TrainJob) -> dict | None:
     _die_with_parent()
     if job.threads:
         torch.set_num_threads(job.threads)
-    with ddp_context(job.device) as env:
+    with ddp_context(job.device, job.devices) as env:
         return train(job, env)

@@ -81,13 +81,39 @@ def _wants_cuda(device: Device) -> bool:
     return usable
 
 
+def cuda_provider_options(device_id: int = 0) -> dict[str, str]:
+    """The CUDA execution provider's options, from this one place for every CUDA session (the batch
+    job, the gate's parity check, the GPU acceptance run).
+
+    - `device_id`: explicit, so that a process given one GPU of several (a sweep trial) uses that one.
+    - `use_tf32` off: with TF32, float32 Gemm inputs are rounded to a 10-bit mantissa (logits differ
+      from PyTorch's float32 by ~1e-3), and parity on the serving GPU would then be measured against a
+      different arithmetic than the one PyTorch and the CPU provider use. This MLP is nowhere near
+      compute-bound on a GPU, so full float32 costs nothing measurable.
+    - `do_copy_in_default_stream`: onnxruntime's default, stated: copies and kernels on one stream,
+      so a run's input copy is ordered before its kernels without extra synchronisation.
+    """
+    if device_id < 0:
+        raise ValueError(f"CUDA device id {device_id}: expected >= 0")
+    return {"device_id": str(device_id), "use_tf32": "0", "do_copy_in_default_stream": "1"}
+
+
+def session_providers(cuda: bool, device_id: int = 0) -> list:
+    """The `providers` argument of an InferenceSession: CUDA with its options (CPU as onnxruntime's
+    fallback for any node CUDA lacks), or the CPU alone."""
+    if not cuda:
+        return [CPU]
+    return [(CUDA, cuda_provider_options(device_id)), CPU]
+
+
 def create_session(
-    model_path: Path, device: Device = "auto", threads: int | None = None
+    model_path: Path, device: Device = "auto", threads: int | None = None, device_id: int = 0
 ) -> ort.InferenceSession:
     """A session on the chosen device, checked against the serving contract.
 
     `threads`: intra-op threads of one run, default the CPUs this process may use. The inter-op pool
     stays at one thread: the graph is a chain, there is nothing to run side by side within a run.
+    `device_id`: the GPU to run on when the session uses CUDA (see cuda_provider_options).
     The session may be run from several threads at once (`session.run` releases the GIL).
     """
     # Warnings (e.g. which nodes went to which provider) are noise for a batch job; errors stay.
@@ -107,7 +133,7 @@ def create_session(
     opts.log_severity_level = 3
     # Busy-waiting workers between runs take the CPU that the reader and writer threads need.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = [CUDA, CPU] if cuda else [CPU]
+    providers = session_providers(cuda, device_id)
     try:
         session = ort.InferenceSession(str(model_path), opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for an invalid model

@@ -222,7 +222,9 @@ def test_serve_registers_schedules_and_cancel_stops_training(prefect_server_url,
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server_url, "MNISTOPS_HOME": str(tmp_path / "home"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "MNISTOPS_DATA_DIR": str(mnist.cache_path.parent),
-           "MNISTOPS_DATA_SOURCE": str(mnist_source)}
+           "MNISTOPS_DATA_SOURCE": str(mnist_source),
+           # worker processes even for one process: what is checked here is that they die on cancel
+           "MNISTOPS_TRAIN_IN_PROCESS": "0"}
     serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--training-cron", "15 3 * * *",
                               "--inference-cron", "*/30 * * * *", "--epochs", "200"],
                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
