@@ -190,7 +190,6 @@ def release(result: TrainResult, prepared: PreparedDataset, model_name: str, gat
         return PipelineResult(result.run_id, training_id, model_name, None, False,
                               f"not registered: {exported.parity.reason}", metrics, url)
     version = register_task(result, exported, prepared, model_name)
-    describe_registered_model(model_name, prepared.name)
     decision = gate_task(result, exported, version, prepared, model_name, gate)
     _note_outcome(result.run_id, f"Registered as {model_name} version {version}: "
                                  f"{'promoted to champion' if decision.accepted else 'not promoted'} ({decision.reason}).")
@@ -199,19 +198,6 @@ def release(result: TrainResult, prepared: PreparedDataset, model_name: str, gat
         metrics["champion_val_accuracy"] = decision.champion_val_accuracy
     return PipelineResult(result.run_id, training_id, model_name, version, decision.accepted,
                           decision.reason, metrics, url)
-
-
-def describe_registered_model(model_name: str, dataset: str) -> None:
-    """The registered model's description, written once (a description edited in the UI stays)."""
-    c = tracking.client()
-    if c.get_registered_model(model_name).description:
-        return
-    c.update_registered_model(model_name, description=(
-        f"The {dataset} MLP as ONNX: input `pixels`, uint8 [batch, 28, 28] raw pixels; outputs `logits` and "
-        "`probabilities`, float32 [batch, 10]. Each version is a candidate from the training pipeline, its "
-        "description is its model card. The `champion` alias marks the version that passed the gate "
-        "(validation accuracy of the ONNX model at or above the threshold, ONNX parity, not worse than the "
-        "previous champion); batch inference serves `models:/" + model_name + "@champion`."))
 
 
 def _note_outcome(run_id: str | None, sentence: str) -> None:

@@ -155,9 +155,15 @@ def _version_task(tags: dict) -> Task | None:
 
 
 def _description(model_name: str, task: Task) -> str:
-    return (f"{model_name}: an MLP for {task.dataset}, bound to that task. Every version was trained on and "
-            f"is gated on {task.dataset}'s validation split, dataset digest `{task.digest}`. Candidates of "
-            "another dataset are refused, `mnistops promote --force` included.")
+    """What the registry page says of the model: its task, its contract, and what the alias means."""
+    return (f"The {task.dataset} MLP as ONNX, bound to that task: every version was trained on and is gated on "
+            f"{task.dataset}'s validation split (dataset digest `{task.digest}`); candidates of another dataset "
+            "are refused, `mnistops promote --force` included.\n\n"
+            "Input `pixels`, uint8 [batch, 28, 28] raw pixels; outputs `logits` and `probabilities`, float32 "
+            "[batch, 10]. Each version is a candidate from the training pipeline, its description is its "
+            "model card. The `champion` alias marks the version that passed the gate (validation accuracy of "
+            "the ONNX model at or above the threshold, ONNX parity, not worse than the previous champion); "
+            f"batch inference serves `models:/{model_name}@champion`.")
 
 
 def _bind(model_name: str, rm, fallback: Task | None) -> Task:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from idx_files import synthetic_dataset
+from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.data import prepare
 from nn_core.launch import IN_PROCESS_ENV, LaunchSpec, TrainingError, in_process_eligible, launch_training, new_training_id
@@ -43,8 +44,7 @@ def test_only_a_one_process_cpu_training_without_restarts_runs_in_process(monkey
 
 
 @pytest.mark.slow
-def test_in_process_training_logs_one_run_and_resumes_from_its_checkpoint(synthetic_cache, tmp_path, mlflow_store,
-                                                                          caplog, capfd):
+def test_in_process_training_logs_one_run_and_never_reopens_it(synthetic_cache, tmp_path, mlflow_store, caplog):
     threads = torch.get_num_threads()
     job = _job(synthetic_cache, tmp_path / "runs", epochs=2)
     with caplog.at_level(logging.INFO, logger="nn_core.launch"):
@@ -54,16 +54,17 @@ def test_in_process_training_logs_one_run_and_resumes_from_its_checkpoint(synthe
     run = mlflow.get_run(first.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["backend"] == "gloo" and run.data.tags["world_size"] == "1"
+    history = tracking.client().get_metric_history(first.run_id, M.VAL_ACCURACY)
+    assert sorted(m.step for m in history) == [1, 2] and first.val_accuracy > 0.9
 
-    # the same training id with more epochs: resumed from the checkpoint, into the same run
-    second = launch_training(replace(job, train=replace(job.train, epochs=3)), LaunchSpec())
-    assert "resuming from the checkpoint after epoch 2" in capfd.readouterr().out
-    assert second.run_id == first.run_id
+    # The same training id again: a finished training is never reopened, in-process as launched
+    # (resuming a killed one in-process is tests/test_lifecycle.py's SIGKILL + --resume).
+    with pytest.raises(TrainingError, match="is FINISHED and is never reopened"):
+        launch_training(job, LaunchSpec())
+    assert not dist.is_initialized() and torch.get_num_threads() == threads
+    assert mlflow.get_run(first.run_id).info.status == "FINISHED"
     runs = mlflow.search_runs(experiment_names=["in-process"], output_format="list")
     assert [r.info.run_id for r in runs] == [first.run_id]
-    history = tracking.client().get_metric_history(first.run_id, "val_accuracy")
-    assert sorted(m.step for m in history) == [1, 2, 3]
-    assert second.val_accuracy > 0.9
 
 
 def test_an_in_process_worker_error_is_reported_like_a_launched_one(tmp_path, mlflow_store):

@@ -1,0 +1,121 @@
+"""The layers import one way: serving (torch-free bottom) <- nn_core (torch) <- flows (Prefect, CLI).
+
+Read from the source (every import statement, also those inside functions), so a lazy import that
+would only run on some code path counts too; plus a real import of every serving module in a fresh
+interpreter, which must leave torch and prefect unloaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("serving", "nn_core", "flows")
+# What each layer may import from the project: only the layers below it.
+ALLOWED = {"serving": {"serving"}, "nn_core": {"serving", "nn_core"}, "flows": {"serving", "nn_core", "flows"}}
+FORBIDDEN_THIRD_PARTY = {"serving": {"torch", "torchvision", "prefect", "onnx", "onnxscript", "matplotlib"},
+                         "nn_core": {"prefect"}}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module `path` imports, absolute names, function-level imports included."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            # `from pkg import module` imports a module too
+            found |= {f"{mod}.{a.name}" for a in node.names}
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = _modules()
+    edges = {}
+    for name, path in modules.items():
+        edges[name] = {m for m in _imports(name, path) if m in modules and m != name}
+    return edges
+
+
+def _all_imports() -> dict[str, set[str]]:
+    return {name: _imports(name, path) for name, path in _modules().items()}
+
+
+@pytest.mark.parametrize("layer", PACKAGES)
+def test_each_layer_imports_only_the_layers_below_it(layer):
+    wrong = {name: sorted(m for m in imps if m.split(".")[0] in PACKAGES and m.split(".")[0] not in ALLOWED[layer])
+             for name, imps in _all_imports().items() if name.split(".")[0] == layer}
+    wrong = {k: v for k, v in wrong.items() if v}
+    assert not wrong, f"upward imports from {layer}: {wrong}"
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN_THIRD_PARTY))
+def test_forbidden_libraries_are_not_reached(layer, graph):
+    """Directly, or through any project module the layer's modules import."""
+    imports = _all_imports()
+    bad = {}
+    for start in (n for n in graph if n.split(".")[0] == layer):
+        seen, stack = {start}, [start]
+        while stack:
+            for nxt in graph[stack.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        reached = {m.split(".")[0] for s in seen for m in imports[s]} & FORBIDDEN_THIRD_PARTY[layer]
+        if reached:
+            bad[start] = sorted(reached)
+    assert not bad, f"{layer} reaches {bad}"
+
+
+def test_no_import_cycles(graph):
+    # Tarjan-free: a cycle exists iff a depth-first search meets a module still on its path.
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        path.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return path[path.index(m):] + [m]
+            if m not in state and (cycle := visit(m)):
+                return cycle
+        path.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (cycle := visit(n)):
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_serving_imports_without_torch_or_prefect():
+    mods = sorted(n for n in _modules() if n.split(".")[0] == "serving" and not n.endswith("__main__"))
+    code = ("import importlib, sys\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n"
+            "print(sorted({'torch', 'prefect', 'nn_core', 'flows'} & {k.split('.')[0] for k in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
