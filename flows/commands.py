@@ -23,13 +23,14 @@ def cmd_infer(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from flows import ownership, prefect_api
     from flows.cli import EXIT_OK, EXIT_REJECTED, _data_source
     from flows.sweep import hyperparameter_sweep
     from nn_core.sweep import load_spec
 
     grid = {}
     if args.config:
-        spec = load_spec(args.config)  # validated here, so a bad file fails before any flow starts
+        spec = load_spec(args.config)  # checked before anything started (_check_sweep)
         grid = {"hidden": [list(h) for h in spec.hidden], "lr": list(spec.lr), "batch_size": list(spec.batch_size),
                 "epochs": list(spec.epochs), "sample": spec.sample, "seed": spec.seed}
     for key in ("hidden", "lr", "batch_size", "epochs"):
@@ -38,10 +39,12 @@ def cmd_sweep(args) -> int:
     if args.sample:
         grid["sample"] = args.sample
     grid = {k: v for k, v in grid.items() if v is not None}
-    result = hyperparameter_sweep(grid=grid, concurrency=args.concurrency, dataset=args.dataset,
-                                  data_source=_data_source(args), data_dir=args.data_dir, seed=args.seed,
-                                  nproc=args.nproc, device=args.device, gate_threshold=args.threshold,
-                                  gate_margin=args.margin, model_name=args.model_name, experiment=args.experiment)
+    prefect_api.wait_ready()
+    with ownership.owned_flow_runs():
+        result = hyperparameter_sweep(grid=grid, concurrency=args.concurrency, dataset=args.dataset,
+                                      data_source=_data_source(args), data_dir=args.data_dir, seed=args.seed,
+                                      nproc=args.nproc, device=args.device, gate_threshold=args.threshold,
+                                      gate_margin=args.margin, model_name=args.model_name, experiment=args.experiment)
     for t in sorted(result.trials, key=lambda t: -t["val_accuracy"]):
         print(f"{t['name']:32s} val {t['val_accuracy']:.4f}  test {t['test_accuracy']:.4f}  run {t['run_id']}")
     r = result.release
@@ -51,6 +54,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from flows import prefect_api
     from flows.cli import EXIT_OK, _data_source, _pipeline_kwargs
     from flows.deployments import deployments, serve_all
     from flows.inference import export_test_split
@@ -71,14 +75,35 @@ def cmd_serve(args) -> int:
         {"input": str(infer_input), "output": output, "labels": str(infer_labels) if infer_labels else None,
          "model": f"models:/{args.model_name}@champion"},
     )
+    prefect_api.wait_ready()
     print(f"serving deployments {[d.name for d in deps]} (training '{args.training_cron}', "
           f"inference '{args.inference_cron}'); Ctrl-C stops", flush=True)
     serve_all(deps)
     return EXIT_OK
 
 
+def _check_sweep(args) -> None:
+    from flows.cli import CommandError, _check_data
+    from nn_core.sweep import load_spec
+
+    _check_data(args)
+    if args.config is not None:
+        try:
+            load_spec(args.config)  # parsed again by cmd_sweep; this read is cheap and torch-free
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+
+
+def _check_serve(args) -> None:
+    from flows.cli import _check_file, _check_training
+
+    _check_training(args)
+    _check_file(args.infer_input, "--infer-input")
+    _check_file(args.infer_labels, "--infer-labels")
+
+
 def add(command) -> None:
-    from flows.cli import _data_args, _gate_args, _hidden, _train_args
+    from flows.cli import NON_NEGATIVE, POSITIVE, _data_args, _float_in, _gate_args, _hidden, _train_args
     from flows.settings import INFERENCE_CRON, TRAINING_CRON
     from serving.cli import add_infer_arguments
 
@@ -86,24 +111,26 @@ def add(command) -> None:
                                     "manifest, written atomically")
     add_infer_arguments(p)
 
-    p = command("sweep", cmd_sweep, "hyperparameter sweep: nested MLflow runs, a comparison, the best config gated")
+    p = command("sweep", cmd_sweep, "hyperparameter sweep: nested MLflow runs, a comparison, the best config gated",
+                _check_sweep)
     p.add_argument("--config", type=Path, default=None, metavar="YAML",
                    help="sweep file with lists under hidden, lr, batch_size, epochs (and optional sample, seed)")
     p.add_argument("--hidden", type=_hidden, nargs="+", default=None, help="hidden sizes to try, e.g. 50 100 128,64")
-    p.add_argument("--lr", type=float, nargs="+", default=None, help="learning rates to try")
-    p.add_argument("--batch-size", type=int, nargs="+", default=None, help="batch sizes to try")
-    p.add_argument("--epochs", type=int, nargs="+", default=None, help="epoch counts to try")
-    p.add_argument("--sample", type=int, default=None, help="train only this many configs drawn at random from the grid")
-    p.add_argument("--concurrency", type=int, default=1, help="configs trained at the same time")
-    p.add_argument("--seed", type=int, default=0, help="seed of every config's training")
+    p.add_argument("--lr", type=_float_in(0, low_open=True), nargs="+", default=None, help="learning rates to try")
+    p.add_argument("--batch-size", type=POSITIVE, nargs="+", default=None, help="batch sizes to try")
+    p.add_argument("--epochs", type=POSITIVE, nargs="+", default=None, help="epoch counts to try")
+    p.add_argument("--sample", type=POSITIVE, default=None, help="train only this many configs drawn at random from the grid")
+    p.add_argument("--concurrency", type=POSITIVE, default=1, help="configs trained at the same time")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of every config's training")
     p.add_argument("--experiment", default="mnist-mlp", help="MLflow experiment")
-    p.add_argument("--nproc", type=int, default=1, help="CPU worker processes per config")
+    p.add_argument("--nproc", type=POSITIVE, default=1, help="CPU worker processes per config")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
     _data_args(p)
     _gate_args(p)
+    p.set_defaults(prefect_api=True, reap=True)
 
     p = command("serve", cmd_serve, "serve the scheduled deployments (nightly training, hourly inference) "
-                                    "from this process against the configured Prefect API")
+                                    "from this process against the configured Prefect API", _check_serve)
     p.add_argument("--training-cron", default=TRAINING_CRON, help="cron schedule of the training pipeline")
     p.add_argument("--inference-cron", default=INFERENCE_CRON, help="cron schedule of the batch inference")
     p.add_argument("--infer-input", default=None, help="input of the scheduled batch inference (default: the test split)")
@@ -113,3 +140,4 @@ def add(command) -> None:
     _data_args(p)
     _train_args(p)
     _gate_args(p)
+    p.set_defaults(prefect_api=True)

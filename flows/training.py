@@ -195,14 +195,16 @@ def training_pipeline(
     model_name: str = "mnist-mlp",
     experiment: str = "mnist-mlp",
     data_dir: str | None = None,
+    training_id: str | None = None,
 ) -> PipelineResult:
-    """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion."""
+    """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion.
+    `training_id` of a killed training resumes it from its checkpoint, into the same MLflow run."""
     settings.configure()
     gate = GateConfig(threshold=gate_threshold, margin=gate_margin)
     prepared = obtain_data(dataset, data_source, data_dir)
     job = train_job(prepared, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                     weight_decay=weight_decay, schedule=schedule, seed=seed, data_source=data_source,
-                    experiment=experiment)
+                    experiment=experiment, training_id=training_id)
     result = train_model(job, LaunchSpec(nproc=nproc, max_restarts=max_restarts, device=device))
     outcome = release(result, prepared, model_name, gate, job.tracking.training_id, experiment)
     publish(outcome)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from nn_core import tracking
+from nn_core import reaping, tracking
 from nn_core.train import RESULT_NAME, TrainJob, worker_main
+from serving.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,9 @@ def _processes_and_threads(spec: LaunchSpec) -> tuple[int, int | None, str]:
 def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     """Run the DDP training; the result on the node that hosts rank 0, None on the other nodes."""
     nproc, threads, device = _processes_and_threads(spec)
+    if job.train.batch_size % (nproc * spec.nnodes):
+        raise ValueError(f"batch size {job.train.batch_size} is not divisible by the {nproc * spec.nnodes} "
+                         "worker processes (the global batch is split evenly across them)")
     if spec.nnodes > 1 and not (spec.rdzv_endpoint and spec.rdzv_id):
         raise TrainingError("multi-node training needs --rdzv-endpoint HOST:PORT and --rdzv-id on every node")
     training_id = spec.rdzv_id or job.tracking.training_id
@@ -73,6 +80,7 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT_NAME).unlink(missing_ok=True)
+    write_job(job, out_dir)
     config = LaunchConfig(
         min_nodes=spec.nnodes,
         max_nodes=spec.nnodes,
@@ -89,23 +97,67 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     # with the rendezvous (torch's default), restarted gloo workers read their dead predecessors'
     # addresses and fail to connect (pytorch/pytorch#135712).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # The workers' MLflow run names this process as its owner (nn_core.reaping).
+    os.environ[reaping.OWNER_PID_ENV] = str(os.getpid())
     log.info("launching %d %s worker(s) x %d node(s), training id %s", nproc, device, spec.nnodes, training_id)
+    # torch's agent replaces the SIGTERM/SIGINT/SIGHUP handlers for the launch (it stops the workers
+    # and raises SignalException) and leaves its own behind; the caller's come back afterwards.
+    saved = _signal_handlers()
     try:
         elastic_launch(config, worker_main)(job)
+    except SignalException as e:  # stopped from outside: the workers are down, the run is resumable
+        _mark_ended(job, "KILLED")
+        raise
     except Exception as e:  # ChildFailedError carries the workers' tracebacks
-        _mark_failed(job)
-        raise TrainingError(f"training {training_id} failed after {spec.max_restarts} restart(s):\n{e}") from e
+        _mark_ended(job, "FAILED")
+        raise TrainingError(f"training {training_id} failed after {spec.max_restarts} restart(s): "
+                            f"{_root_cause(e)}") from e
+    finally:
+        _restore(saved)
     if not (out_dir / RESULT_NAME).exists():
         return None  # this node did not host rank 0
     return TrainResult.read(out_dir)
 
 
-def _mark_failed(job: TrainJob) -> None:
+JOB_NAME = "job.json"
+
+
+def write_job(job: TrainJob, out_dir: Path) -> None:
+    """What this training is, beside its checkpoint: `mnistops run --resume` reads it back."""
+    from dataclasses import asdict
+
+    with atomic_path(out_dir / JOB_NAME) as tmp:
+        tmp.write_text(json.dumps(asdict(job), indent=2))
+
+
+def _signal_handlers() -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+
+
+def _restore(saved: dict) -> None:
+    for sig, handler in saved.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
+def _root_cause(e: Exception) -> str:
+    """The first failed worker's own error ("ValueError: ..."), not the launcher's report around it."""
+    failures = getattr(e, "failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        message = str(getattr(failure, "message", "") or "").strip()
+        if message:
+            return message.splitlines()[-1] if message.startswith("Traceback") else message.splitlines()[0]
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _mark_ended(job: TrainJob, status: str) -> None:
     if not job.tracking.enabled:
         return
     try:
         run_id = tracking.find_run(job.tracking.experiment, job.tracking.training_id)
         if run_id:
-            tracking.end_run(run_id, "FAILED")
+            tracking.end_run(run_id, status)
     except Exception as e:  # the training error matters more than this one
-        log.warning("could not mark the MLflow run failed: %s", e)
+        log.warning("could not mark the MLflow run %s: %s", status, e)

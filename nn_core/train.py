@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nn_core import plots, tracking
+from nn_core import plots, reaping, tracking
 from serving.atomic import atomic_path
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
 from nn_core.data import Splits, load_splits
@@ -179,6 +179,8 @@ class RunLogger:
             tags["mlflow.parentRunId"] = t.parent_run_id
         run_name = t.run_name or default_run_name(job)
         self.run_id, created = tracking.find_or_create_run(t.experiment, t.training_id, run_name, {k: str(v) for k, v in tags.items()})
+        # Whoever runs it now owns it (a resumed run too): a later command reaps it if this owner dies.
+        tracking.log_tags(self.run_id, {reaping.OWNER_TAG: reaping.owner_id()})
         self.steps_per_epoch = steps_per_epoch
         # After a restart, what the run already holds: epochs logged before the crash are not repeated.
         self.logged: set[int] = set() if created else tracking.logged_steps(self.run_id, "val_accuracy")
