@@ -540,8 +540,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnistops {args.command}: {line}", file=sys.stderr, flush=True)
         return code
     finally:
-        if "flows.prefect_api" in sys.modules:
-            sys.modules["flows.prefect_api"].stop()
         for sig, previous in handlers.items():
             signal.signal(sig, previous)
 

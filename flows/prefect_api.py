@@ -13,6 +13,7 @@ boot overlap with those imports; `wait_ready()` is called just before the first 
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -95,6 +96,9 @@ def start(home: Path) -> TemporaryApi | None:
         proc = lifeline.spawn(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     _current = TemporaryApi(url=f"http://127.0.0.1:{port}/api", proc=proc, log=log)
     os.environ["PREFECT_API_URL"] = _current.url
+    # Stopped at exit, after Prefect's own exit handlers (registered later, run earlier) have sent
+    # their last logs and events to it: stopped before them, they retry for minutes.
+    atexit.register(stop)
     return _current
 
 

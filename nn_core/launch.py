@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -81,31 +84,34 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT_NAME).unlink(missing_ok=True)
     write_job(job, out_dir)
-    config = LaunchConfig(
-        min_nodes=spec.nnodes,
-        max_nodes=spec.nnodes,
-        nproc_per_node=nproc,
-        run_id=training_id,
-        rdzv_backend="c10d",
-        # Port 0: the c10d store binds a free port, so two trainings on one machine never collide.
-        rdzv_endpoint=spec.rdzv_endpoint or "127.0.0.1:0",
-        max_restarts=spec.max_restarts,
-        monitor_interval=spec.monitor_interval,
-        start_method="spawn",
-    )
+    # The workers' MLflow run names this process as its owner (nn_core.reaping).
+    os.environ[reaping.OWNER_PID_ENV] = str(os.getpid())
     # Give every restart round a fresh store for the workers' process group. With the store shared
     # with the rendezvous (torch's default), restarted gloo workers read their dead predecessors'
     # addresses and fail to connect (pytorch/pytorch#135712).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    # The workers' MLflow run names this process as its owner (nn_core.reaping).
-    os.environ[reaping.OWNER_PID_ENV] = str(os.getpid())
     log.info("launching %d %s worker(s) x %d node(s), training id %s", nproc, device, spec.nnodes, training_id)
     # torch's agent replaces the SIGTERM/SIGINT/SIGHUP handlers for the launch (it stops the workers
     # and raises SignalException) and leaves its own behind; the caller's come back afterwards.
     saved = _signal_handlers()
     try:
-        elastic_launch(config, worker_main)(job)
-    except SignalException as e:  # stopped from outside: the workers are down, the run is resumable
+        with rendezvous_store(spec) as (endpoint, rdzv_configs):
+            config = LaunchConfig(
+                min_nodes=spec.nnodes,
+                max_nodes=spec.nnodes,
+                nproc_per_node=nproc,
+                run_id=training_id,
+                rdzv_backend="c10d",
+                rdzv_endpoint=endpoint,
+                rdzv_configs=rdzv_configs,
+                # One node: the workers' own store and MASTER_ADDR are on the loopback too.
+                local_addr="127.0.0.1" if spec.nnodes == 1 else None,
+                max_restarts=spec.max_restarts,
+                monitor_interval=spec.monitor_interval,
+                start_method="spawn",
+            )
+            elastic_launch(config, local_worker if spec.nnodes == 1 else worker_main)(job)
+    except SignalException:  # stopped from outside: the workers are down, the run is resumable
         _mark_ended(job, "KILLED")
         raise
     except Exception as e:  # ChildFailedError carries the workers' tracebacks
@@ -117,6 +123,80 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     if not (out_dir / RESULT_NAME).exists():
         return None  # this node did not host rank 0
     return TrainResult.read(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the stores listen. A TCPStore server binds every interface whatever host it is given, and it
+# has no authentication; torch's supported way to choose the address is `master_listen_fd`, a socket
+# bound beforehand. So the launcher hosts the rendezvous store itself on such a socket (and tells the
+# c10d backend it is not the host: it connects as a client), and a one-node training's rank 0 hosts
+# the workers' store the same way on the loopback (init_process_group's own TCPStore is
+# multi-tenant, so it shares that server instead of binding another).
+
+
+def _bound_socket(host: str, port: int) -> socket.socket | None:
+    """A socket bound to HOST:PORT, or None when this machine cannot bind that address (it is
+    another machine's, or another process on this one already hosts the store)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            return sock
+        except OSError:
+            sock.close()
+    return None
+
+
+def _host_store(sock: socket.socket):
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    host, port = sock.getsockname()[:2]
+    store = TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                     master_listen_fd=sock.fileno(), timeout=timedelta(seconds=60))
+    sock.detach()  # the store's server owns the descriptor now
+    return store
+
+
+@contextlib.contextmanager
+def rendezvous_store(spec: LaunchSpec) -> Iterator[tuple[str, dict]]:
+    """(rdzv endpoint, rdzv configs) for the launch: one node on 127.0.0.1 (a free port), several
+    nodes where --rdzv-endpoint says (hosted here if this machine has that address)."""
+    if spec.nnodes == 1 and not spec.rdzv_endpoint:
+        host, port = "127.0.0.1", 0
+    else:
+        host, _, port_text = spec.rdzv_endpoint.rpartition(":")
+        host, port = host.strip("[]"), int(port_text)
+    sock = _bound_socket(host, port)
+    if sock is None:  # another machine (or process) hosts it: connect as a client
+        yield f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", {"is_host": False}
+        return
+    store = _host_store(sock)
+    try:
+        yield f"{host}:{store.port}" if ":" not in host else f"[{host}]:{store.port}", {"is_host": False}
+    finally:
+        del store
+
+
+def local_worker(job: TrainJob):
+    """A one-node worker: its communication stays on the loopback (the workers' store bound to
+    127.0.0.1 by rank 0, gloo's and NCCL's sockets on `lo`), then the usual worker."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    store = None
+    if os.environ.get("RANK") == "0" and os.environ.get("MASTER_ADDR") == "127.0.0.1":
+        sock = _bound_socket("127.0.0.1", int(os.environ["MASTER_PORT"]))
+        store = _host_store(sock) if sock is not None else None
+    try:
+        return worker_main(job)
+    finally:
+        del store
 
 
 JOB_NAME = "job.json"
