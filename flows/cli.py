@@ -205,6 +205,14 @@ def _check_file(path, what: str) -> None:
         raise CommandError(f"{path}: no such file ({what})")
 
 
+def _check_infer(args) -> None:
+    """The files `infer` reads exist (the batch job checks their content)."""
+    _check_file(args.input, "--input")
+    _check_file(args.labels, "--labels")
+    if "://" not in args.model and not args.model.startswith(("models:", "runs:")):
+        _check_file(args.model, "--model")
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands
 

@@ -103,12 +103,12 @@ def _check_serve(args) -> None:
 
 
 def add(command) -> None:
-    from flows.cli import NON_NEGATIVE, POSITIVE, _data_args, _float_in, _gate_args, _hidden, _train_args
+    from flows.cli import NON_NEGATIVE, POSITIVE, _check_infer, _data_args, _float_in, _gate_args, _hidden, _train_args
     from flows.settings import INFERENCE_CRON, TRAINING_CRON
     from serving.cli import add_infer_arguments
 
     p = command("infer", cmd_infer, "batch inference with onnxruntime (as a Prefect flow): predictions and a "
-                                    "manifest, written atomically")
+                                    "manifest, written atomically", _check_infer)
     add_infer_arguments(p)
 
     p = command("sweep", cmd_sweep, "hyperparameter sweep: nested MLflow runs, a comparison, the best config gated",
