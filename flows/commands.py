@@ -56,7 +56,7 @@ def cmd_sweep(args) -> int:
 def cmd_serve(args) -> int:
     from flows import prefect_api
     from flows.cli import EXIT_OK, _data_source, _pipeline_kwargs
-    from flows.deployments import deployments, serve_all
+    from flows.deployments import deployments
     from flows.inference import export_test_split
     from flows.settings import configure
     from nn_core.data import prepare
@@ -78,8 +78,38 @@ def cmd_serve(args) -> int:
     prefect_api.wait_ready()
     print(f"serving deployments {[d.name for d in deps]} (training '{args.training_cron}', "
           f"inference '{args.inference_cron}'); Ctrl-C stops", flush=True)
-    serve_all(deps)
+    _serve(deps)
     return EXIT_OK
+
+
+def _serve(deps) -> None:
+    """prefect.serve, except that a SIGTERM ends the command with 143, not 0: Prefect's runner takes
+    SIGTERM over (it pauses the schedules, cancels the flow runs in flight, then returns normally),
+    so the signal is recorded on the way through."""
+    import asyncio
+    import signal
+
+    from prefect.runner import Runner
+
+    from flows.cli import Stopped
+
+    class _Runner(Runner):
+        stopped_by: int | None = None
+
+        def handle_sigterm(self, *args, **kwargs) -> None:
+            self.stopped_by = signal.SIGTERM
+            super().handle_sigterm(*args, **kwargs)
+
+    runner = _Runner(pause_on_shutdown=True)
+    for d in deps:
+        runner.add_deployment(d)
+    try:
+        asyncio.run(runner.start())
+    except SystemExit:  # a SIGTERM before the runner had started
+        if runner.stopped_by is None:
+            raise
+    if runner.stopped_by is not None:
+        raise Stopped(runner.stopped_by)
 
 
 def _check_sweep(args) -> None:
