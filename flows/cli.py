@@ -489,12 +489,16 @@ def _reap_stale_runs() -> None:
     """Runs left RUNNING by a command that was killed are marked KILLED before this one starts."""
     import logging
 
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("sqlite:") and not Path(uri.split(":///", 1)[-1]).exists():
+        return  # no store yet, so nothing to reap (and no store created here, racing another command)
     from nn_core.reaping import reap_runs
 
     try:
         reap_runs()
     except Exception as e:  # reaping is housekeeping: the command itself decides about the store
-        logging.getLogger(__name__).warning("could not check for runs left by killed commands: %s", e)
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        logging.getLogger(__name__).warning("could not check for runs left by killed commands: %s", first)
 
 
 def _cancel_own_flow_runs(reason: str) -> None:

@@ -174,10 +174,15 @@ def rendezvous_store(spec: LaunchSpec) -> Iterator[tuple[str, dict]]:
         host, _, port_text = spec.rdzv_endpoint.rpartition(":")
         host, port = host.strip("[]"), int(port_text)
     sock = _bound_socket(host, port)
-    if sock is None:  # another machine (or process) hosts it: connect as a client
+    store = None
+    if sock is not None:
+        try:
+            store = _host_store(sock)
+        except (RuntimeError, OSError):  # another node's launcher on this machine got there first
+            sock.close()
+    if store is None:  # another machine (or process) hosts it: connect as a client
         yield f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", {"is_host": False}
         return
-    store = _host_store(sock)
     try:
         yield f"{host}:{store.port}" if ":" not in host else f"[{host}]:{store.port}", {"is_host": False}
     finally:
