@@ -29,6 +29,9 @@ QUIET_DEFAULTS = {
 }
 
 
+_STORAGE_SET_HERE = "_MNISTOPS_PREFECT_STORAGE"  # remembers that configure() chose the storage path
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -54,6 +57,11 @@ def configure() -> Settings:
     if embedded:
         home.mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    # Prefect's persisted task results (the prepare-data cache) live in the home too, not in
+    # ~/.prefect/storage. Read by Prefect when it is imported, so this runs before that.
+    storage = os.environ.get("PREFECT_LOCAL_STORAGE_PATH")
+    if storage is None or storage == os.environ.get(_STORAGE_SET_HERE):  # ours, for an earlier home
+        os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.environ[_STORAGE_SET_HERE] = str(home / "prefect-results")
     if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:"):
         os.environ.setdefault("MNISTOPS_ARTIFACT_ROOT", str(home / "mlartifacts"))
     return Settings(home=home, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], embedded_mlflow=embedded)
