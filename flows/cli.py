@@ -512,6 +512,18 @@ def _cancel_own_flow_runs(reason: str) -> None:
         logging.getLogger(__name__).warning("could not mark this command's flow runs cancelled: %s", e)
 
 
+def _stop_trainings() -> None:
+    """On SIGINT/SIGTERM: stop the DDP workers of trainings launched on other threads (a sweep's),
+    which no signal handler reaches, so their launches end and the flow can unwind. Their MLflow runs
+    are marked KILLED (resumable), not FAILED."""
+    launch = sys.modules.get("nn_core.launch")
+    if launch is not None:
+        launch.STOPPING.set()
+    from flows.lifeline import stop_worker_children
+
+    stop_worker_children()
+
+
 def _on_signal(signum, frame):
     raise Stopped(signum)
 
@@ -527,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     if threading_is_main():
         for sig in (signal.SIGTERM, signal.SIGHUP):
             handlers[sig] = signal.signal(sig, _on_signal)
+        if args.command in ("run", "sweep", "train"):
+            from flows import lifeline
+
+            lifeline.on_signal(_stop_trainings)
     try:
         if args.check is not None:
             args.check(args)
@@ -543,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, SystemExit):
             raise
         code, line = _failure(e)
-        if code in (EXIT_SIGINT, EXIT_SIGTERM) or _signal_of(e) is not None:
+        if _signal_of(e) is not None:
             _cancel_own_flow_runs(line)
         if debug:
             import traceback

@@ -76,6 +76,64 @@ def tied(cmd: list[str], env: dict | None = None, **popen_kwargs) -> Iterator[su
         stop(proc)
 
 
+def stop_worker_children(timeout: float = GRACE_S) -> list[int]:
+    """SIGTERM this process's DDP workers (multiprocessing spawn children) and wait for them. The
+    workers of a launch on the main thread are stopped by torch's agent itself; those of launches on
+    other threads (a sweep's concurrent trainings) are not, and would keep the interpreter alive."""
+    me, pids = os.getpid(), []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and b"multiprocessing.spawn" in cmdline:
+            pids.append(int(entry))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def on_signal(callback, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> None:
+    """Call `callback` on a background thread when one of `signals` arrives, whichever Python
+    handler is installed at the time (ours, torch's agent's, Prefect's flow engine's: each replaces
+    the last). Python writes every signal's number to its wakeup fd before running that handler.
+    Main thread only; the callback must be safe to run at any moment."""
+    import threading
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    wanted = {int(s) for s in signals}
+
+    def watch() -> None:
+        while data := os.read(r, 64):
+            if wanted & set(data):
+                callback()
+
+    threading.Thread(target=watch, name="mnistops-signal-watch", daemon=True).start()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 # ---------------------------------------------------------------------------------------------
 # The lifeline process
 

@@ -51,6 +51,10 @@ class TrainResult:
                    test_accuracy=d["test_accuracy"], metrics=d)
 
 
+# Set when the command is being stopped (SIGINT/SIGTERM): workers that die now were stopped, not failed.
+STOPPING = threading.Event()
+
+
 class TrainingError(RuntimeError):
     """The workers failed after the launcher's own restarts; the message carries their error."""
 
@@ -115,7 +119,7 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
         _mark_ended(job, "KILLED")
         raise
     except Exception as e:  # ChildFailedError carries the workers' tracebacks
-        _mark_ended(job, "FAILED")
+        _mark_ended(job, "KILLED" if STOPPING.is_set() else "FAILED")
         raise TrainingError(f"training {training_id} failed after {spec.max_restarts} restart(s): "
                             f"{_root_cause(e)}") from e
     finally:

@@ -218,3 +218,22 @@ def test_sigterm_stops_serve_and_its_children(tmp_path, mnist, mnist_source):
         _assert_all_gone(started, "after SIGTERM of `mnistops serve`")
     finally:
         _cleanup(proc)
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_a_sweep_with_concurrent_trainings(tmp_path, mnist, mnist_source):
+    home = tmp_path / "home"
+    proc = _start(tmp_path, "sweep", "--hidden", "50", "32", "--epochs", "50", "--concurrency", "2",
+                  MNISTOPS_DATA_DIR=str(mnist.cache_path.parent), MNISTOPS_DATA_SOURCE=str(mnist_source))
+    try:
+        _wait_for(lambda: len(list(home.glob("runs/*/checkpoint.pt"))) == 2, 400, proc, "both trainings' checkpoints")
+        started = _tree(proc.pid)
+        assert sum("spawn_main" in " ".join(p.cmdline()) for p in started) == 2
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == EXIT_SIGTERM, out
+        assert "mnistops sweep: interrupted (SIGTERM)" in out
+        _assert_all_gone(started, "after SIGTERM of `mnistops sweep`")
+    finally:
+        _cleanup(proc)
+    assert all(state == "CANCELLED" for _, state, _ in _flow_runs(home))
