@@ -535,14 +535,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or debug_enabled()
     if debug:
         os.environ["MNISTOPS_DEBUG"] = "1"  # for the processes it starts (workers, flow runs)
-    handlers = {}
+    handlers, wakeup_fd = {}, None
     if threading_is_main():
         for sig in (signal.SIGTERM, signal.SIGHUP):
             handlers[sig] = signal.signal(sig, _on_signal)
         if args.command in ("run", "sweep", "train"):
             from flows import lifeline
 
-            lifeline.on_signal(_stop_trainings)
+            wakeup_fd = lifeline.on_signal(_stop_trainings)
     try:
         if args.check is not None:
             args.check(args)
@@ -570,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)
+        if wakeup_fd is not None:
+            signal.set_wakeup_fd(wakeup_fd)
 
 
 def threading_is_main() -> bool:

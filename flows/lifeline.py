@@ -106,16 +106,17 @@ def stop_worker_children(timeout: float = GRACE_S) -> list[int]:
     return pids
 
 
-def on_signal(callback, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> None:
+def on_signal(callback, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> int:
     """Call `callback` on a background thread when one of `signals` arrives, whichever Python
     handler is installed at the time (ours, torch's agent's, Prefect's flow engine's: each replaces
     the last). Python writes every signal's number to its wakeup fd before running that handler.
-    Main thread only; the callback must be safe to run at any moment."""
+    Main thread only; the callback must be safe to run at any moment. Returns the previous wakeup fd
+    (for signal.set_wakeup_fd when done)."""
     import threading
 
     r, w = os.pipe()
     os.set_blocking(w, False)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     wanted = {int(s) for s in signals}
 
     def watch() -> None:
@@ -124,6 +125,7 @@ def on_signal(callback, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) 
                 callback()
 
     threading.Thread(target=watch, name="mnistops-signal-watch", daemon=True).start()
+    return previous
 
 
 def _zombie(pid: int) -> bool:
