@@ -1,18 +1,99 @@
-"""The `mnistops` command. Exit codes: 0 success (for run/sweep/promote: the candidate was promoted),
-3 the candidate was rejected by the gate (not an error), 1 an error, 2 bad usage."""
+"""The `mnistops` command. Exit codes (serving/errors.py holds the one table, the README shows it):
+0 success (for run/sweep/promote: the candidate was promoted), 1 an error, 2 bad usage, 3 the gate
+rejected the candidate (not an error), 4 drift (infer --fail-on-drift), 130 interrupted (Ctrl-C),
+143 stopped by SIGTERM. A failure prints one `mnistops COMMAND: error: ...` line; --debug (or
+MNISTOPS_DEBUG=1) adds the traceback."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 from pathlib import Path
 
-from serving.errors import EXIT_ERROR, EXIT_OK, EXIT_REJECTED, EXIT_USAGE  # noqa: E402,F401 (the one table)
+from serving.errors import (  # noqa: F401 (the one table, re-exported for the commands and tests)
+    EXIT_DRIFT,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USAGE,
+)
+
+
+class CommandError(Exception):
+    """A failure the user can fix, found by the command line's own checks: one line, exit 1."""
+
+    exit_code = EXIT_ERROR
+
+
+class UsageError(CommandError):
+    """Options that do not go together: one line, exit 2 (like argparse's own usage errors)."""
+
+    exit_code = EXIT_USAGE
+
+
+class Stopped(BaseException):
+    """SIGTERM (or SIGHUP) arrived: unwinds like KeyboardInterrupt, so `finally` blocks and context
+    managers clean up; not an Exception, so no library's `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line on stderr (the usage block is one `--help` away), exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed options: a value out of range is a usage error before anything is imported or started.
+
+
+def _int_at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        if value < low or (high is not None and value > high):
+            expected = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{value}: expected an integer {expected}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            expected = (f"> {low:g}" if low_open else f">= {low:g}") + ("" if high == math.inf else f" and <= {high:g}")
+            raise argparse.ArgumentTypeError(f"{text}: expected a number {expected}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
+PORT = _int_at_least(1, 65535)
 
 
 def _hidden(text: str) -> list[int]:
@@ -23,6 +104,13 @@ def _hidden(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"hidden sizes {text!r}: expected positive integers like 50 or 128,64")
     return sizes
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return text
 
 
 def _data_args(p: argparse.ArgumentParser, dataset_help: str = "which dataset", dataset_default: str | None = "mnist") -> None:
@@ -38,16 +126,16 @@ def _data_args(p: argparse.ArgumentParser, dataset_help: str = "which dataset", 
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
     g.add_argument("--hidden", type=_hidden, default=[50], help="hidden layer sizes, e.g. 50 or 128,64")
-    g.add_argument("--epochs", type=int, default=10, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch size (split across processes)")
-    g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    g.add_argument("--epochs", type=POSITIVE, default=10, help="training epochs")
+    g.add_argument("--batch-size", type=POSITIVE, default=256, help="global batch size (split across processes)")
+    g.add_argument("--lr", type=_float_in(0, low_open=True), default=3e-3, help="Adam learning rate")
+    g.add_argument("--weight-decay", type=_float_in(0), default=0.0, help="Adam weight decay")
     g.add_argument("--schedule", default="cosine", choices=["none", "cosine", "onecycle"], help="learning-rate schedule")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the shuffling")
+    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the initial weights and the shuffling")
     g.add_argument("--experiment", default="mnist-mlp", help="MLflow experiment")
     l = p.add_argument_group("launch (torch elastic)")
-    l.add_argument("--nproc", type=int, default=1, help="CPU worker processes when there is no CUDA (with CUDA: one per GPU)")
-    l.add_argument("--max-restarts", type=int, default=0, help="times the launcher restarts failed workers")
+    l.add_argument("--nproc", type=POSITIVE, default=1, help="CPU worker processes when there is no CUDA (with CUDA: one per GPU)")
+    l.add_argument("--max-restarts", type=NON_NEGATIVE, default=0, help="times the launcher restarts failed workers")
     l.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
 
 
@@ -55,14 +143,77 @@ def _gate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("registry and gate")
     g.add_argument("--model-name", default=None,
                    help="registered model name (default: DATASET-mlp); bound to the dataset of its first version")
-    g.add_argument("--threshold", type=float, default=0.96, help="minimum validation accuracy (ONNX) to promote")
-    g.add_argument("--margin", type=float, default=0.0, help="how much worse than the champion a candidate may be")
+    g.add_argument("--threshold", type=_float_in(0, 1), default=0.96, help="minimum validation accuracy (ONNX) to promote")
+    g.add_argument("--margin", type=_float_in(0, 1), default=0.0, help="how much worse than the champion a candidate may be")
 
 
 def _data_source(args) -> str | None:
-    import os
-
     return args.data_source or os.environ.get("MNISTOPS_DATA_SOURCE") or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of what the options name (files, combinations), torch- and Prefect-free: they run before
+# anything is imported, started or written, so a typo costs a fraction of a second and one line.
+
+
+def _data_dir(args) -> Path:
+    # The rule of nn_core.data.default_data_dir, without importing torch for it.
+    if args.data_dir or os.environ.get("MNISTOPS_DATA_DIR"):
+        return Path(args.data_dir or os.environ["MNISTOPS_DATA_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnistops"
+
+
+def _check_data(args) -> None:
+    from urllib.parse import unquote, urlparse
+
+    from nn_core.datasets import get_spec
+
+    data_dir = _data_dir(args)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise CommandError(f"{data_dir}: the data folder (--data-dir / MNISTOPS_DATA_DIR) is a file, expected a folder")
+    if args.dataset is None:  # promote: the dataset is the registered model's, known only from the registry
+        return
+    spec = get_spec(args.dataset)
+    source = _data_source(args)
+    if source in (None, "", "mirrors", "official"):
+        return
+    parsed = urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        return
+    if parsed.scheme and parsed.scheme != "file" and len(parsed.scheme) > 1:
+        raise CommandError(f"data source {source!r}: expected a folder, a file:// URL or an http(s):// mirror")
+    if (data_dir / f"{spec.name}.pt").is_file():
+        return  # a cache is there: the source is only read if that cache fails its check
+    folder = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source).expanduser()
+    if not folder.is_dir():
+        raise CommandError(f"{folder}: data source folder does not exist")
+    missing = [f.filename for f in spec.files
+               if not any((folder / n).is_file() for n in (f.filename, f.filename + ".gz"))]
+    if missing:
+        raise CommandError(f"{folder}: data source folder lacks {', '.join(missing)} (or .gz); "
+                           f"expected the four {spec.name} IDX files")
+
+
+def _check_training(args) -> None:
+    _check_data(args)
+    if getattr(args, "nnodes", 1) > 1 and not (args.rdzv_endpoint and args.rdzv_id):
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT and --rdzv-id, the same on every node")
+    if args.device == "cpu" and args.batch_size % args.nproc:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by --nproc {args.nproc} "
+                         "(the global batch is split evenly across processes)")
+
+
+def _check_file(path, what: str) -> None:
+    if path is not None and not Path(path).exists():
+        raise CommandError(f"{path}: no such file ({what})")
+
+
+def _check_infer(args) -> None:
+    """The files `infer` reads exist (the batch job checks their content)."""
+    _check_file(args.input, "--input")
+    _check_file(args.labels, "--labels")
+    if "://" not in args.model and not args.model.startswith(("models:", "runs:")):
+        _check_file(args.model, "--model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,14 +266,69 @@ def _report(outcome) -> int:
     return EXIT_OK if outcome.promoted else EXIT_REJECTED
 
 
+def _home() -> Path:
+    # flows.settings.configure's rule, before it runs (a check must not create the home).
+    return Path(os.environ.get("MNISTOPS_HOME", ".mnistops")).resolve()
+
+
+def _unfinished_training(training_id: str | None) -> tuple[str, dict]:
+    """(training id, its job.json) of a training with a checkpoint and no result: the given one,
+    else the latest in this MNISTOPS_HOME."""
+    runs = _home() / "runs"
+    if training_id:
+        folder = runs / training_id
+        if not (folder / "job.json").is_file() or not (folder / "checkpoint.pt").is_file():
+            raise CommandError(f"{folder}: no checkpoint of a training {training_id!r} to resume "
+                               f"(expected job.json and checkpoint.pt there)")
+        if (folder / "result.json").exists():
+            raise CommandError(f"training {training_id} already finished ({folder / 'result.json'})")
+    else:
+        candidates = [d for d in runs.glob("*") if (d / "job.json").is_file() and (d / "checkpoint.pt").is_file()
+                      and not (d / "result.json").exists()] if runs.is_dir() else []
+        if not candidates:
+            raise CommandError(f"{runs}: no unfinished training to resume (none has a checkpoint and no result)")
+        folder = max(candidates, key=lambda d: (d / "checkpoint.pt").stat().st_mtime)
+    try:
+        return folder.name, json.loads((folder / "job.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CommandError(f"{folder / 'job.json'}: unreadable ({e})") from None
+
+
+def _check_run(args) -> None:
+    if args.resume is not None:
+        args.resume = _unfinished_training(None if args.resume == "latest" else args.resume)
+    _check_training(args)
+
+
+def _resume_kwargs(resume: tuple[str, dict]) -> dict:
+    """The killed training's own settings (its checkpoint continues exactly that training)."""
+    training_id, job = resume
+    t = job["train"]
+    return dict(training_id=training_id, hidden=list(job["model"]["hidden"]), epochs=t["epochs"],
+                batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"], schedule=t["schedule"],
+                seed=t["seed"], experiment=job["tracking"]["experiment"],
+                data_source=job.get("data_source"))
+
+
 def cmd_run(args) -> int:
+    from flows import ownership, prefect_api
     from flows.training import training_pipeline
 
-    outcome = training_pipeline(**_pipeline_kwargs(args))
+    kwargs = _pipeline_kwargs(args)
+    if args.resume is not None:
+        kwargs.update(_resume_kwargs(args.resume))
+        print(f"resuming training {args.resume[0]} from its checkpoint", flush=True)
+    prefect_api.wait_ready()
+    with ownership.owned_flow_runs():
+        outcome = training_pipeline(**kwargs)
     code = _report(outcome)
     if not args.no_inference:
         from flows.inference import score_test_split
+        from nn_core.registry import champion
 
+        if champion(outcome.model_name) is None:  # a first candidate rejected on a fresh store
+            print(f"no champion of {outcome.model_name!r} yet: the batch inference over the test set is skipped")
+            return code
         s = score_test_split(dataset=args.dataset, data_dir=args.data_dir, model=f"models:/{outcome.model_name}@champion")
         print(f"batch inference over the test set with {s['model']} (version {s['model_version']}): "
               f"accuracy {s['accuracy']:.4f}, {s['predicted']} predictions in {s['output']}")
@@ -172,9 +378,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    import os
-    import subprocess
-
+    from flows import lifeline
     from flows.settings import configure
 
     cfg = configure()
@@ -183,39 +387,51 @@ def cmd_ui(args) -> int:
     if os.environ.get("MNISTOPS_ARTIFACT_ROOT"):
         cmd += ["--default-artifact-root", Path(os.environ["MNISTOPS_ARTIFACT_ROOT"]).as_uri()]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {cfg.tracking_uri}); Ctrl-C stops it", flush=True)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return EXIT_OK
+    # Tied to this process: the server and its workers stop with it, however it ends (SIGKILL too).
+    with lifeline.tied(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as proc:
+        code = proc.wait()
+    if code != 0:
+        raise CommandError(f"the MLflow UI server exited with code {code} (is port {args.port} in use?)")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnistops", formatter_class=_Formatter, description=__doc__)
+    parser = _Parser(prog="mnistops", formatter_class=_Formatter, description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print tracebacks with errors (or MNISTOPS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, fn, help: str) -> argparse.ArgumentParser:
+    def command(name: str, fn, help: str, check=None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=fn, check=check, prefect_api=False, reap=name in ("train", "models", "promote"))
+        # Also after the command name; SUPPRESS keeps an earlier `mnistops --debug CMD` in place.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print tracebacks with errors (or MNISTOPS_DEBUG=1)")
         return p
 
-    p = command("prepare-data", cmd_prepare_data, "obtain, verify and cache a dataset; print its splits and digest")
+    p = command("prepare-data", cmd_prepare_data, "obtain, verify and cache a dataset; print its splits and digest",
+                _check_data)
     _data_args(p)
 
-    p = command("train", cmd_train, "DDP training only (no Prefect): log to MLflow, write a checkpoint")
+    p = command("train", cmd_train, "DDP training only (no Prefect): log to MLflow, write a checkpoint",
+                _check_training)
     _data_args(p)
     _train_args(p)
     m = p.add_argument_group("multi-node (torchrun's c10d rendezvous)")
-    m.add_argument("--nnodes", type=int, default=1, help="number of nodes; each runs this same command")
-    m.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="rendezvous address (node 0's host)")
+    m.add_argument("--nnodes", type=POSITIVE, default=1, help="number of nodes; each runs this same command")
+    m.add_argument("--rdzv-endpoint", type=_host_port, default=None, metavar="HOST:PORT",
+                   help="rendezvous address (node 0's host)")
     m.add_argument("--rdzv-id", default=None, help="training id, the same on every node")
 
     p = command("run", cmd_run, "the training pipeline once: data -> DDP training -> ONNX -> gate -> champion, "
-                                "then a batch inference over the test set with the champion")
+                                "then a batch inference over the test set with the champion", _check_run)
     _data_args(p)
     _train_args(p)
     _gate_args(p)
     p.add_argument("--no-inference", action="store_true", help="skip the batch inference over the test set")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="TRAINING_ID",
+                   help="continue a killed training from its checkpoint into the same MLflow run, then gate it "
+                        "(its own settings; default: the latest unfinished training in MNISTOPS_HOME)")
+    p.set_defaults(prefect_api=True, reap=True)
 
     p = command("models", cmd_models, "registered versions, their metrics and the champion")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"],
@@ -223,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="registered model name (default: DATASET-mlp)")
 
     p = command("promote", cmd_promote, "move the champion alias to VERSION through the gate's checks, on the "
-                                        "registered model's own validation split")
-    p.add_argument("version", type=int, help="registered model version")
+                                        "registered model's own validation split", _check_data)
+    p.add_argument("version", type=POSITIVE, help="registered model version")
     p.add_argument("--force", action="store_true",
                    help="move the alias even when the figures fail the checks (never across datasets)")
     _data_args(p, dataset_help="names the task: the default model name is DATASET-mlp (mnist-mlp without it); "
@@ -233,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=int, default=5000, help="port")
+    p.add_argument("--port", type=PORT, default=5000, help="port")
 
     from flows import commands
 
@@ -241,26 +457,146 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------------------------
+# One line per failure
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _signal_of(e: BaseException) -> int | None:
+    """The signal behind an interruption, whoever turned it into an exception: Python (SIGINT),
+    our handler, torch elastic's agent (SignalException) or Prefect's flow engine (TerminationSignal)."""
+    for x in _chain(e):
+        if isinstance(x, KeyboardInterrupt):
+            return signal.SIGINT
+        if isinstance(x, Stopped):
+            return x.signum
+        names = {c.__name__ for c in type(x).__mro__}
+        if "SignalException" in names and getattr(x, "sigval", None) is not None:
+            return int(x.sigval)
+        if "TerminationSignal" in names and getattr(x, "signal", None) is not None:
+            return int(x.signal)
+    return None
+
+
+# Failures that are the user's to fix (matched by name: the error path must not import torch).
+_USER_ERRORS = {"CommandError", "ValueError", "OSError", "DataError", "TrainingError", "ServingError",
+                "MlflowException", "PrefectApiError"}
+
+
+def _failure(e: BaseException) -> tuple[int, str]:
+    """(exit code, the one line) for an exception that ended a command."""
+    sig = _signal_of(e)
+    if sig is not None:
+        code = EXIT_SIGINT if sig == signal.SIGINT else 128 + sig
+        return code, f"interrupted ({signal.Signals(sig).name}), stopped cleanly"
+    text = getattr(e, "message", None) if "MlflowException" in {c.__name__ for c in type(e).__mro__} else None
+    text = str(text or e).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if _USER_ERRORS & {c.__name__ for c in type(e).__mro__}:
+        return getattr(e, "exit_code", EXIT_ERROR), f"error: {first or type(e).__name__}"
+    return EXIT_ERROR, f"error: {type(e).__name__}: {first} (rerun with --debug for the traceback)"
+
+
+def _reap_stale_runs() -> None:
+    """Runs left RUNNING by a command that was killed are marked KILLED before this one starts."""
+    import logging
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("sqlite:") and not Path(uri.split(":///", 1)[-1]).exists():
+        return  # no store yet, so nothing to reap (and no store created here, racing another command)
+    from nn_core.reaping import reap_runs
+
+    try:
+        reap_runs()
+    except Exception as e:  # reaping is housekeeping: the command itself decides about the store
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        logging.getLogger(__name__).warning("could not check for runs left by killed commands: %s", first)
+
+
+def _cancel_own_flow_runs(reason: str) -> None:
+    if "flows.ownership" not in sys.modules:
+        return  # no flow run was started
+    import logging
+
+    try:
+        sys.modules["flows.ownership"].cancel_own_flow_runs(reason)
+    except Exception as e:
+        logging.getLogger(__name__).warning("could not mark this command's flow runs cancelled: %s", e)
+
+
+def _stop_trainings() -> None:
+    """On SIGINT/SIGTERM: stop the DDP workers of trainings launched on other threads (a sweep's),
+    which no signal handler reaches, so their launches end and the flow can unwind. Their MLflow runs
+    are marked KILLED (resumable), not FAILED."""
+    launch = sys.modules.get("nn_core.launch")
+    if launch is not None:
+        launch.STOPPING.set()
+    from flows.lifeline import stop_worker_children
+
+    stop_worker_children()
+
+
+def _on_signal(signum, frame):
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flows.settings import configure, configure_logging
+    from flows.settings import configure, configure_logging, debug_enabled
 
-    configure()
-    configure_logging()
+    debug = args.debug or debug_enabled()
+    if debug:
+        os.environ["MNISTOPS_DEBUG"] = "1"  # for the processes it starts (workers, flow runs)
+    handlers, wakeup_fd = {}, None
+    if threading_is_main():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            handlers[sig] = signal.signal(sig, _on_signal)
+        if args.command in ("run", "sweep", "train"):
+            from flows import lifeline
+
+            wakeup_fd = lifeline.on_signal(_stop_trainings)
     try:
-        return args.fn(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # one clear line for users; the traceback is in the log above
-        from nn_core.data import DataError
+        if args.check is not None:
+            args.check(args)
+        cfg = configure()
+        configure_logging(debug)
+        if args.prefect_api:
+            from flows import prefect_api
 
-        if not isinstance(e, (DataError, ValueError)):
+            prefect_api.start(cfg.home)  # boots while the command imports torch and Prefect
+        if args.reap:
+            _reap_stale_runs()
+        return args.fn(args)
+    except BaseException as e:
+        if isinstance(e, SystemExit):
+            raise
+        code, line = _failure(e)
+        if _signal_of(e) is not None:
+            _cancel_own_flow_runs(line)
+        if debug:
             import traceback
 
-            traceback.print_exc()
-        print(f"mnistops {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+            traceback.print_exception(e)
+        print(f"mnistops {args.command}: {line}", file=sys.stderr, flush=True)
+        return code
+    finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+        if wakeup_fd is not None:
+            signal.set_wakeup_fd(wakeup_fd)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ QUIET_DEFAULTS = {
 }
 
 
+_STORAGE_SET_HERE = "_MNISTOPS_PREFECT_STORAGE"  # remembers that configure() chose the storage path
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -51,27 +54,62 @@ def configure() -> Settings:
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
     store = configure_store()
-    return Settings(home=store.home, tracking_uri=store.tracking_uri, embedded_mlflow=store.embedded_mlflow)
+    home = store.home
+    # Prefect's persisted task results (the prepare-data cache) live in the home too, not in
+    # ~/.prefect/storage. Read by Prefect when it is imported, so this runs before that.
+    storage = os.environ.get("PREFECT_LOCAL_STORAGE_PATH")
+    if storage is None or storage == os.environ.get(_STORAGE_SET_HERE):  # ours, for an earlier home
+        os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.environ[_STORAGE_SET_HERE] = str(home / "prefect-results")
+    return Settings(home=home, tracking_uri=store.tracking_uri, embedded_mlflow=store.embedded_mlflow)
 
 
-class _CurrentStderr(logging.StreamHandler):
+class CurrentStderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a record comes, not the stream of start-up time (which a
-    caller such as a test harness may have swapped and closed since)."""
+    caller such as a test harness may have swapped and closed since). Its name must not start with
+    "_": Prefect keeps its own console handler off the root logger only when the root logger already
+    has a handler that is not "private"."""
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
 
 
-def configure_logging() -> None:
-    """Log lines of the library code (nn_core, serving) on stderr; called by the command line only."""
+class _OneLinePerFailure(logging.Filter):
+    """Without --debug a failure is reported once, by the command line's own `error:` line: the
+    libraries' error records (Prefect's "Finished in state Failed", torch elastic's child-failure
+    report) would only repeat it with a traceback each, so they are dropped, and other records lose
+    their tracebacks."""
+
+    LOUD = ("prefect", "torch.distributed.elastic")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.name.startswith(self.LOUD):
+            return False
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("MNISTOPS_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def configure_logging(debug: bool = False) -> None:
+    """Log lines of the library code (nn_core, serving) on stderr; called by the command line only.
+    Installed before Prefect is imported, so Prefect sends its records here too (it leaves a root
+    logger that already has a handler alone) and `--debug` decides about tracebacks in one place."""
     root = logging.getLogger()
-    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
-        handler = _CurrentStderr()
+    handler = next((h for h in root.handlers if isinstance(h, CurrentStderrHandler)), None)
+    if handler is None:
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
+    for f in [f for f in handler.filters if isinstance(f, _OneLinePerFailure)]:
+        handler.removeFilter(f)
+    if not debug:
+        handler.addFilter(_OneLinePerFailure())
     root.setLevel(logging.INFO)
-    for noisy in ("alembic", "httpx", "mlflow.store.db.utils", "onnx_ir", "onnxscript"):
+    for noisy in ("alembic", "httpx", "httpcore", "mlflow.store.db.utils", "onnx_ir", "onnxscript", "urllib3",
+                  "asyncio", "matplotlib", "PIL", "git", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

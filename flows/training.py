@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -15,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import settings
 from flows.observability import forward_worker_logs, link_mlflow_run, mlflow_context_tags, prefect_note
 from nn_core import tracking
-from nn_core.data import PreparedDataset, SourceUnavailableError, default_data_dir, prepare
+from nn_core.data import PreparedDataset, SourceUnavailableError, cache_path, default_data_dir, prepare
 from nn_core.datasets import fingerprint, get_spec
 from nn_core.launch import LaunchSpec, TrainResult, launch_training, new_training_id
 from nn_core.model import MLPConfig
@@ -62,11 +63,25 @@ def _retry_on_network_errors(task, task_run, state) -> bool:
     return False
 
 
-def _data_cache_key(context, parameters) -> str:
-    """The dataset's digest (what the code pins for it) and where its verified cache lives."""
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _data_cache_key(context, parameters) -> str | None:
+    """The dataset's pinned fingerprint and the SHA-256 of the cache file as it is now: a cache file
+    changed or corrupted since is a different key, so its stale answer is never handed out. No
+    cache file yet: no key (nothing cached; the task builds it)."""
     spec = get_spec(parameters["dataset"])
     data_dir = Path(parameters.get("data_dir") or default_data_dir()).resolve()
-    return f"prepare-{spec.name}-{fingerprint(spec)[:16]}-{data_dir}"
+    target = cache_path(spec, data_dir)
+    if not target.is_file():
+        return None
+    where = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    return f"prepare-{spec.name}-{fingerprint(spec)[:16]}-{where}-{_file_digest(target)[:32]}"
 
 
 @task(
@@ -77,6 +92,9 @@ def _data_cache_key(context, parameters) -> str:
     cache_key_fn=_data_cache_key,
     cache_expiration=datetime.timedelta(days=7),
     persist_result=True,
+    # JSON, not pickle: a cached answer is data to read, never code to run. It is stored under
+    # MNISTOPS_HOME (PREFECT_LOCAL_STORAGE_PATH, set by flows.settings.configure).
+    result_serializer="json",
 )
 def prepare_data(dataset: str, data_source: str | None, data_dir: str | None = None) -> PreparedDataset:
     prepared = prepare(get_spec(dataset), data_source, Path(data_dir) if data_dir else None)
@@ -141,10 +159,13 @@ def gate_task(result: TrainResult, exported: ExportResult, version: str, prepare
 
 
 def obtain_data(dataset: str, data_source: str | None, data_dir: str | None) -> PreparedDataset:
-    """prepare_data, answered from Prefect's cache when it can be; a cached answer whose cache file
-    was deleted since is recomputed rather than handed on."""
-    prepared = prepare_data(dataset, data_source, data_dir)
-    if not Path(prepared.cache_path).exists():
+    """prepare_data, answered from Prefect's cache when that answer is known good: it is keyed on
+    the cache file's content, and was stored by a run that verified exactly that content (a run that
+    had to rebuild the file stored its answer under the key of the bad content it found). Otherwise
+    the file is prepared (verified, or rebuilt from the source) again."""
+    state = prepare_data(dataset, data_source, data_dir, return_state=True)
+    prepared = state.result()
+    if state.name == "Cached" and (not prepared.reused_cache or not Path(prepared.cache_path).exists()):
         prepared = prepare_data.with_options(refresh_cache=True)(dataset, data_source, data_dir)
     return prepared
 
@@ -248,6 +269,7 @@ def training_pipeline(
     model_name: str | None = None,
     experiment: str = "mnist-mlp",
     data_dir: str | None = None,
+    training_id: str | None = None,
 ) -> PipelineResult:
     """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion.
 
@@ -270,6 +292,8 @@ def training_pipeline(
         model_name: Registered model name; default: the dataset's (mnist-mlp, fashion-mnist-mlp).
         experiment: MLflow experiment of the training runs.
         data_dir: Where the verified dataset cache lives; default: $MNISTOPS_DATA_DIR or ~/.cache/mnistops.
+        training_id: The id of a killed training to resume from its checkpoint, into the same MLflow run
+            (`mnistops run --resume`); default: a new training.
     """
     settings.configure()
     gate = GateConfig(threshold=gate_threshold, margin=gate_margin)
@@ -278,7 +302,7 @@ def training_pipeline(
     refuse_other_task(model_name, prepared)
     job = train_job(prepared, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                     weight_decay=weight_decay, schedule=schedule, seed=seed, data_source=data_source,
-                    experiment=experiment)
+                    experiment=experiment, training_id=training_id)
     result = train_model(job, LaunchSpec(nproc=nproc, max_restarts=max_restarts, device=device))
     outcome = release(result, prepared, model_name, gate, job.tracking.training_id, experiment)
     publish(outcome)

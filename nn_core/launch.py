@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import socket
 import threading
 import traceback
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from nn_core import tracking
+from nn_core import reaping, tracking
 from nn_core.distributed import cuda_device_count
 from nn_core.train import RESULT_NAME, TrainJob, worker_main
+from serving.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,10 @@ class TrainResult:
                    test_accuracy=d["test_accuracy"], metrics=d)
 
 
+# Set when the command is being stopped (SIGINT/SIGTERM): workers that die now were stopped, not failed.
+STOPPING = threading.Event()
+
+
 class TrainingError(RuntimeError):
     """The workers failed after the launcher's own restarts; the message carries their error."""
 
@@ -86,6 +96,9 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     """Run the DDP training; the result on the node that hosts rank 0, None on the other nodes.
     A one-process CPU training with no restarts runs in this process (train_in_process)."""
     nproc, threads, device = _processes_and_threads(spec)
+    if job.train.batch_size % (nproc * spec.nnodes):
+        raise ValueError(f"batch size {job.train.batch_size} is not divisible by the {nproc * spec.nnodes} "
+                         "worker processes (the global batch is split evenly across them)")
     if spec.nnodes > 1 and not (spec.rdzv_endpoint and spec.rdzv_id):
         raise TrainingError("multi-node training needs --rdzv-endpoint HOST:PORT and --rdzv-id on every node")
     training_id = spec.rdzv_id or job.tracking.training_id
@@ -94,35 +107,50 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT_NAME).unlink(missing_ok=True)
+    write_job(job, out_dir)
+    # The workers' MLflow run names this process as its owner (nn_core.reaping).
+    os.environ[reaping.OWNER_PID_ENV] = str(os.getpid())
     if in_process_eligible(spec, nproc, device) and _IN_PROCESS.acquire(blocking=False):
         try:
             return train_in_process(job)
         finally:
             _IN_PROCESS.release()
-    config = LaunchConfig(
-        min_nodes=spec.nnodes,
-        max_nodes=spec.nnodes,
-        nproc_per_node=nproc,
-        run_id=training_id,
-        rdzv_backend="c10d",
-        # Port 0: the c10d store binds a free port, so two trainings on one machine never collide.
-        rdzv_endpoint=spec.rdzv_endpoint or "127.0.0.1:0",
-        max_restarts=spec.max_restarts,
-        monitor_interval=spec.monitor_interval,
-        start_method="spawn",
-        logs_specs=_logs_specs(spec.log_dir),
-    )
     # Give every restart round a fresh store for the workers' process group. With the store shared
     # with the rendezvous (torch's default), restarted gloo workers read their dead predecessors'
     # addresses and fail to connect (pytorch/pytorch#135712).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     log.info("launching %d %s worker(s) x %d node(s), training id %s", nproc, device, spec.nnodes, training_id)
+    # torch's agent replaces the SIGTERM/SIGINT/SIGHUP handlers for the launch (it stops the workers
+    # and raises SignalException) and leaves its own behind; the caller's come back afterwards.
+    saved = _signal_handlers()
     try:
-        # {global rank: return value} of this node's workers only.
-        returns = elastic_launch(config, worker_main)(job)
+        with rendezvous_store(spec) as (endpoint, rdzv_configs):
+            config = LaunchConfig(
+                min_nodes=spec.nnodes,
+                max_nodes=spec.nnodes,
+                nproc_per_node=nproc,
+                run_id=training_id,
+                rdzv_backend="c10d",
+                rdzv_endpoint=endpoint,
+                rdzv_configs=rdzv_configs,
+                # One node: the workers' own store and MASTER_ADDR are on the loopback too.
+                local_addr="127.0.0.1" if spec.nnodes == 1 else None,
+                max_restarts=spec.max_restarts,
+                monitor_interval=spec.monitor_interval,
+                start_method="spawn",
+                logs_specs=_logs_specs(spec.log_dir),
+            )
+            # {global rank: return value} of this node's workers only.
+            returns = elastic_launch(config, local_worker if spec.nnodes == 1 else worker_main)(job)
+    except SignalException:  # stopped from outside: the workers are down, the run is resumable
+        _mark_ended(job, "KILLED")
+        raise
     except Exception as e:  # ChildFailedError carries the workers' tracebacks
-        _mark_failed(job)
-        raise TrainingError(f"training {training_id} failed after {spec.max_restarts} restart(s):\n{e}") from e
+        _mark_ended(job, "KILLED" if STOPPING.is_set() else "FAILED")
+        raise TrainingError(f"training {training_id} failed after {spec.max_restarts} restart(s): "
+                            f"{_root_cause(e)}") from e
+    finally:
+        _restore(saved)
     # With out_dir on a shared volume every node sees rank 0's result.json: only the node whose
     # workers included rank 0 reports it.
     if 0 not in (returns or {}) or not (out_dir / RESULT_NAME).exists():
@@ -135,6 +163,8 @@ def _logs_specs(log_dir: str | None):
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
 
     return DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL) if log_dir else None
+
+
 # ---------------------------------------------------------------------------------------------
 # The in-process path: one CPU process, no spawn
 
@@ -173,21 +203,137 @@ def train_in_process(job: TrainJob) -> TrainResult:
         with single_process_group(job.device) as env:
             train(job, env)
     except Exception as e:
-        _mark_failed(job)
+        _mark_ended(job, "KILLED" if STOPPING.is_set() else "FAILED")
         trace = "".join(traceback.format_exception(e)).rstrip()
         raise TrainingError(f"training {training_id} failed (in-process worker, rank 0): {type(e).__name__}: {e}\n"
                             f"{trace}") from e
+    except BaseException:  # stopped from outside (Ctrl-C, SIGTERM): the run is resumable
+        _mark_ended(job, "KILLED")
+        raise
     finally:
         torch.set_num_threads(threads_before)
     return TrainResult.read(Path(job.out_dir))
 
 
-def _mark_failed(job: TrainJob) -> None:
+
+# ---------------------------------------------------------------------------------------------
+# Where the stores listen. A TCPStore server binds every interface whatever host it is given, and it
+# has no authentication; torch's supported way to choose the address is `master_listen_fd`, a socket
+# bound beforehand. So the launcher hosts the rendezvous store itself on such a socket (and tells the
+# c10d backend it is not the host: it connects as a client), and a one-node training's rank 0 hosts
+# the workers' store the same way on the loopback (init_process_group's own TCPStore is
+# multi-tenant, so it shares that server instead of binding another).
+
+
+def _bound_socket(host: str, port: int) -> socket.socket | None:
+    """A socket bound to HOST:PORT, or None when this machine cannot bind that address (it is
+    another machine's, or another process on this one already hosts the store)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            return sock
+        except OSError:
+            sock.close()
+    return None
+
+
+def _host_store(sock: socket.socket):
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    host, port = sock.getsockname()[:2]
+    store = TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                     master_listen_fd=sock.fileno(), timeout=timedelta(seconds=60))
+    sock.detach()  # the store's server owns the descriptor now
+    return store
+
+
+@contextlib.contextmanager
+def rendezvous_store(spec: LaunchSpec) -> Iterator[tuple[str, dict]]:
+    """(rdzv endpoint, rdzv configs) for the launch: one node on 127.0.0.1 (a free port), several
+    nodes where --rdzv-endpoint says (hosted here if this machine has that address)."""
+    if spec.nnodes == 1 and not spec.rdzv_endpoint:
+        host, port = "127.0.0.1", 0
+    else:
+        host, _, port_text = spec.rdzv_endpoint.rpartition(":")
+        host, port = host.strip("[]"), int(port_text)
+    sock = _bound_socket(host, port)
+    store = None
+    if sock is not None:
+        try:
+            store = _host_store(sock)
+        except (RuntimeError, OSError):  # another node's launcher on this machine got there first
+            sock.close()
+    if store is None:  # another machine (or process) hosts it: connect as a client
+        yield f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", {"is_host": False}
+        return
+    try:
+        yield f"{host}:{store.port}" if ":" not in host else f"[{host}]:{store.port}", {"is_host": False}
+    finally:
+        del store
+
+
+def local_worker(job: TrainJob):
+    """A one-node worker: its communication stays on the loopback (the workers' store bound to
+    127.0.0.1 by rank 0, gloo's and NCCL's sockets on `lo`), then the usual worker."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    store = None
+    if os.environ.get("RANK") == "0" and os.environ.get("MASTER_ADDR") == "127.0.0.1":
+        sock = _bound_socket("127.0.0.1", int(os.environ["MASTER_PORT"]))
+        store = _host_store(sock) if sock is not None else None
+    try:
+        return worker_main(job)
+    finally:
+        del store
+
+
+JOB_NAME = "job.json"
+
+
+def write_job(job: TrainJob, out_dir: Path) -> None:
+    """What this training is, beside its checkpoint: `mnistops run --resume` reads it back."""
+    from dataclasses import asdict
+
+    with atomic_path(out_dir / JOB_NAME) as tmp:
+        tmp.write_text(json.dumps(asdict(job), indent=2))
+
+
+def _signal_handlers() -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+
+
+def _restore(saved: dict) -> None:
+    for sig, handler in saved.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
+def _root_cause(e: Exception) -> str:
+    """The first failed worker's own error ("ValueError: ..."), not the launcher's report around it."""
+    failures = getattr(e, "failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        message = str(getattr(failure, "message", "") or "").strip()
+        if message:
+            return message.splitlines()[-1] if message.startswith("Traceback") else message.splitlines()[0]
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _mark_ended(job: TrainJob, status: str) -> None:
     if not job.tracking.enabled:
         return
     try:
         run_id = tracking.find_run(job.tracking.experiment, job.tracking.training_id)
         if run_id:
-            tracking.end_run(run_id, "FAILED")
+            tracking.end_run(run_id, status)
     except Exception as e:  # the training error matters more than this one
-        log.warning("could not mark the MLflow run failed: %s", e)
+        log.warning("could not mark the MLflow run %s: %s", status, e)

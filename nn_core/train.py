@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nn_core import metrics as M
-from nn_core import tracking
+from nn_core import reaping, tracking
 from serving.atomic import atomic_path
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
 from nn_core.data import Splits, load_splits
@@ -202,6 +202,8 @@ class RunLogger:
         self.run_id, created = tracking.find_or_create_run(
             t.experiment, t.training_id, run_name, {k: str(v) for k, v in tags.items()},
             params=params, ignore=frozenset({"world_size", *(f"train.{k}" for k in REPORTING_ONLY)}))
+        # Whoever runs it now owns it (a resumed run too): a later command reaps it if this owner dies.
+        tracking.log_tags(self.run_id, {reaping.OWNER_TAG: reaping.owner_id()})
         self.steps_per_epoch = steps_per_epoch
         # After a restart, what the run already holds: epochs logged before the crash are not repeated.
         self.logged: set[int] = set() if created else tracking.logged_steps(self.run_id, M.VAL_ACCURACY)

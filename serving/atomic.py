@@ -13,6 +13,21 @@ from pathlib import Path
 from typing import Iterator
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only be read
+    by setting it, which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder; on a clean exit it is synced and renamed to `path`.
@@ -20,6 +35,9 @@ def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    # mkstemp makes the file 0600; the finished file gets what open() would have given it (the
+    # user's umask), so a shared model folder or output stays readable by whom the user intends.
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp = Path(name)
     try:

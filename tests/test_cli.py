@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
-from flows.cli import EXIT_ERROR, build_parser, main
+from flows.cli import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, build_parser, main
 from nn_core.tracking import redact_url
 
 COMMANDS = ["prepare-data", "train", "run", "models", "promote", "ui", "infer", "sweep", "serve"]
@@ -30,14 +32,124 @@ def test_every_command_is_there_and_has_help(capsys):
         assert "(default:" in out or cmd in ("models",) or "--help" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "--hidden", "fifty"], "expected integers like 50"),
-    (["train", "--schedule", "linear"], "invalid choice"),
-])
-def test_bad_options_are_usage_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+# ---------------------------------------------------------------------------------------------
+# Bad input, as a user meets it: a real `mnistops` process, one line, the documented exit code,
+# nothing written, and (checked before anything starts) neither torch nor Prefect imported.
+
+# Runs the command line like the console script does, then records which heavy packages it imported.
+_PROBE = """
+import json, os, sys
+from flows.cli import main
+code = 0
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+finally:
+    with open(os.environ["MNISTOPS_TEST_PROBE"], "w") as f:
+        json.dump(sorted(m for m in ("torch", "prefect", "mlflow") if m in sys.modules), f)
+sys.exit(code)
+"""
+
+
+def _mnistops(tmp_path, argv, **env_extra):
+    probe = tmp_path / "imported.json"
+    env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home"), "MNISTOPS_DATA_DIR": str(tmp_path / "data"),
+           "MNISTOPS_TEST_PROBE": str(probe), **env_extra}
+    for key in ("MLFLOW_TRACKING_URI", "MNISTOPS_DATA_SOURCE", "MNISTOPS_DEBUG", "MNISTOPS_ARTIFACT_ROOT"):
+        env.pop(key, None) if key not in env_extra else None
+    r = subprocess.run([sys.executable, "-c", _PROBE, *argv], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    return r, json.loads(probe.read_text()) if probe.exists() else None
+
+
+def _inputs(tmp_path):
+    """Files the bad invocations point at: a folder without the IDX files, a file where a folder
+    belongs, an images file, an unreadable sweep file."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    np.save(tmp_path / "images.npy", np.zeros((3, 28, 28), dtype=np.uint8))
+    (tmp_path / "sweep.yaml").write_text("hidden: [[50]]\nlearning_rate: [0.1]\n")
+
+
+BAD_INPUTS = [
+    # (argv, exit code, words the one line must contain); {t} is the test's folder
+    (["run", "--nproc", "0"], EXIT_USAGE, "--nproc: 0: expected an integer >= 1"),
+    (["run", "--epochs", "0"], EXIT_USAGE, "--epochs"),
+    (["run", "--lr", "-1"], EXIT_USAGE, "--lr"),
+    (["run", "--threshold", "1.5"], EXIT_USAGE, "--threshold: 1.5"),
+    (["run", "--hidden", "fifty"], EXIT_USAGE, "expected integers like 50"),
+    (["run", "--resume", "nosuchtraining"], EXIT_ERROR, "no checkpoint of a training 'nosuchtraining'"),
+    (["run", "--resume"], EXIT_ERROR, "no unfinished training to resume"),
+    (["run", "--data-source", "{t}/nowhere"], EXIT_ERROR, "{t}/nowhere: data source folder does not exist"),
+    (["run", "--data-source", "{t}/empty"], EXIT_ERROR, "lacks train-images-idx3-ubyte"),
+    (["train", "--schedule", "linear"], EXIT_USAGE, "invalid choice"),
+    (["train", "--batch-size", "0"], EXIT_USAGE, "--batch-size"),
+    (["train", "--device", "cpu", "--nproc", "3"], EXIT_USAGE, "not divisible by --nproc 3"),
+    (["train", "--nnodes", "2"], EXIT_USAGE, "--rdzv-endpoint"),
+    (["train", "--rdzv-endpoint", "node0"], EXIT_USAGE, "expected HOST:PORT"),
+    (["train", "--data-source", "ftp://mirror/mnist"], EXIT_ERROR, "expected a folder, a file:// URL or an http"),
+    (["train", "--data-dir", "{t}/a-file"], EXIT_ERROR, "{t}/a-file: the data folder"),
+    (["promote", "0"], EXIT_USAGE, "version: 0"),
+    (["promote", "1", "--margin", "-0.1"], EXIT_USAGE, "--margin"),
+    (["promote", "1", "--data-source", "{t}/nowhere"], EXIT_ERROR, "data source folder does not exist"),
+    (["infer", "--input", "{t}/images.npy"], EXIT_USAGE, "--output"),
+    (["infer", "--input", "{t}/images.npy", "--output", "{t}/p.csv", "--batch-size", "0"], EXIT_USAGE, "--batch-size"),
+    (["infer", "--input", "{t}/missing.npy", "--output", "{t}/p.csv"], EXIT_ERROR, "{t}/missing.npy: no such file"),
+    (["infer", "--input", "{t}/images.npy", "--output", "{t}/p.csv", "--model", "{t}/none.onnx"], EXIT_ERROR,
+     "{t}/none.onnx: no such file"),
+    (["sweep", "--config", "{t}/sweep.yaml"], EXIT_ERROR, "unknown keys ['learning_rate']"),
+    (["sweep", "--concurrency", "0"], EXIT_USAGE, "--concurrency"),
+    (["ui", "--port", "70000"], EXIT_USAGE, "--port"),
+]
+
+
+@pytest.mark.parametrize("argv, code, words", BAD_INPUTS, ids=[" ".join(a[0]) for a in BAD_INPUTS])
+def test_bad_input_is_one_line_before_anything_starts(tmp_path, argv, code, words):
+    _inputs(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r, imported = _mnistops(tmp_path, [a.format(t=tmp_path) for a in argv])
+    assert r.returncode == code, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"mnistops {argv[0]}: error: ") and words.format(t=tmp_path) in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    # Nothing written: no MNISTOPS_HOME, no data folder, no output.
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "imported.json") == before
+    assert imported == [], f"imported {imported} before refusing"
+
+
+def test_debug_adds_the_traceback(tmp_path):
+    r, _ = _mnistops(tmp_path, ["--debug", "run", "--resume", "x"])
+    assert r.returncode == EXIT_ERROR and "Traceback" in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("mnistops run: error: ")
+    r, _ = _mnistops(tmp_path, ["run", "--resume", "x"], MNISTOPS_DEBUG="1")
+    assert "Traceback" in r.stderr
+
+
+def test_every_failure_maps_to_the_one_table():
+    from flows.cli import CommandError, Stopped, UsageError, _failure
+
+    class MlflowException(Exception):  # matched by name, as the error path must not import mlflow
+        def __init__(self, message):
+            super().__init__(f"RESOURCE_DOES_NOT_EXIST: {message}")
+            self.message = message
+
+    assert _failure(UsageError("x")) == (EXIT_USAGE, "error: x")
+    assert _failure(CommandError("x")) == (EXIT_ERROR, "error: x")
+    assert _failure(ValueError("first line\nsecond line")) == (EXIT_ERROR, "error: first line")
+    assert _failure(MlflowException("Model Version 7 not found")) == (EXIT_ERROR, "error: Model Version 7 not found")
+    assert _failure(KeyboardInterrupt())[0] == EXIT_SIGINT
+    assert _failure(Stopped(15))[0] == EXIT_SIGTERM
+    try:  # a signal that surfaced as another exception (torch's agent, Prefect's engine) still counts
+        try:
+            raise Stopped(15)
+        except Stopped as e:
+            raise RuntimeError("task failed") from e
+    except RuntimeError as wrapped:
+        assert _failure(wrapped)[0] == EXIT_SIGTERM
+    code, line = _failure(TypeError("bug"))
+    assert code == EXIT_ERROR and "TypeError: bug" in line and "--debug" in line
 
 
 def test_bad_data_source_is_one_clear_error(tmp_path, monkeypatch, capsys):

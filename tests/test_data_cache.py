@@ -1,0 +1,102 @@
+"""The prepare-data task's Prefect cache cannot lie: it is keyed on the cache file's content, stored
+as JSON, and a corrupted cache file is rebuilt from the source or refused in one line, under the
+flow in-process and under `mnistops run` alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _corrupt(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _states(data_dir: Path, source: str | None) -> tuple[str, object]:
+    from flows.training import prepare_data
+
+    state = prepare_data(dataset="mnist", data_source=source, data_dir=str(data_dir), return_state=True)
+    return state.name, state.result(raise_on_failure=False)
+
+
+def test_cache_is_keyed_on_content_stored_as_json_and_healed(prefect_api, tmp_path, mnist, mnist_source):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    from flows.training import obtain_data
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    cache = data_dir / mnist.cache_path.name
+    shutil.copy(mnist.cache_path, cache)
+    good = cache.read_bytes()
+
+    assert _states(data_dir, None)[0] == "Completed"  # verified, then kept under this content
+    name, cached = _states(data_dir, None)
+    assert name == "Cached" and cached.reused_cache
+    # The stored answer is JSON (data, not a pickle), and says what it is.
+    stored = [json.loads(p.read_text()) for p in Path(PREFECT_LOCAL_STORAGE_PATH.value()).iterdir() if p.is_file()]
+    assert any("nn_core.data.PreparedDataset" in json.dumps(s) for s in stored)
+
+    # Corrupted: a different key, so the file is checked again; without a source it is refused...
+    _corrupt(cache)
+    name, error = _states(data_dir, str(tmp_path / "nowhere"))
+    assert name == "Failed" and str(cache) in str(error) and "rebuilding it from the source failed" in str(error)
+    # ... with one, rebuilt.
+    healed = obtain_data("mnist", str(mnist_source), str(data_dir))
+    assert cache.read_bytes() == good and healed.digest == mnist.digest
+
+    # The very same corruption again: the answer kept under that content came from a rebuild, so it
+    # is not trusted; the file is verified and rebuilt once more.
+    _corrupt(cache)
+    healed = obtain_data("mnist", str(mnist_source), str(data_dir))
+    assert cache.read_bytes() == good and healed.digest == mnist.digest
+
+
+def test_run_with_a_corrupt_cache_is_refused_in_one_line_then_healed(tmp_path, mnist, mnist_source):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    cache = data_dir / mnist.cache_path.name
+    shutil.copy(mnist.cache_path, cache)
+    _corrupt(cache)
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home"), "MNISTOPS_DATA_DIR": str(data_dir),
+           "MNISTOPS_DATA_SOURCE": str(tmp_path / "empty")}
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MNISTOPS_ARTIFACT_ROOT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--no-inference", "--threshold", "0"]
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout + r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith(f"mnistops run: error: {cache}: ") and "rebuilding it from the source failed" in last
+    assert "Traceback" not in r.stderr + r.stdout
+    errors = [line for line in r.stderr.splitlines() if " ERROR " in line or "error:" in line]
+    assert errors == [last]  # Prefect's own failure reports do not repeat it
+    assert not (tmp_path / "home" / "runs").exists()  # refused before any training started
+    # Task results stay in the home, as JSON.
+    assert not any((tmp_path / "home" / "prefect-results").glob("*")) or all(
+        json.loads(p.read_text()) for p in (tmp_path / "home" / "prefect-results").glob("*"))
+
+    env["MNISTOPS_DATA_SOURCE"] = str(mnist_source)
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert cache.read_bytes() == mnist.cache_path.read_bytes()

@@ -1,0 +1,239 @@
+"""Nothing left behind, with real processes: however a mnistops command ends (SIGTERM, SIGKILL),
+no process it started outlives it for more than a few seconds; what it was doing is marked in MLflow
+and Prefect (KILLED / Cancelled / Crashed), and a killed training resumes into the same MLflow run
+with the same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flows.cli import EXIT_REJECTED, EXIT_SIGTERM
+from nn_core.reaping import KILLED_REASON_TAG, OWNER_TAG
+
+pytestmark = [pytest.mark.slow]
+
+LEFTOVER_S = 15  # "a few seconds", generous for a loaded 2-core machine
+
+
+def _env(tmp_path: Path, **extra) -> dict:
+    env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home"), **extra}
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MNISTOPS_ARTIFACT_ROOT"):
+        env.pop(key, None)  # the embedded defaults: a store under the home, our temporary Prefect API
+    return env
+
+
+def _start(tmp_path: Path, *args: str, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=_env(tmp_path, **env), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
+    deadline = time.time() + timeout
+    while not (value := predicate()):
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended (code {proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _assert_all_gone(procs: list[psutil.Process], what: str) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=LEFTOVER_S)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"{what}: still running: {[(p.pid, ' '.join(p.cmdline())[:120]) for p in alive]}"
+
+
+def _cleanup(proc: subprocess.Popen) -> None:
+    for p in _tree(proc.pid):
+        p.kill()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def _flow_runs(home: Path) -> list[tuple[str, str, list[str]]]:
+    """(flow name, state, tags) of every flow run in this home's Prefect database (read directly:
+    the temporary API that served it is gone with its command)."""
+    with sqlite3.connect(home / "prefect.db") as db:
+        rows = db.execute("select f.name, r.state_type, r.tags from flow_run r join flow f on f.id = r.flow_id "
+                          "order by r.created").fetchall()
+    return [(name, state, json.loads(tags)) for name, state, tags in rows]
+
+
+def _mlflow(home: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+
+
+def _runs(home: Path):
+    c = _mlflow(home)
+    return c.search_runs([e.experiment_id for e in c.search_experiments() if e.name == "mnist-mlp"])
+
+
+@pytest.mark.e2e
+def test_sigkill_of_run_leaves_nothing_and_resume_finishes_the_same_run(tmp_path, mnist, mnist_source):
+    home, data = tmp_path / "home", {"MNISTOPS_DATA_DIR": str(mnist.cache_path.parent),
+                                     "MNISTOPS_DATA_SOURCE": str(mnist_source)}
+    args = ["--epochs", "4", "--seed", "3", "--nproc", "1", "--device", "cpu"]
+    proc = _start(tmp_path, "run", *args, "--no-inference", **data)
+    try:
+        ckpt = _wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 300, proc, "the first checkpoint")[0]
+        started = _tree(proc.pid)
+        kinds = " ".join(" ".join(p.cmdline()) for p in started)
+        assert "prefect.server.api.server" in kinds and "spawn_main" in kinds  # our API server, a DDP worker
+        proc.send_signal(signal.SIGKILL)  # an OOM kill, a closed laptop: no chance to clean up
+        proc.wait(10)
+        _assert_all_gone(started, "after SIGKILL of `mnistops run`")
+    finally:
+        _cleanup(proc)
+    (run,) = _runs(home)
+    assert run.info.status == "RUNNING" and run.data.tags[OWNER_TAG].split(":")[1] == str(proc.pid)
+    assert (ckpt.parent / "result.json").exists() is False
+
+    # The next command reaps it.
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "models"], env=_env(tmp_path), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (run,) = _runs(home)
+    assert run.info.status == "KILLED" and str(proc.pid) in run.data.tags[KILLED_REASON_TAG]
+
+    # --resume continues it from its checkpoint into the same MLflow run, then the gate.
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--resume", "--no-inference"], env=_env(tmp_path, **data),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, EXIT_REJECTED), r.stdout + r.stderr
+    assert f"resuming training {ckpt.parent.name}" in r.stdout and "resuming from the checkpoint after epoch" in r.stdout
+    (resumed,) = _runs(home)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    steps = [m.step for m in _mlflow(home).get_metric_history(run.info.run_id, "val_accuracy")]
+    assert sorted(steps) == [1, 2, 3, 4]  # each epoch once: the ones before the kill are not repeated
+    states = [(name, state) for name, state, _ in _flow_runs(home)]
+    assert states == [("training-pipeline", "CRASHED"), ("training-pipeline", "COMPLETED")]
+
+    # The same weights as a training that was never interrupted.
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "train", *args], env=_env(ref, **data), cwd=ref,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (ref_ckpt,) = (ref / "home").glob("runs/*/checkpoint.pt")
+    a = torch.load(ckpt, weights_only=True)["model_state"]
+    b = torch.load(ref_ckpt, weights_only=True)["model_state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_run_cancels_its_flow_run_and_leaves_nothing(tmp_path, mnist, mnist_source):
+    home = tmp_path / "home"
+    proc = _start(tmp_path, "run", "--epochs", "50", "--no-inference", MNISTOPS_DATA_DIR=str(mnist.cache_path.parent),
+                  MNISTOPS_DATA_SOURCE=str(mnist_source))
+    try:
+        _wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 300, proc, "the first checkpoint")
+        started = _tree(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == EXIT_SIGTERM, out
+        assert out.splitlines()[-1] == "mnistops run: interrupted (SIGTERM), stopped cleanly"
+        assert "Traceback" not in out
+        _assert_all_gone(started, "after SIGTERM of `mnistops run`")
+    finally:
+        _cleanup(proc)
+    (run,) = _runs(home)
+    assert run.info.status == "KILLED"
+    ((name, state, tags),) = _flow_runs(home)
+    assert state == "CANCELLED" and any(t.startswith("mnistops-owner:") for t in tags)
+
+
+@pytest.mark.e2e
+def test_rejected_first_candidate_exits_3_and_skips_the_batch_job(tmp_path, mnist, mnist_source):
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--threshold", "0.999"],
+                       env=_env(tmp_path, MNISTOPS_DATA_DIR=str(mnist.cache_path.parent),
+                                MNISTOPS_DATA_SOURCE=str(mnist_source)),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == EXIT_REJECTED, r.stdout + r.stderr
+    assert "no champion of 'mnist-mlp' yet: the batch inference over the test set is skipped" in r.stdout
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "home" / "outputs").exists()
+
+
+def _health(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_ui_server_goes_with_the_command(tmp_path, sig):
+    from servers import free_port
+
+    port = free_port()
+    proc = _start(tmp_path, "ui", "--port", str(port))
+    try:
+        _wait_for(lambda: _health(port), 120, proc, "the MLflow UI")
+        started = _tree(proc.pid)
+        assert any("mlflow" in " ".join(p.cmdline()) for p in started)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == EXIT_SIGTERM and "mnistops ui: interrupted (SIGTERM)" in out
+        _assert_all_gone(started, f"after {sig.name} of `mnistops ui`")
+        assert not _health(port)
+    finally:
+        _cleanup(proc)
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_serve_and_its_children(tmp_path, mnist, mnist_source):
+    proc = _start(tmp_path, "serve", MNISTOPS_DATA_DIR=str(mnist.cache_path.parent), MNISTOPS_DATA_SOURCE=str(mnist_source))
+    try:
+        lines = []
+        _wait_for(lambda: lines.append(proc.stdout.readline()) or "serving deployments" in lines[-1], 300, proc,
+                  "the deployments being served")
+        started = _tree(proc.pid)
+        assert any("prefect.server.api.server" in " ".join(p.cmdline()) for p in started)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == EXIT_SIGTERM, out
+        assert "mnistops serve: interrupted (SIGTERM)" in out and "Traceback" not in out
+        _assert_all_gone(started, "after SIGTERM of `mnistops serve`")
+    finally:
+        _cleanup(proc)
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_a_sweep_with_concurrent_trainings(tmp_path, mnist, mnist_source):
+    home = tmp_path / "home"
+    proc = _start(tmp_path, "sweep", "--hidden", "50", "32", "--epochs", "50", "--concurrency", "2",
+                  MNISTOPS_DATA_DIR=str(mnist.cache_path.parent), MNISTOPS_DATA_SOURCE=str(mnist_source))
+    try:
+        _wait_for(lambda: len(list(home.glob("runs/*/checkpoint.pt"))) == 2, 400, proc, "both trainings' checkpoints")
+        started = _tree(proc.pid)
+        assert sum("spawn_main" in " ".join(p.cmdline()) for p in started) == 2
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == EXIT_SIGTERM, out
+        assert "mnistops sweep: interrupted (SIGTERM)" in out
+        _assert_all_gone(started, "after SIGTERM of `mnistops sweep`")
+    finally:
+        _cleanup(proc)
+    assert all(state == "CANCELLED" for _, state, _ in _flow_runs(home))
