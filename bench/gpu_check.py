@@ -159,7 +159,7 @@ def training(home: Path, prepared, gpus: int) -> tuple[dict, list[Row]]:
     from nn_core.launch import LaunchSpec, launch_training, new_training_id
     from nn_core.registry import GateConfig
     from nn_core.release import export_and_check, gate_and_record, register
-    from nn_core.train import TrackingConfig, TrainConfig, TrainJob
+    from nn_core.train import TrackingConfig, TrainJob
 
     def train_on(devices: tuple[int, ...] | None):
         tid = new_training_id()

@@ -8,12 +8,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
 from pathlib import Path
 
+from flows.options import (  # noqa: F401 (CommandError, Stopped, UsageError: re-exported for tests)
+    CommandError,
+    Formatter,
+    PORT,
+    POSITIVE,
+    Parser,
+    Stopped,
+    UsageError,
+    check_data,
+    check_training,
+    data_args,
+    data_source_of,
+    gate_args,
+    host_port,
+    pipeline_kwargs,
+    train_args,
+)
 from serving.errors import (  # noqa: F401 (the one table, re-exported for the commands and tests)
     EXIT_DRIFT,
     EXIT_ERROR,
@@ -25,197 +41,6 @@ from serving.errors import (  # noqa: F401 (the one table, re-exported for the c
 )
 
 
-class CommandError(Exception):
-    """A failure the user can fix, found by the command line's own checks: one line, exit 1."""
-
-    exit_code = EXIT_ERROR
-
-
-class UsageError(CommandError):
-    """Options that do not go together: one line, exit 2 (like argparse's own usage errors)."""
-
-    exit_code = EXIT_USAGE
-
-
-class Stopped(BaseException):
-    """SIGTERM (or SIGHUP) arrived: unwinds like KeyboardInterrupt, so `finally` blocks and context
-    managers clean up; not an Exception, so no library's `except Exception` swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad usage is one line on stderr (the usage block is one `--help` away), exit 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Typed options: a value out of range is a usage error before anything is imported or started.
-
-
-def _int_at_least(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
-        if value < low or (high is not None and value > high):
-            expected = f">= {low}" if high is None else f"from {low} to {high}"
-            raise argparse.ArgumentTypeError(f"{value}: expected an integer {expected}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def _float_in(low: float, high: float = math.inf, *, low_open: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
-        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-            expected = (f"> {low:g}" if low_open else f">= {low:g}") + ("" if high == math.inf else f" and <= {high:g}")
-            raise argparse.ArgumentTypeError(f"{text}: expected a number {expected}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-POSITIVE = _int_at_least(1)
-NON_NEGATIVE = _int_at_least(0)
-PORT = _int_at_least(1, 65535)
-
-
-def _hidden(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.replace("x", ",").split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"hidden sizes {text!r}: expected integers like 50 or 128,64") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"hidden sizes {text!r}: expected positive integers like 50 or 128,64")
-    return sizes
-
-
-def _host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
-    return text
-
-
-def _data_args(p: argparse.ArgumentParser, dataset_help: str = "which dataset", dataset_default: str | None = "mnist") -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=dataset_default, choices=["mnist", "fashion-mnist"], help=dataset_help)
-    g.add_argument("--data-source", default=None, metavar="PATH|URL",
-                   help="folder or file:// URL with the four IDX files (gzipped or not), or an http(s) mirror; "
-                        "default: $MNISTOPS_DATA_SOURCE, else the official mirrors")
-    g.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="where the verified cache lives; default: $MNISTOPS_DATA_DIR, else ~/.cache/mnistops")
-
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and training")
-    g.add_argument("--hidden", type=_hidden, default=[50], help="hidden layer sizes, e.g. 50 or 128,64")
-    g.add_argument("--epochs", type=POSITIVE, default=10, help="training epochs")
-    g.add_argument("--batch-size", type=POSITIVE, default=256, help="global batch size (split across processes)")
-    g.add_argument("--lr", type=_float_in(0, low_open=True), default=3e-3, help="Adam learning rate")
-    g.add_argument("--weight-decay", type=_float_in(0), default=0.0, help="Adam weight decay")
-    g.add_argument("--schedule", default="cosine", choices=["none", "cosine", "onecycle"], help="learning-rate schedule")
-    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the initial weights and the shuffling")
-    g.add_argument("--experiment", default="mnist-mlp", help="MLflow experiment")
-    l = p.add_argument_group("launch (torch elastic)")
-    l.add_argument("--nproc", type=POSITIVE, default=1, help="CPU worker processes when there is no CUDA (with CUDA: one per GPU)")
-    l.add_argument("--max-restarts", type=NON_NEGATIVE, default=0, help="times the launcher restarts failed workers")
-    l.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
-
-
-def _gate_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("registry and gate")
-    g.add_argument("--model-name", default=None,
-                   help="registered model name (default: DATASET-mlp); bound to the dataset of its first version")
-    g.add_argument("--threshold", type=_float_in(0, 1), default=0.96, help="minimum validation accuracy (ONNX) to promote")
-    g.add_argument("--margin", type=_float_in(0, 1), default=0.0, help="how much worse than the champion a candidate may be")
-
-
-def _data_source(args) -> str | None:
-    return args.data_source or os.environ.get("MNISTOPS_DATA_SOURCE") or None
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks of what the options name (files, combinations), torch- and Prefect-free: they run before
-# anything is imported, started or written, so a typo costs a fraction of a second and one line.
-
-
-def _data_dir(args) -> Path:
-    # The rule of nn_core.data.default_data_dir, without importing torch for it.
-    if args.data_dir or os.environ.get("MNISTOPS_DATA_DIR"):
-        return Path(args.data_dir or os.environ["MNISTOPS_DATA_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnistops"
-
-
-def _check_data(args) -> None:
-    from urllib.parse import unquote, urlparse
-
-    from nn_core.datasets import get_spec
-
-    data_dir = _data_dir(args)
-    if data_dir.exists() and not data_dir.is_dir():
-        raise CommandError(f"{data_dir}: the data folder (--data-dir / MNISTOPS_DATA_DIR) is a file, expected a folder")
-    if args.dataset is None:  # promote: the dataset is the registered model's, known only from the registry
-        return
-    spec = get_spec(args.dataset)
-    source = _data_source(args)
-    if source in (None, "", "mirrors", "official"):
-        return
-    parsed = urlparse(source)
-    if parsed.scheme in ("http", "https"):
-        return
-    if parsed.scheme and parsed.scheme != "file" and len(parsed.scheme) > 1:
-        raise CommandError(f"data source {source!r}: expected a folder, a file:// URL or an http(s):// mirror")
-    if (data_dir / f"{spec.name}.pt").is_file():
-        return  # a cache is there: the source is only read if that cache fails its check
-    folder = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source).expanduser()
-    if not folder.is_dir():
-        raise CommandError(f"{folder}: data source folder does not exist")
-    missing = [f.filename for f in spec.files
-               if not any((folder / n).is_file() for n in (f.filename, f.filename + ".gz"))]
-    if missing:
-        raise CommandError(f"{folder}: data source folder lacks {', '.join(missing)} (or .gz); "
-                           f"expected the four {spec.name} IDX files")
-
-
-def _check_training(args) -> None:
-    _check_data(args)
-    if getattr(args, "nnodes", 1) > 1 and not (args.rdzv_endpoint and args.rdzv_id):
-        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT and --rdzv-id, the same on every node")
-    if args.device == "cpu" and args.batch_size % args.nproc:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by --nproc {args.nproc} "
-                         "(the global batch is split evenly across processes)")
-
-
-def _check_file(path, what: str) -> None:
-    if path is not None and not Path(path).exists():
-        raise CommandError(f"{path}: no such file ({what})")
-
-
-def _check_infer(args) -> None:
-    """The files `infer` reads exist (the batch job checks their content)."""
-    _check_file(args.input, "--input")
-    _check_file(args.labels, "--labels")
-    if "://" not in args.model and not args.model.startswith(("models:", "runs:")):
-        _check_file(args.model, "--model")
-
-
 # ---------------------------------------------------------------------------------------------
 # Commands
 
@@ -224,7 +49,7 @@ def cmd_prepare_data(args) -> int:
     from nn_core.data import prepare
     from nn_core.datasets import get_spec
 
-    p = prepare(get_spec(args.dataset), _data_source(args), Path(args.data_dir) if args.data_dir else None)
+    p = prepare(get_spec(args.dataset), data_source_of(args), Path(args.data_dir) if args.data_dir else None)
     print(f"dataset  {p.name}\ndigest   {p.digest}\ncache    {p.cache_path} ({'reused' if p.reused_cache else 'written'})")
     print("splits   " + "  ".join(f"{k}={v}" for k, v in p.split_sizes.items()))
     return EXIT_OK
@@ -236,10 +61,10 @@ def cmd_train(args) -> int:
     from nn_core.datasets import get_spec
     from nn_core.launch import LaunchSpec, launch_training
 
-    prepared = prepare(get_spec(args.dataset), _data_source(args), Path(args.data_dir) if args.data_dir else None)
+    prepared = prepare(get_spec(args.dataset), data_source_of(args), Path(args.data_dir) if args.data_dir else None)
     job = train_job(prepared, hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
-                    data_source=_data_source(args), experiment=args.experiment, training_id=args.rdzv_id)
+                    data_source=data_source_of(args), experiment=args.experiment, training_id=args.rdzv_id)
     spec = LaunchSpec(nproc=args.nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
                       max_restarts=args.max_restarts, device=args.device)
     result = launch_training(job, spec)
@@ -249,14 +74,6 @@ def cmd_train(args) -> int:
     print(f"validation accuracy {result.val_accuracy:.4f}\ntest accuracy       {result.test_accuracy:.4f}")
     print(f"MLflow run          {result.run_id}\ncheckpoint          {result.checkpoint}")
     return EXIT_OK
-
-
-def _pipeline_kwargs(args) -> dict:
-    return dict(dataset=args.dataset, data_source=_data_source(args), data_dir=args.data_dir, hidden=args.hidden,
-                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                schedule=args.schedule, seed=args.seed, nproc=args.nproc, max_restarts=args.max_restarts,
-                device=args.device, gate_threshold=args.threshold, gate_margin=args.margin,
-                model_name=args.model_name, experiment=args.experiment)
 
 
 def _report(outcome) -> int:
@@ -297,7 +114,7 @@ def _unfinished_training(training_id: str | None) -> tuple[str, dict]:
 def _check_run(args) -> None:
     if args.resume is not None:
         args.resume = _unfinished_training(None if args.resume == "latest" else args.resume)
-    _check_training(args)
+    check_training(args)
 
 
 def _resume_kwargs(resume: tuple[str, dict]) -> dict:
@@ -314,7 +131,7 @@ def cmd_run(args) -> int:
     from flows import ownership, prefect_api
     from flows.training import training_pipeline
 
-    kwargs = _pipeline_kwargs(args)
+    kwargs = pipeline_kwargs(args)
     if args.resume is not None:
         kwargs.update(_resume_kwargs(args.resume))
         print(f"resuming training {args.resume[0]} from its checkpoint", flush=True)
@@ -368,7 +185,7 @@ def cmd_promote(args) -> int:
     if args.dataset and args.dataset != task.dataset:
         raise TaskMismatchError(f"registered model {name!r} is bound to {task}; --dataset {args.dataset} "
                                 "names another task (its split is never used for this model)")
-    prepared = prepare(get_spec(task.dataset), _data_source(args), Path(args.data_dir) if args.data_dir else None)
+    prepared = prepare(get_spec(task.dataset), data_source_of(args), Path(args.data_dir) if args.data_dir else None)
     s = load_splits(prepared.cache_path)
     decision = gate(name, str(args.version), s.val_images.numpy(), s.val_labels.numpy(),
                     GateConfig(threshold=args.threshold, margin=args.margin), force=args.force,
@@ -396,12 +213,12 @@ def cmd_ui(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mnistops", formatter_class=_Formatter, description=__doc__)
+    parser = Parser(prog="mnistops", formatter_class=Formatter, description=__doc__)
     parser.add_argument("--debug", action="store_true", help="print tracebacks with errors (or MNISTOPS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn, help: str, check=None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=Formatter)
         p.set_defaults(fn=fn, check=check, prefect_api=False, reap=name in ("train", "models", "promote"))
         # Also after the command name; SUPPRESS keeps an earlier `mnistops --debug CMD` in place.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -409,24 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("prepare-data", cmd_prepare_data, "obtain, verify and cache a dataset; print its splits and digest",
-                _check_data)
-    _data_args(p)
+                check_data)
+    data_args(p)
 
     p = command("train", cmd_train, "DDP training only (no Prefect): log to MLflow, write a checkpoint",
-                _check_training)
-    _data_args(p)
-    _train_args(p)
+                check_training)
+    data_args(p)
+    train_args(p)
     m = p.add_argument_group("multi-node (torchrun's c10d rendezvous)")
     m.add_argument("--nnodes", type=POSITIVE, default=1, help="number of nodes; each runs this same command")
-    m.add_argument("--rdzv-endpoint", type=_host_port, default=None, metavar="HOST:PORT",
+    m.add_argument("--rdzv-endpoint", type=host_port, default=None, metavar="HOST:PORT",
                    help="rendezvous address (node 0's host)")
     m.add_argument("--rdzv-id", default=None, help="training id, the same on every node")
 
     p = command("run", cmd_run, "the training pipeline once: data -> DDP training -> ONNX -> gate -> champion, "
                                 "then a batch inference over the test set with the champion", _check_run)
-    _data_args(p)
-    _train_args(p)
-    _gate_args(p)
+    data_args(p)
+    train_args(p)
+    gate_args(p)
     p.add_argument("--no-inference", action="store_true", help="skip the batch inference over the test set")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="TRAINING_ID",
                    help="continue a killed training from its checkpoint into the same MLflow run, then gate it "
@@ -439,13 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="registered model name (default: DATASET-mlp)")
 
     p = command("promote", cmd_promote, "move the champion alias to VERSION through the gate's checks, on the "
-                                        "registered model's own validation split", _check_data)
+                                        "registered model's own validation split", check_data)
     p.add_argument("version", type=POSITIVE, help="registered model version")
     p.add_argument("--force", action="store_true",
                    help="move the alias even when the figures fail the checks (never across datasets)")
-    _data_args(p, dataset_help="names the task: the default model name is DATASET-mlp (mnist-mlp without it); "
+    data_args(p, dataset_help="names the task: the default model name is DATASET-mlp (mnist-mlp without it); "
                                "the split is always the registered model's own dataset's", dataset_default=None)
-    _gate_args(p)
+    gate_args(p)
 
     p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")

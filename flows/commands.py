@@ -47,7 +47,8 @@ def inference_parameters(args) -> dict:
 
 def cmd_sweep(args) -> int:
     from flows import ownership, prefect_api
-    from flows.cli import EXIT_OK, EXIT_REJECTED, _data_source
+    from flows.options import data_source_of
+    from serving.errors import EXIT_OK, EXIT_REJECTED
     from flows.sweep import hyperparameter_sweep
     from nn_core.sweep import load_spec
 
@@ -65,7 +66,7 @@ def cmd_sweep(args) -> int:
     prefect_api.wait_ready()
     with ownership.owned_flow_runs():
         result = hyperparameter_sweep(grid=grid, concurrency=args.concurrency, dataset=args.dataset,
-                                      data_source=_data_source(args), data_dir=args.data_dir, seed=args.seed,
+                                      data_source=data_source_of(args), data_dir=args.data_dir, seed=args.seed,
                                       nproc=args.nproc, device=args.device, gate_threshold=args.threshold,
                                       gate_margin=args.margin, model_name=args.model_name, experiment=args.experiment)
     for t in sorted(result.trials, key=lambda t: -t["val_accuracy"]):
@@ -78,7 +79,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_serve(args) -> int:
     from flows import prefect_api
-    from flows.cli import EXIT_OK, _pipeline_kwargs
+    from flows.options import pipeline_kwargs
+    from serving.errors import EXIT_OK
     from flows.deployments import deployments
     from flows.settings import configure
     from nn_core.registry import default_model_name
@@ -91,7 +93,7 @@ def cmd_serve(args) -> int:
     inbox.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     deps = deployments(
-        args.training_cron, args.inference_cron, _pipeline_kwargs(args),
+        args.training_cron, args.inference_cron, pipeline_kwargs(args),
         {"inbox": str(inbox), "output": str(output),
          "model": f"models:/{args.model_name or default_model_name(args.dataset)}@champion", "fail_on_drift": True},
     )
@@ -111,7 +113,7 @@ def _serve(deps) -> None:
 
     from prefect.runner import Runner
 
-    from flows.cli import Stopped
+    from flows.options import Stopped
 
     class _Runner(Runner):
         stopped_by: int | None = None
@@ -133,10 +135,10 @@ def _serve(deps) -> None:
 
 
 def _check_sweep(args) -> None:
-    from flows.cli import CommandError, _check_data
+    from flows.options import CommandError, check_data
     from nn_core.sweep import load_spec
 
-    _check_data(args)
+    check_data(args)
     if args.config is not None:
         try:
             load_spec(args.config)  # parsed again by cmd_sweep; this read is cheap and torch-free
@@ -145,29 +147,29 @@ def _check_sweep(args) -> None:
 
 
 def _check_serve(args) -> None:
-    from flows.cli import _check_file, _check_training
+    from flows.options import check_training
 
-    _check_training(args)
+    check_training(args)
     if args.infer_inbox is not None and Path(args.infer_inbox).exists() and not Path(args.infer_inbox).is_dir():
         raise ValueError(f"--infer-inbox {args.infer_inbox}: not a folder")
 
 
 def add(command) -> None:
-    from flows.cli import NON_NEGATIVE, POSITIVE, _check_infer, _data_args, _float_in, _gate_args, _hidden, _train_args
+    from flows.options import NON_NEGATIVE, POSITIVE, check_infer, data_args, float_in, gate_args, hidden_sizes, train_args
     from flows.settings import INFERENCE_CRON, TRAINING_CRON
     from serving.cli import add_infer_arguments
 
     p = command("infer", cmd_infer, "batch inference with onnxruntime: predictions and a manifest, written "
                                     "atomically, with a drift check (a Prefect flow when PREFECT_API_URL is set)",
-                _check_infer)
+                check_infer)
     add_infer_arguments(p)
 
     p = command("sweep", cmd_sweep, "hyperparameter sweep: nested MLflow runs, a comparison, the best config gated",
                 _check_sweep)
     p.add_argument("--config", type=Path, default=None, metavar="YAML",
                    help="sweep file with lists under hidden, lr, batch_size, epochs (and optional sample, seed)")
-    p.add_argument("--hidden", type=_hidden, nargs="+", default=None, help="hidden sizes to try, e.g. 50 100 128,64")
-    p.add_argument("--lr", type=_float_in(0, low_open=True), nargs="+", default=None, help="learning rates to try")
+    p.add_argument("--hidden", type=hidden_sizes, nargs="+", default=None, help="hidden sizes to try, e.g. 50 100 128,64")
+    p.add_argument("--lr", type=float_in(0, low_open=True), nargs="+", default=None, help="learning rates to try")
     p.add_argument("--batch-size", type=POSITIVE, nargs="+", default=None, help="batch sizes to try")
     p.add_argument("--epochs", type=POSITIVE, nargs="+", default=None, help="epoch counts to try")
     p.add_argument("--sample", type=POSITIVE, default=None, help="train only this many configs drawn at random from the grid")
@@ -176,8 +178,8 @@ def add(command) -> None:
     p.add_argument("--experiment", default="mnist-mlp", help="MLflow experiment")
     p.add_argument("--nproc", type=POSITIVE, default=1, help="CPU worker processes per config")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
-    _data_args(p)
-    _gate_args(p)
+    data_args(p)
+    gate_args(p)
     p.set_defaults(prefect_api=True, reap=True)
 
     p = command("serve", cmd_serve, "serve the scheduled deployments (nightly training, hourly inference) "
@@ -189,7 +191,7 @@ def add(command) -> None:
                         "(default: MNISTOPS_HOME/inbox)")
     p.add_argument("--infer-output", default=None, metavar="DIR",
                    help="folder of its predictions, manifests and ledger (default: MNISTOPS_HOME/outputs/scheduled)")
-    _data_args(p)
-    _train_args(p)
-    _gate_args(p)
+    data_args(p)
+    train_args(p)
+    gate_args(p)
     p.set_defaults(prefect_api=True)

@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import venv
 from dataclasses import dataclass, field
 from pathlib import Path
 

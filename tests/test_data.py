@@ -22,7 +22,6 @@ from nn_core.data import (
     load_splits,
     prepare,
     read_cache,
-    verify_file,
 )
 from nn_core.datasets import FASHION_MNIST, MNIST
 

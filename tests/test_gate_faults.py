@@ -4,7 +4,6 @@ error as "no champion yet"."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import mlflow
 import pytest

@@ -5,7 +5,7 @@ everything else still goes through the elastic launcher."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+
 from pathlib import Path
 
 import mlflow

@@ -169,13 +169,23 @@ def test_k8s_manifests_match_the_kubernetes_schemas():
             kv.validate(d, version, strict=True)
 
 
+# What the kubelet puts in place of $(NAME) in a container's command: the Kubeflow operator's
+# MASTER_ADDR/MASTER_PORT, or a variable of the container's own env (an id).
+K8S_SAMPLE_VALUES = {"MASTER_ADDR": "mnist-ddp-pj-master-0", "MASTER_PORT": "29400"}
+
+
+def _expand(arg: str) -> str:
+    return re.sub(r"\$\((\w+)\)", lambda m: K8S_SAMPLE_VALUES.get(m[1], f"sample-{m[1].lower()}"), arg)
+
+
 def _parse_cli(cmd: list[str]):
-    """`mnistops ...` through the real command line parser: unknown commands or options fail here."""
+    """`mnistops ...` through the real command line parser, with Kubernetes' $(VAR) references expanded
+    as the kubelet would: unknown commands or options, and values out of range, fail here."""
     from flows.cli import build_parser
 
     assert cmd[0] == "mnistops", cmd
     try:
-        return build_parser().parse_args(cmd[1:])
+        return build_parser().parse_args([_expand(a) for a in cmd[1:]])
     except SystemExit as e:
         raise AssertionError(f"the mnistops CLI refuses {shlex.join(cmd)} (exit {e.code})") from None
 
@@ -186,7 +196,7 @@ def _check_train_command(cmd: list[str], nodes: int) -> str:
     assert args.nnodes == nodes, f"--nnodes must equal the {nodes} pods"
     assert args.max_restarts >= 1
     assert args.rdzv_id
-    return args.rdzv_endpoint
+    return _option(cmd, "--rdzv-endpoint")
 
 
 def _check_gpu_and_secrets(container: dict) -> None:

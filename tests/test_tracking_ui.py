@@ -6,8 +6,6 @@ registered version and logged model, a sweep's parent, a batch job's run, and th
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from pathlib import Path
 
 import mlflow
 import pytest
