@@ -63,6 +63,17 @@ def mnist(mnist_source, tmp_path_factory):
     return prepare(MNIST, str(mnist_source), tmp_path_factory.mktemp("mnist-cache"))
 
 
+@pytest.fixture(scope="session")
+def prefect_api():
+    """Prefect's test API for the flows run in this process, started once per session: a harness
+    started and stopped per module left later ones hanging while draining their log and event
+    workers at teardown."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A private embedded MLflow store (SQLite + artifact folder) and working folder for one test."""

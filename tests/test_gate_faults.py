@@ -101,13 +101,6 @@ def test_a_registry_error_fails_the_gate_and_leaves_the_alias(registry_server, c
     assert _state(version) == before  # champion untouched, no decision recorded
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 def test_prefect_retries_the_gate_after_a_registry_error(registry_server, candidates, prefect_api):
     """The champion read fails in the gate task's first attempt; Prefect retries it and the retry

@@ -72,7 +72,7 @@ def _check_output(out: Path, weights: dict, x: np.ndarray) -> dict:
 
     table = pq.read_table(out).to_pydict()
     expected = reference_probabilities(weights, x).argmax(axis=1)
-    assert table["label"] == expected.tolist()
+    assert table["prediction"] == expected.tolist()
     manifest = json.loads(Path(f"{out}.manifest.json").read_text())
     assert manifest["counts"]["predicted"] == len(x)
     return manifest

@@ -256,7 +256,7 @@ def test_retried_register_and_gate_change_nothing(models, mnist, store, monkeypa
     assert gate_and_record(seed, exported, first, mnist.cache_path, name, GateConfig(threshold=0.5)).accepted
 
     exported = export_and_check(models["good"], mnist.cache_path)
-    armed = _fail_once(monkeypatch, "set_model_version_tag", lambda n, v, k, val: k == "git_commit")
+    armed = _fail_once(monkeypatch, "set_model_version_tag", lambda n, v, k, val: k == "parity_passed")
     with pytest.raises(mlflow.exceptions.MlflowException, match="injected"):
         register(models["good"], exported, mnist.cache_path, name)
     assert not armed["armed"] and _versions(name) == [1, 2]  # created, then the failure

@@ -195,7 +195,12 @@ def test_two_nodes_join_one_rendezvous_on_localhost(tmp_path, mnist):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
-    outs = [n.communicate(timeout=300)[0] for n in nodes]
+    try:
+        outs = [n.communicate(timeout=300)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+            n.wait(10)
     assert [n.returncode for n in nodes] == [0, 0], outs
     # exactly one of the two launchers hosted global rank 0; the other's workers joined it
     assert sum("validation accuracy" in o for o in outs) == 1
