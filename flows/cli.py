@@ -14,22 +14,25 @@ import sys
 from pathlib import Path
 
 from flows.options import (  # noqa: F401 (CommandError, Stopped, UsageError: re-exported for tests)
-    CommandError,
-    Formatter,
     PORT,
     POSITIVE,
+    CommandError,
+    Formatter,
     Parser,
     Stopped,
     UsageError,
     check_data,
     check_training,
     data_args,
+    data_config,
     data_source_of,
     gate_args,
-    host_port,
-    pipeline_kwargs,
+    multi_node_args,
+    pipeline_parameters,
     train_args,
 )
+from nn_core.config import DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
+from serving.fields import add_arguments, from_args
 from serving.errors import (  # noqa: F401 (the one table, re-exported for the commands and tests)
     EXIT_DRIFT,
     EXIT_ERROR,
@@ -46,28 +49,26 @@ from serving.errors import (  # noqa: F401 (the one table, re-exported for the c
 
 
 def cmd_prepare_data(args) -> int:
-    from nn_core.data import prepare
-    from nn_core.datasets import get_spec
+    from nn_core.data import prepare_dataset
 
-    p = prepare(get_spec(args.dataset), data_source_of(args), Path(args.data_dir) if args.data_dir else None)
+    p = prepare_dataset(data_config(args))
     print(f"dataset  {p.name}\ndigest   {p.digest}\ncache    {p.cache_path} ({'reused' if p.reused_cache else 'written'})")
     print("splits   " + "  ".join(f"{k}={v}" for k, v in p.split_sizes.items()))
     return EXIT_OK
 
 
 def cmd_train(args) -> int:
-    from flows.training import train_job
-    from nn_core.data import prepare
-    from nn_core.datasets import get_spec
-    from nn_core.launch import LaunchSpec, launch_training
+    """The bare DDP training: nn_core only, no Prefect."""
+    from flows.settings import configure
+    from nn_core.data import prepare_dataset
+    from nn_core.launch import launch_training, new_job, new_training_id
 
-    prepared = prepare(get_spec(args.dataset), data_source_of(args), Path(args.data_dir) if args.data_dir else None)
-    job = train_job(prepared, hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
-                    data_source=data_source_of(args), experiment=args.experiment, training_id=args.rdzv_id)
-    spec = LaunchSpec(nproc=args.nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                      max_restarts=args.max_restarts, device=args.device)
-    result = launch_training(job, spec)
+    data, launch = data_config(args), from_args(LaunchSpec, args)
+    prepared = prepare_dataset(data)
+    tracking_cfg = TrackingConfig(training_id=launch.rdzv_id or new_training_id(), experiment=args.experiment)
+    job = new_job(prepared, configure().runs_dir, from_args(MLPConfig, args), from_args(TrainConfig, args),
+                  tracking_cfg, data.data_source)
+    result = launch_training(job, launch)
     if result is None:
         print("this node's workers finished; rank 0 (on another node) holds the result")
         return EXIT_OK
@@ -117,27 +118,29 @@ def _check_run(args) -> None:
     check_training(args)
 
 
-def _resume_kwargs(resume: tuple[str, dict]) -> dict:
-    """The killed training's own settings (its checkpoint continues exactly that training)."""
+def _resumed(params: dict, resume: tuple[str, dict]) -> dict:
+    """The pipeline's parameters with the killed training's own settings (its checkpoint continues
+    exactly that training), read back from its job.json."""
+    from dataclasses import replace
+
     training_id, job = resume
-    t = job["train"]
-    return dict(training_id=training_id, hidden=list(job["model"]["hidden"]), epochs=t["epochs"],
-                batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"], schedule=t["schedule"],
-                seed=t["seed"], experiment=job["tracking"]["experiment"],
-                data_source=job.get("data_source"))
+    data = params["data"]
+    return {**params, "training_id": training_id, "model": MLPConfig.from_dict(job["model"]),
+            "train": TrainConfig(**job["train"]), "experiment": job["tracking"]["experiment"],
+            "data": replace(data, data_source=job.get("data_source") or data.data_source)}
 
 
 def cmd_run(args) -> int:
     from flows import ownership, prefect_api
     from flows.training import training_pipeline
 
-    kwargs = pipeline_kwargs(args)
+    params = pipeline_parameters(args)
     if args.resume is not None:
-        kwargs.update(_resume_kwargs(args.resume))
+        params = _resumed(params, args.resume)
         print(f"resuming training {args.resume[0]} from its checkpoint", flush=True)
     prefect_api.wait_ready()
     with ownership.owned_flow_runs():
-        outcome = training_pipeline(**kwargs)
+        outcome = training_pipeline(**params)
     code = _report(outcome)
     if not args.no_inference:
         from flows.inference import score_test_split
@@ -154,10 +157,10 @@ def cmd_run(args) -> int:
 
 def cmd_models(args) -> int:
     from nn_core import tracking
-    from nn_core.registry import bound_task, champion, default_model_name
+    from nn_core.registry import bound_task, champion
 
     c = tracking.client()
-    name = args.model_name or default_model_name(args.dataset)
+    name = from_args(GateConfig, args).model_for(args.dataset)
     versions = sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     if not versions:
         print(f"no registered versions of {name!r} in {tracking.mlflow.get_tracking_uri()}")
@@ -176,19 +179,18 @@ def cmd_promote(args) -> int:
     """The gate by hand, on the registered model's own task: its dataset comes from the registered
     model, never from --dataset (which may only name it); --force overrides figures, never the task."""
     from flows.promotion import promotion_lock
-    from nn_core.data import load_splits, prepare
-    from nn_core.datasets import get_spec
-    from nn_core.registry import GateConfig, Task, TaskMismatchError, bound_task, default_model_name, gate
+    from nn_core.data import load_splits, prepare_dataset
+    from nn_core.registry import Task, TaskMismatchError, bound_task, gate
 
-    name = args.model_name or default_model_name(args.dataset or "mnist")
+    cfg = from_args(GateConfig, args)
+    name = cfg.model_for(args.dataset or "mnist")
     task = bound_task(name)
     if args.dataset and args.dataset != task.dataset:
         raise TaskMismatchError(f"registered model {name!r} is bound to {task}; --dataset {args.dataset} "
                                 "names another task (its split is never used for this model)")
-    prepared = prepare(get_spec(task.dataset), data_source_of(args), Path(args.data_dir) if args.data_dir else None)
+    prepared = prepare_dataset(DataConfig(task.dataset, data_source_of(args), args.data_dir))
     s = load_splits(prepared.cache_path)
-    decision = gate(name, str(args.version), s.val_images.numpy(), s.val_labels.numpy(),
-                    GateConfig(threshold=args.threshold, margin=args.margin), force=args.force,
+    decision = gate(name, str(args.version), s.val_images.numpy(), s.val_labels.numpy(), cfg, force=args.force,
                     task=Task(s.name, s.digest), lock=promotion_lock, decide_again=True)
     print(f"{name} version {args.version}: {decision.promotion} ({decision.reason})")
     return EXIT_OK if decision.accepted else EXIT_REJECTED
@@ -225,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print tracebacks with errors (or MNISTOPS_DEBUG=1)")
         return p
 
+    _training_commands(command)
+    _registry_commands(command)
+    p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=PORT, default=5000, help="port")
+
+    from flows import commands
+
+    commands.add(command)
+    return parser
+
+
+def _training_commands(command) -> None:
     p = command("prepare-data", cmd_prepare_data, "obtain, verify and cache a dataset; print its splits and digest",
                 check_data)
     data_args(p)
@@ -233,11 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                 check_training)
     data_args(p)
     train_args(p)
-    m = p.add_argument_group("multi-node (torchrun's c10d rendezvous)")
-    m.add_argument("--nnodes", type=POSITIVE, default=1, help="number of nodes; each runs this same command")
-    m.add_argument("--rdzv-endpoint", type=host_port, default=None, metavar="HOST:PORT",
-                   help="rendezvous address (node 0's host)")
-    m.add_argument("--rdzv-id", default=None, help="training id, the same on every node")
+    multi_node_args(p)
 
     p = command("run", cmd_run, "the training pipeline once: data -> DDP training -> ONNX -> gate -> champion, "
                                 "then a batch inference over the test set with the champion", _check_run)
@@ -250,28 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(its own settings; default: the latest unfinished training in MNISTOPS_HOME)")
     p.set_defaults(prefect_api=True, reap=True)
 
+
+def _registry_commands(command) -> None:
     p = command("models", cmd_models, "registered versions, their metrics and the champion")
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"],
-                   help="the task whose registered model to list (DATASET-mlp)")
-    p.add_argument("--model-name", default=None, help="registered model name (default: DATASET-mlp)")
+    add_arguments(p, DataConfig, only=["dataset"], helps={"dataset": "the task whose registered model to list"})
+    add_arguments(p, GateConfig, only=["model_name"])
 
     p = command("promote", cmd_promote, "move the champion alias to VERSION through the gate's checks, on the "
                                         "registered model's own validation split", check_data)
     p.add_argument("version", type=POSITIVE, help="registered model version")
     p.add_argument("--force", action="store_true",
                    help="move the alias even when the figures fail the checks (never across datasets)")
-    data_args(p, dataset_help="names the task: the default model name is DATASET-mlp (mnist-mlp without it); "
-                               "the split is always the registered model's own dataset's", dataset_default=None)
+    data_args(p, defaults={"dataset": None},
+              helps={"dataset": "names the task: the default model name is DATASET-mlp (mnist-mlp without it); "
+                                "the split is always the registered model's own dataset's"})
     gate_args(p)
-
-    p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=PORT, default=5000, help="port")
-
-    from flows import commands
-
-    commands.add(command)
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def cmd_infer(args) -> int:
         if os.environ.get("PREFECT_API_URL"):
             from flows.inference import batch_inference
 
-            s = batch_inference(**inference_parameters(args))
+            s = batch_inference(serving_cli.config_from_args(args), inbox=args.inbox is not None, rescore=args.rescore)
         else:
             s = serving_cli.run(args)
     except ServingError as e:
@@ -31,44 +31,29 @@ def cmd_infer(args) -> int:
     return serving_cli.exit_code("mnistops infer", s)
 
 
-def inference_parameters(args) -> dict:
-    """The batch-inference flow's parameters from `infer`'s arguments."""
-    return {
-        "input": str(args.input) if args.input is not None else None,
-        "inbox": str(args.inbox) if args.inbox is not None else None,
-        "output": str(args.output) + ("/" if args.inbox is not None else ""),
-        "model": args.model, "labels": str(args.labels) if args.labels else None,
-        "batch_size": args.batch_size, "device": args.device, "on_error": args.on_error,
-        "format": args.format, "all_probabilities": args.all_probabilities, "threads": args.threads,
-        "streams": args.streams, "track": args.track, "overwrite": args.overwrite, "rescore": args.rescore,
-        "fail_on_drift": args.fail_on_drift, "drift_reference": args.drift_reference,
-    }
+def _grid(args):
+    """The sweep file's grid (or the default one), with the axes given as options on top."""
+    from dataclasses import replace
+
+    from nn_core.sweep import AXES, SweepSpec, load_spec
+
+    spec = load_spec(args.config) if args.config else SweepSpec()  # checked before anything started
+    overrides = {k: getattr(args, f"grid_{k}") for k in AXES if getattr(args, f"grid_{k}") is not None}
+    if args.sample:
+        overrides["sample"] = args.sample
+    return replace(spec, **overrides)
 
 
 def cmd_sweep(args) -> int:
     from flows import ownership, prefect_api
-    from flows.options import data_source_of
-    from serving.errors import EXIT_OK, EXIT_REJECTED
+    from flows.options import pipeline_parameters
     from flows.sweep import hyperparameter_sweep
-    from nn_core.sweep import load_spec
+    from serving.errors import EXIT_OK, EXIT_REJECTED
 
-    grid = {}
-    if args.config:
-        spec = load_spec(args.config)  # checked before anything started (_check_sweep)
-        grid = {"hidden": [list(h) for h in spec.hidden], "lr": list(spec.lr), "batch_size": list(spec.batch_size),
-                "epochs": list(spec.epochs), "sample": spec.sample, "seed": spec.seed}
-    for key in ("hidden", "lr", "batch_size", "epochs"):
-        if getattr(args, key):
-            grid[key] = getattr(args, key)
-    if args.sample:
-        grid["sample"] = args.sample
-    grid = {k: v for k, v in grid.items() if v is not None}
+    grid = _grid(args)
     prefect_api.wait_ready()
     with ownership.owned_flow_runs():
-        result = hyperparameter_sweep(grid=grid, concurrency=args.concurrency, dataset=args.dataset,
-                                      data_source=data_source_of(args), data_dir=args.data_dir, seed=args.seed,
-                                      nproc=args.nproc, device=args.device, gate_threshold=args.threshold,
-                                      gate_margin=args.margin, model_name=args.model_name, experiment=args.experiment)
+        result = hyperparameter_sweep(grid=grid, concurrency=args.concurrency, **pipeline_parameters(args))
     for t in sorted(result.trials, key=lambda t: -t["val_accuracy"]):
         print(f"{t['name']:32s} val {t['val_accuracy']:.4f}  test {t['test_accuracy']:.4f}  run {t['run_id']}")
     r = result.release
@@ -79,11 +64,11 @@ def cmd_sweep(args) -> int:
 
 def cmd_serve(args) -> int:
     from flows import prefect_api
-    from flows.options import pipeline_kwargs
-    from serving.errors import EXIT_OK
     from flows.deployments import deployments
+    from flows.options import pipeline_parameters
     from flows.settings import configure
-    from nn_core.registry import default_model_name
+    from serving.config import JobConfig
+    from serving.errors import EXIT_OK
 
     cfg = configure()
     # The hourly job scores what arrives in the inbox, once per input content, and fails its flow run
@@ -92,11 +77,10 @@ def cmd_serve(args) -> int:
     output = Path(args.infer_output or cfg.outputs_dir / "scheduled")
     inbox.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
-    deps = deployments(
-        args.training_cron, args.inference_cron, pipeline_kwargs(args),
-        {"inbox": str(inbox), "output": str(output),
-         "model": f"models:/{args.model_name or default_model_name(args.dataset)}@champion", "fail_on_drift": True},
-    )
+    params = pipeline_parameters(args)
+    champion = f"models:/{params['gate'].model_for(params['data'].dataset)}@champion"
+    deps = deployments(args.training_cron, args.inference_cron, params,
+                       {"job": JobConfig(input=inbox, output=output, model=champion, fail_on_drift=True), "inbox": True})
     prefect_api.wait_ready()
     print(f"serving deployments {[d.name for d in deps]} (training '{args.training_cron}', "
           f"inference '{args.inference_cron}'); Ctrl-C stops", flush=True)
@@ -155,9 +139,11 @@ def _check_serve(args) -> None:
 
 
 def add(command) -> None:
-    from flows.options import NON_NEGATIVE, POSITIVE, check_infer, data_args, float_in, gate_args, hidden_sizes, train_args
-    from flows.settings import INFERENCE_CRON, TRAINING_CRON
+    from flows.options import POSITIVE, check_infer, data_args, gate_args, train_args
+    from nn_core.config import MLPConfig, TrainConfig
+    from nn_core.sweep import MODEL_AXES, AXES
     from serving.cli import add_infer_arguments
+    from serving.fields import add_arguments
 
     p = command("infer", cmd_infer, "batch inference with onnxruntime: predictions and a manifest, written "
                                     "atomically, with a drift check (a Prefect flow when PREFECT_API_URL is set)",
@@ -166,21 +152,25 @@ def add(command) -> None:
 
     p = command("sweep", cmd_sweep, "hyperparameter sweep: nested MLflow runs, a comparison, the best config gated",
                 _check_sweep)
-    p.add_argument("--config", type=Path, default=None, metavar="YAML",
+    g = p.add_argument_group("grid (each option takes the values to try; default: the sweep file's, else the "
+                             "training's default)")
+    g.add_argument("--config", type=Path, default=None, metavar="YAML",
                    help="sweep file with lists under hidden, lr, batch_size, epochs (and optional sample, seed)")
-    p.add_argument("--hidden", type=hidden_sizes, nargs="+", default=None, help="hidden sizes to try, e.g. 50 100 128,64")
-    p.add_argument("--lr", type=float_in(0, low_open=True), nargs="+", default=None, help="learning rates to try")
-    p.add_argument("--batch-size", type=POSITIVE, nargs="+", default=None, help="batch sizes to try")
-    p.add_argument("--epochs", type=POSITIVE, nargs="+", default=None, help="epoch counts to try")
-    p.add_argument("--sample", type=POSITIVE, default=None, help="train only this many configs drawn at random from the grid")
-    p.add_argument("--concurrency", type=POSITIVE, default=1, help="configs trained at the same time")
-    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of every config's training")
-    p.add_argument("--experiment", default="mnist-mlp", help="MLflow experiment")
-    p.add_argument("--nproc", type=POSITIVE, default=1, help="CPU worker processes per config")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
+    grid = dict(nargs="+", defaults=dict.fromkeys(AXES), dest_prefix="grid_")
+    add_arguments(g, MLPConfig, only=MODEL_AXES, **grid)
+    add_arguments(g, TrainConfig, only=[a for a in AXES if a not in MODEL_AXES], **grid)
+    g.add_argument("--sample", type=POSITIVE, default=None, help="train only this many configs drawn at random from the grid")
+    g.add_argument("--concurrency", type=POSITIVE, default=1, help="configs trained at the same time")
+    train_args(p, exclude=AXES)
     data_args(p)
     gate_args(p)
     p.set_defaults(prefect_api=True, reap=True)
+    _serve_command(command)
+
+
+def _serve_command(command) -> None:
+    from flows.options import data_args, gate_args, train_args
+    from flows.settings import INFERENCE_CRON, TRAINING_CRON
 
     p = command("serve", cmd_serve, "serve the scheduled deployments (nightly training, hourly inference) "
                                     "from this process against the configured Prefect API", _check_serve)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -19,9 +17,9 @@ from nn_core import tracking
 from serving.atomic import atomic_path
 from serving.cli import summary
 from serving.errors import DriftAlert, InputError
+from serving.config import JobConfig
 from serving.inbox import InboxResult, run_inbox
-from serving.job import EXPERIMENT, JobConfig, JobResult, run_job
-from serving.model_source import DEFAULT_MODEL_URI
+from serving.job import JobResult, run_job
 
 
 @task(name="batch-job", cache_policy=NO_CACHE)
@@ -34,11 +32,9 @@ def inbox_job(inbox: str, output: str, cfg: JobConfig, rescore: bool) -> InboxRe
     return run_inbox(Path(inbox), Path(output), cfg, rescore=rescore)
 
 
-def _output_path(output: str, fmt: str | None) -> Path:
+def _output_path(out: Path, fmt: str | None) -> Path:
     """A folder gets a new timestamped file per run, so a scheduled job never overwrites the last."""
-    out = Path(output)
-    if out.is_dir() or output.endswith(os.sep):
-        out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return out / f"predictions-{stamp}.{fmt or 'parquet'}"
     return out
@@ -67,86 +63,51 @@ def _artifact(title: str, model: str, results: list[JobResult], extra: str = "")
     )
 
 
+def _score_inbox(job: JobConfig, rescore: bool) -> tuple[dict, list[JobResult], InboxResult]:
+    res = inbox_job(str(job.input), str(job.output), job, rescore)
+    extra = (f"\nalready scored: {len(res.already)}, in progress elsewhere: {len(res.busy)}, "
+             f"failed: {len(res.failed)}, ignored: {len(res.ignored)}\n"
+             + "".join(f"\n- failed `{f['input']}`: {f['error']}" for f in res.failed))
+    _artifact(f"Inbox {job.input}: {len(res.scored)} new input(s) scored", job.model, res.scored, extra)
+    return res.summary(), res.scored, res
+
+
+def _score_one(job: JobConfig) -> tuple[dict, list[JobResult], JobResult]:
+    result = batch_job(dataclasses.replace(job, output=_output_path(job.output, job.format)))
+    _artifact(f"Batch inference: {result.predicted} predictions", job.model, [result])
+    return summary(result), [result], result
+
+
 @flow(name="batch-inference", log_prints=True)
-def batch_inference(
-    output: str,
-    input: str | None = None,
-    inbox: str | None = None,
-    model: str = DEFAULT_MODEL_URI,
-    labels: str | None = None,
-    batch_size: int | None = None,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    on_error: Literal["fail", "skip"] = "fail",
-    format: str | None = None,
-    all_probabilities: bool = False,
-    threads: int | None = None,
-    streams: int | None = None,
-    track: bool = True,
-    overwrite: bool = False,
-    rescore: bool = False,
-    fail_on_drift: bool = False,
-    drift_reference: str | None = None,
-) -> dict:
-    """Predict every image of `input` (or every new input of the folder `inbox`) with `model`; write
-    predictions and manifests atomically, with a drift check. With `fail_on_drift` an alert fails the
-    flow run (after the outputs and the artifact are written).
+def batch_inference(job: JobConfig, inbox: bool = False, rescore: bool = False) -> dict:
+    """Predict every image of `job.input` with `job.model` (or, with `inbox`, every new input of the
+    folder `job.input`); write predictions and manifests atomically, with a drift check. With
+    `job.fail_on_drift` an alert fails the flow run (after the outputs and the artifact are written).
 
     Args:
-        output: Predictions file (.parquet or .csv) for `input`, or a folder: one timestamped file per run
-            of `input`, one file per scored input of `inbox` (with the ledger that scores each once).
-        input: Images to predict: a folder of image files, an IDX file (gzipped or not) or a .npy array.
-        inbox: A folder whose inputs (IDX, .npy, image folders) are each scored once per content.
-        model: MLflow model URI (models:/NAME@champion, models:/NAME/VERSION) or a local .onnx file.
-        labels: Labels of `input` (IDX or .npy); with them the job reports accuracy.
-        batch_size: Images per onnxruntime call; default: the job's own choice for the device.
-        device: Where onnxruntime runs; auto takes CUDA when it is usable.
-        on_error: A bad image fails the job, or is skipped and listed in the manifest.
-        format: Output format: parquet or csv (default: from the output's suffix, else parquet).
-        all_probabilities: Write all ten class probabilities, not only the top one.
-        threads: onnxruntime intra-op threads per stream; default: the CPUs shared among the streams.
-        streams: Batches inferred side by side; default: 1 on CUDA, else up to 4.
-        track: Record each job as an MLflow run.
-        overwrite: Replace an existing output file (never an input).
-        rescore: Score the inbox's inputs again with the current model.
-        fail_on_drift: Fail the flow run when an input drifted from the model's reference profile.
-        drift_reference: A reference profile (JSON) to compare with, instead of the version's own.
+        job: What to score (input, labels), with which model, where to (output: a file, or a folder that
+            gets one timestamped file per run), and how (batching, device, drift check, tracking).
+        inbox: `job.input` is an inbox folder: each input in it (IDX, .npy, image folder) is scored
+            once per content, one predictions file each in the folder `job.output` (with the ledger).
+        rescore: With `inbox`: score inputs again that were scored before, with the current model.
     """
-    if (input is None) == (inbox is None):
-        raise ValueError("give exactly one of input and inbox")
     settings.configure()
-    if track:
-        tracking.ensure_experiment(EXPERIMENT, description=INFERENCE_DESCRIPTION)
-    cfg = JobConfig(input=Path(input or inbox), output=Path(output), model=model,
-                    labels=Path(labels) if labels else None, batch_size=batch_size, device=device,
-                    on_error=on_error, format=format, all_probabilities=all_probabilities, threads=threads,
-                    streams=streams, track=track, overwrite=overwrite, drift_reference=drift_reference)
-    logger = get_run_logger()
-    if inbox is not None:
-        res = inbox_job(inbox, output, cfg, rescore)
-        s = res.summary()
-        extra = (f"\nalready scored: {len(res.already)}, in progress elsewhere: {len(res.busy)}, "
-                 f"failed: {len(res.failed)}, ignored: {len(res.ignored)}\n"
-                 + "".join(f"\n- failed `{f['input']}`: {f['error']}" for f in res.failed))
-        _artifact(f"Inbox {inbox}: {len(res.scored)} new input(s) scored", model, res.scored, extra)
-        alerts = [r for r in res.scored if r.drift.alert]
-    else:
-        out = _output_path(output, format)
-        cfg = dataclasses.replace(cfg, output=out)
-        result = batch_job(cfg)
-        s = summary(result)
-        _artifact(f"Batch inference: {result.predicted} predictions", model, [result])
-        res, alerts = result, [result] if result.drift.alert else []
-    for r in (res.scored if inbox is not None else [res]):
+    if job.track:
+        tracking.ensure_experiment(job.experiment, description=INFERENCE_DESCRIPTION)
+    s, scored, res = _score_inbox(job, rescore) if inbox else _score_one(job)
+    for r in scored:
         if r.mlflow_run_id:
             _tag_job_run(r)
+    logger = get_run_logger()
     logger.info("batch inference: %s", s)
+    alerts = [r for r in scored if r.drift.alert]
     for r in alerts:
         logger.warning("drift alert on %s: %s", r.input_path, r.drift.reason)
-    if fail_on_drift and alerts:
+    if job.fail_on_drift and alerts:
         raise DriftAlert(f"drift alert on {len(alerts)} input(s): "
                          + "; ".join(f"{r.input_path}: {r.drift.reason}" for r in alerts), res)
-    if inbox is not None and res.failed:  # each bad input fails one run (it is not retried)
-        raise InputError(f"{len(res.failed)} input(s) of {inbox} failed: "
+    if inbox and res.failed:  # each bad input fails one run (it is not retried)
+        raise InputError(f"{len(res.failed)} input(s) of {job.input} failed: "
                          + "; ".join(f["error"] for f in res.failed))
     return s
 
@@ -189,5 +150,5 @@ def score_test_split(dataset: str, data_dir: str | None, model: str) -> dict:
     predictions replace the last's: the file is this pipeline's own)."""
     cfg = settings.configure()
     images, labels = export_test_split(dataset, data_dir, cfg.outputs_dir / "inputs")
-    return batch_inference(input=str(images), output=str(cfg.outputs_dir / f"{dataset}-test-predictions.parquet"),
-                           model=model, labels=str(labels), overwrite=True)
+    return batch_inference(JobConfig(input=images, output=cfg.outputs_dir / f"{dataset}-test-predictions.parquet",
+                                     model=model, labels=labels, overwrite=True))

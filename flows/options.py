@@ -1,16 +1,17 @@
-"""The options of the `mnistops` commands: typed values, argument groups and the cheap checks that run
-before anything heavy is imported. Parsing only: the commands (flows.cli, flows.commands) use these,
-nothing here runs a command."""
+"""The options of the `mnistops` commands: argument groups derived from the configs (nn_core.config),
+the flows' parameters built back from them, and the cheap checks that run before anything heavy is
+imported. Parsing only: the commands (flows.cli, flows.commands) use these, nothing here runs one."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 from pathlib import Path
 
+from nn_core.config import MULTI_NODE, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
 from serving.errors import EXIT_ERROR, EXIT_USAGE
+from serving.fields import HelpFormatter, add_arguments, from_args, number
 
 
 class CommandError(Exception):
@@ -34,7 +35,7 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 
@@ -46,93 +47,45 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------
-# Typed options: a value out of range is a usage error before anything is imported or started.
+# Options, derived from the configs that own them (nn_core.config through serving.fields): a value
+# out of range is a usage error before anything is imported or started.
+
+POSITIVE = number(int, {"ge": 1})
+NON_NEGATIVE = number(int, {"ge": 0})
+PORT = number(int, {"ge": 1, "le": 65535})
 
 
-def int_at_least(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
-        if value < low or (high is not None and value > high):
-            expected = f">= {low}" if high is None else f"from {low} to {high}"
-            raise argparse.ArgumentTypeError(f"{value}: expected an integer {expected}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
+def data_args(p: argparse.ArgumentParser, **overrides) -> None:
+    """--dataset, --data-source, --data-dir (`overrides`: add_arguments' defaults= and helps=)."""
+    add_arguments(p.add_argument_group("data"), DataConfig, **overrides)
 
 
-def float_in(low: float, high: float = math.inf, *, low_open: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
-        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-            expected = (f"> {low:g}" if low_open else f">= {low:g}") + ("" if high == math.inf else f" and <= {high:g}")
-            raise argparse.ArgumentTypeError(f"{text}: expected a number {expected}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-POSITIVE = int_at_least(1)
-NON_NEGATIVE = int_at_least(0)
-PORT = int_at_least(1, 65535)
-
-
-def hidden_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.replace("x", ",").split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"hidden sizes {text!r}: expected integers like 50 or 128,64") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"hidden sizes {text!r}: expected positive integers like 50 or 128,64")
-    return sizes
-
-
-def host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
-    return text
-
-
-def data_args(p: argparse.ArgumentParser, dataset_help: str = "which dataset", dataset_default: str | None = "mnist") -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=dataset_default, choices=["mnist", "fashion-mnist"], help=dataset_help)
-    g.add_argument("--data-source", default=None, metavar="PATH|URL",
-                   help="folder or file:// URL with the four IDX files (gzipped or not), or an http(s) mirror; "
-                        "default: $MNISTOPS_DATA_SOURCE, else the official mirrors")
-    g.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="where the verified cache lives; default: $MNISTOPS_DATA_DIR, else ~/.cache/mnistops")
-
-
-def train_args(p: argparse.ArgumentParser) -> None:
+def train_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """The model, training, tracking and one-node launch options."""
     g = p.add_argument_group("model and training")
-    g.add_argument("--hidden", type=hidden_sizes, default=[50], help="hidden layer sizes, e.g. 50 or 128,64")
-    g.add_argument("--epochs", type=POSITIVE, default=10, help="training epochs")
-    g.add_argument("--batch-size", type=POSITIVE, default=256, help="global batch size (split across processes)")
-    g.add_argument("--lr", type=float_in(0, low_open=True), default=3e-3, help="Adam learning rate")
-    g.add_argument("--weight-decay", type=float_in(0), default=0.0, help="Adam weight decay")
-    g.add_argument("--schedule", default="cosine", choices=["none", "cosine", "onecycle"], help="learning-rate schedule")
-    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the initial weights and the shuffling")
-    g.add_argument("--experiment", default="mnist-mlp", help="MLflow experiment")
-    l = p.add_argument_group("launch (torch elastic)")
-    l.add_argument("--nproc", type=POSITIVE, default=1, help="CPU worker processes when there is no CUDA (with CUDA: one per GPU)")
-    l.add_argument("--max-restarts", type=NON_NEGATIVE, default=0, help="times the launcher restarts failed workers")
-    l.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
+    add_arguments(g, MLPConfig, exclude=exclude)
+    add_arguments(g, TrainConfig, exclude=exclude)
+    add_arguments(p.add_argument_group("tracking"), TrackingConfig)
+    add_arguments(p.add_argument_group("launch (torch elastic)"), LaunchSpec, exclude=MULTI_NODE)
+
+
+def multi_node_args(p: argparse.ArgumentParser) -> None:
+    add_arguments(p.add_argument_group("multi-node (torchrun's c10d rendezvous)"), LaunchSpec, only=MULTI_NODE)
 
 
 def gate_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("registry and gate")
-    g.add_argument("--model-name", default=None,
-                   help="registered model name (default: DATASET-mlp); bound to the dataset of its first version")
-    g.add_argument("--threshold", type=float_in(0, 1), default=0.96, help="minimum validation accuracy (ONNX) to promote")
-    g.add_argument("--margin", type=float_in(0, 1), default=0.0, help="how much worse than the champion a candidate may be")
+    add_arguments(p.add_argument_group("registry and gate"), GateConfig)
+
+
+def data_config(args) -> DataConfig:
+    return from_args(DataConfig, args, data_source=data_source_of(args))
+
+
+def pipeline_parameters(args) -> dict:
+    """The training pipeline flow's parameters, from a command's options."""
+    return {"data": data_config(args), "model": from_args(MLPConfig, args), "train": from_args(TrainConfig, args),
+            "launch": from_args(LaunchSpec, args), "gate": from_args(GateConfig, args),
+            "experiment": args.experiment}
 
 
 def data_source_of(args) -> str | None:
@@ -202,11 +155,3 @@ def check_infer(args) -> None:
     check_file(args.labels, "--labels")
     if "://" not in args.model and not args.model.startswith(("models:", "runs:")):
         check_file(args.model, "--model")
-
-
-def pipeline_kwargs(args) -> dict:
-    return dict(dataset=args.dataset, data_source=data_source_of(args), data_dir=args.data_dir, hidden=args.hidden,
-                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                schedule=args.schedule, seed=args.seed, nproc=args.nproc, max_restarts=args.max_restarts,
-                device=args.device, gate_threshold=args.threshold, gate_margin=args.margin,
-                model_name=args.model_name, experiment=args.experiment)

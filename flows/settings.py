@@ -60,6 +60,8 @@ def configure() -> Settings:
     storage = os.environ.get("PREFECT_LOCAL_STORAGE_PATH")
     if storage is None or storage == os.environ.get(_STORAGE_SET_HERE):  # ours, for an earlier home
         os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.environ[_STORAGE_SET_HERE] = str(home / "prefect-results")
+    # Whatever Prefect stores there is JSON, data to read, never a pickle to run (its default).
+    os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
     return Settings(home=home, tracking_uri=store.tracking_uri, embedded_mlflow=store.embedded_mlflow)
 
 

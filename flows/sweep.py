@@ -4,23 +4,20 @@ run, a comparison, then the best config's model through the same export, parity 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows import settings
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
-from flows.training import (EXPERIMENT_DESCRIPTION, PipelineResult, obtain_data, publish, refuse_other_task, release,
-                            train_job, train_model)
+from flows.training import PipelineResult, obtain_data, publish, refuse_other_task, release, train_job, train_model
 from nn_core import metrics as M
 from nn_core import tracking
-from nn_core.launch import LaunchSpec, TrainResult
+from nn_core.config import DEFAULT_EXPERIMENT, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrainConfig
 from nn_core.distributed import cuda_device_count
-from nn_core.registry import GateConfig, default_model_name
-from nn_core.sweep import SweepPoint, assign_devices, spec_from_mapping
+from nn_core.sweep import SweepPoint, SweepSpec, assign_devices
 
 
 @dataclass(frozen=True)
@@ -110,96 +107,102 @@ def _sweep_note(spec, trials: list[dict], best: dict, outcome: PipelineResult) -
             f"the nested runs and the table trials.json.")
 
 
-@flow(name="hyperparameter-sweep", log_prints=True)
-def hyperparameter_sweep(
-    grid: dict | None = None,
-    concurrency: int = 1,
-    dataset: str = "mnist",
-    data_source: str | None = None,
-    data_dir: str | None = None,
-    seed: int = 0,
-    schedule: Literal["none", "cosine", "onecycle"] = "cosine",
-    nproc: int = 1,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    gate_threshold: float = 0.96,
-    gate_margin: float = 0.0,
-    model_name: str | None = None,
-    experiment: str = "mnist-mlp",
-) -> SweepResult:
-    """Train every config of a grid as a nested MLflow run, compare them, gate the best one.
-
-    Args:
-        grid: Lists under hidden, lr, batch_size and epochs (each value one config axis), optionally
-            sample (train only that many configs, drawn at random) and seed (of the draw).
-        concurrency: Configs trained at the same time.
-        dataset: Which dataset: mnist or fashion-mnist.
-        data_source: Folder or file:// URL with the four IDX files, or an http(s) mirror.
-        data_dir: Where the verified dataset cache lives.
-        seed: Seed of every config's training.
-        schedule: Learning-rate schedule of every config.
-        nproc: CPU worker processes per config.
-        device: Training device; auto takes CUDA when it is usable.
-        gate_threshold: Minimum validation accuracy (ONNX) for the best config to be promoted.
-        gate_margin: How much worse than the champion the best config may be.
-        model_name: Registered model name; default: the dataset's (mnist-mlp, fashion-mnist-mlp).
-        experiment: MLflow experiment of the parent and trial runs.
-    """
-    settings.configure()
-    spec = spec_from_mapping(grid or {})
-    points = spec.points()
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    model_name = model_name or default_model_name(dataset)
-    prepared = obtain_data(dataset, data_source, data_dir)
-    refuse_other_task(model_name, prepared)
-    # Trials side by side share the GPUs out instead of each claiming all of them.
-    slots = assign_devices(cuda_device_count(device), concurrency)
+def _start_parent(spec: SweepSpec, points: list[SweepPoint], concurrency: int, data: DataConfig, train: TrainConfig,
+                  prepared, experiment: str) -> tuple[str, str]:
+    """The sweep's parent run with its grid as params: (run id, its MLflow UI address)."""
     c = tracking.client()
-    parent = c.create_run(tracking.ensure_experiment(experiment, description=EXPERIMENT_DESCRIPTION),
+    parent = c.create_run(tracking.ensure_experiment(experiment, description=tracking.TRAINING_EXPERIMENT_DESCRIPTION),
                           run_name=f"sweep-{len(points)}-configs",
                           tags={**mlflow_context_tags("hyperparameter-sweep"), "mnistops.kind": "sweep",
                                 "dataset_digest": prepared.digest})
     parent_id = parent.info.run_id
-    tracking.log_params(parent_id, {"configs": len(points), "concurrency": concurrency, "seed": seed, "dataset": dataset,
-                                    "schedule": schedule, **_grid_params(spec)})
-    parent_url = settings.run_url(parent.info.experiment_id, parent_id)
-    link_mlflow_run(parent_url, "mlflow-sweep-run", f"MLflow parent run of the sweep ({len(points)} configs)")
-    try:
-        results: list[tuple[SweepPoint, TrainResult, str]] = []
-        for start in range(0, len(points), concurrency):  # bounded concurrency: one wave at a time
-            wave = points[start : start + concurrency]
-            jobs = [train_job(prepared, hidden=list(p.hidden), epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-                              weight_decay=0.0, schedule=schedule, seed=seed, data_source=data_source,
-                              experiment=experiment, parent_run_id=parent_id, run_name=p.name())
-                    for p in wave]
-            futures = [train_model.submit(job, LaunchSpec(nproc=nproc, device=device, devices=slots[i]))
-                       for i, job in enumerate(jobs)]
-            results += [(p, f.result(), job.tracking.training_id) for p, f, job in zip(wave, futures, jobs)]
+    tracking.log_params(parent_id, {"configs": len(points), "concurrency": concurrency, "seed": train.seed,
+                                    "dataset": data.dataset, "schedule": train.schedule, **_grid_params(spec)})
+    url = settings.run_url(parent.info.experiment_id, parent_id)
+    link_mlflow_run(url, "mlflow-sweep-run", f"MLflow parent run of the sweep ({len(points)} configs)")
+    return parent_id, url
 
+
+def _train_all(points: list[SweepPoint], concurrency: int, prepared, data: DataConfig, model: MLPConfig,
+               train: TrainConfig, launch: LaunchSpec, experiment: str, parent_id: str) -> list[tuple]:
+    """Every point trained as a nested run, `concurrency` at a time: [(point, result, training id)]."""
+    # Trials side by side share the GPUs out instead of each claiming all of them.
+    slots = assign_devices(cuda_device_count(launch.device), concurrency)
+    results = []
+    for start in range(0, len(points), concurrency):  # bounded concurrency: one wave at a time
+        wave = points[start : start + concurrency]
+        jobs = [train_job(prepared, *p.apply(model, train), experiment, data_source=data.data_source,
+                          parent_run_id=parent_id, run_name=p.name()) for p in wave]
+        futures = [train_model.submit(job, replace(launch, devices=slots[i])) for i, job in enumerate(jobs)]
+        results += [(p, f.result(), job.tracking.training_id) for p, f, job in zip(wave, futures, jobs)]
+    return results
+
+
+def _publish_comparison(parent_id: str, parent_url: str, trials: list[dict], best: dict) -> None:
+    """The trials on the parent run (a table, a chart, markdown) and as a Prefect artifact."""
+    c = tracking.client()
+    # The trials are rows of a table, not a series: their order means nothing on a chart's x axis.
+    c.log_table(parent_id, data=_trials_table(trials), artifact_file="trials.json")
+    tracking.log_metrics(parent_id, {M.SWEEP_BEST_VAL_ACCURACY: best["val_accuracy"]})
+    tracking.log_tags(parent_id, {"best_run_id": best["run_id"], "best_config": best["name"]})
+    experiment_id = c.get_run(parent_id).info.experiment_id
+    linked = _comparison_table(trials, lambda rid: settings.run_url(experiment_id, rid))
+    with tempfile.TemporaryDirectory() as tmp:
+        _comparison_chart(trials, Path(tmp) / "sweep_comparison.png")
+        (Path(tmp) / "sweep_comparison.md").write_text(_comparison_table(trials) + "\n")
+        for f in Path(tmp).iterdir():
+            c.log_artifact(parent_id, str(f))
+    create_markdown_artifact(key="sweep-comparison", markdown=f"# Sweep: {len(trials)} configs\n\n{linked}\n\n"
+                             f"MLflow parent run: [{parent_id}]({parent_url})\n", description=f"best: {best['name']}")
+
+
+@flow(name="hyperparameter-sweep", log_prints=True)
+def hyperparameter_sweep(
+    grid: SweepSpec = SweepSpec(),
+    concurrency: int = 1,
+    data: DataConfig = DataConfig(),
+    model: MLPConfig = MLPConfig(),
+    train: TrainConfig = TrainConfig(),
+    launch: LaunchSpec = LaunchSpec(),
+    gate: GateConfig = GateConfig(),
+    experiment: str = DEFAULT_EXPERIMENT,
+) -> SweepResult:
+    """Train every config of a grid as a nested MLflow run, compare them, gate the best one.
+
+    Args:
+        grid: Lists of values for hidden, lr, batch_size and epochs (every combination is one config),
+            optionally sample (train only that many, drawn at random) and seed (of the draw).
+        concurrency: Configs trained at the same time.
+        data: Which dataset, where its four IDX files come from, where the verified cache lives.
+        model: The base model config; each config's hidden sizes replace its own.
+        train: The base training config (seed, schedule, weight decay); each config's lr, batch size and
+            epochs replace its own.
+        launch: How each config's DDP workers start (with several GPUs, each config gets its share).
+        gate: The registered model the best config competes for, and what it takes to become champion.
+        experiment: MLflow experiment of the parent and trial runs.
+    """
+    settings.configure()
+    points = grid.points()
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    model_name = gate.model_for(data.dataset)
+    prepared = obtain_data(data)
+    refuse_other_task(model_name, prepared)
+    parent_id, parent_url = _start_parent(grid, points, concurrency, data, train, prepared, experiment)
+    try:
+        results = _train_all(points, concurrency, prepared, data, model, train, launch, experiment, parent_id)
         trials = [{**p.to_dict(), "name": p.name(), "run_id": r.run_id, "val_accuracy": r.val_accuracy,
                    "test_accuracy": r.test_accuracy, "train_seconds": r.metrics["train_seconds"]}
                   for p, r, _ in results]
-        # The trials are rows of a table, not a series: their order means nothing on a chart's x axis.
-        c.log_table(parent_id, data=_trials_table(trials), artifact_file="trials.json")
         best_i = max(range(len(trials)), key=lambda i: trials[i]["val_accuracy"])
-        best_point, best_result, best_tid = results[best_i]
-        tracking.log_metrics(parent_id, {M.SWEEP_BEST_VAL_ACCURACY: trials[best_i]["val_accuracy"]})
-        tracking.log_tags(parent_id, {"best_run_id": best_result.run_id, "best_config": best_point.name()})
-        table = _comparison_table(trials)
-        linked = _comparison_table(trials, lambda rid: settings.run_url(parent.info.experiment_id, rid))
-        with tempfile.TemporaryDirectory() as tmp:
-            _comparison_chart(trials, Path(tmp) / "sweep_comparison.png")
-            (Path(tmp) / "sweep_comparison.md").write_text(table + "\n")
-            for f in Path(tmp).iterdir():
-                c.log_artifact(parent_id, str(f))
-        create_markdown_artifact(key="sweep-comparison", markdown=f"# Sweep: {len(trials)} configs\n\n{linked}\n\n"
-                                 f"MLflow parent run: [{parent_id}]({parent_url})\n", description=f"best: {best_point.name()}")
-        get_run_logger().info("best config %s: val acc %.4f", best_point.name(), best_result.val_accuracy)
-
-        outcome = release(best_result, prepared, model_name, GateConfig(gate_threshold, gate_margin), best_tid, experiment)
+        _publish_comparison(parent_id, parent_url, trials, trials[best_i])
+        _, best_result, best_tid = results[best_i]
+        get_run_logger().info("best config %s: val acc %.4f", trials[best_i]["name"], best_result.val_accuracy)
+        outcome = release(best_result, prepared, model_name, gate, best_tid, experiment)
         publish(outcome)
-        tracking.log_tags(parent_id, {"best_version": str(outcome.version), "promotion": "accepted" if outcome.promoted else "rejected"})
-        tracking.set_note(parent_id, _sweep_note(spec, trials, trials[best_i], outcome) + " " + prefect_note())
+        tracking.log_tags(parent_id, {"best_version": str(outcome.version),
+                                      "promotion": "accepted" if outcome.promoted else "rejected"})
+        tracking.set_note(parent_id, _sweep_note(grid, trials, trials[best_i], outcome) + " " + prefect_note())
         tracking.end_run(parent_id, "FINISHED")
     except BaseException:
         tracking.end_run(parent_id, "FAILED")

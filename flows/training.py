@@ -7,7 +7,6 @@ import datetime
 import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -16,19 +15,13 @@ from prefect.cache_policies import NO_CACHE
 from flows import settings
 from flows.observability import forward_worker_logs, link_mlflow_run, mlflow_context_tags, prefect_note
 from nn_core import tracking
-from nn_core.data import PreparedDataset, SourceUnavailableError, cache_path, default_data_dir, prepare
+from nn_core.config import DEFAULT_EXPERIMENT, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
+from nn_core.data import PreparedDataset, SourceUnavailableError, cache_path, default_data_dir, prepare_dataset
 from nn_core.datasets import fingerprint, get_spec
-from nn_core.launch import LaunchSpec, TrainResult, launch_training, new_training_id
-from nn_core.model import MLPConfig
-from nn_core.registry import GateConfig, GateDecision, Task, TaskMismatchError, check_task, default_model_name
+from nn_core.launch import TrainResult, launch_training, new_job, new_training_id
+from nn_core.registry import GateDecision, Task, TaskMismatchError, check_task
 from nn_core.release import ExportResult, export_and_check, gate_and_record, register
-from nn_core.train import TrackingConfig, TrainConfig, TrainJob, default_run_name
-
-EXPERIMENT_DESCRIPTION = (
-    "Training runs of the MNIST multilayer perceptron (raw 28x28 pixels in, 10 classes out), one run per "
-    "training; a sweep's trials are nested under its parent run. Metrics by section: train/ and val/ per "
-    "epoch, train_step/ per optimizer step, test/, parity/ (ONNX vs PyTorch) and time/ once per run, system/ "
-    "from MLflow's monitor. The registered ONNX model and its gate decision are on the run's Models tab.")
+from nn_core.train import TrainJob
 
 
 @dataclass(frozen=True)
@@ -75,8 +68,9 @@ def _data_cache_key(context, parameters) -> str | None:
     """The dataset's pinned fingerprint and the SHA-256 of the cache file as it is now: a cache file
     changed or corrupted since is a different key, so its stale answer is never handed out. No
     cache file yet: no key (nothing cached; the task builds it)."""
-    spec = get_spec(parameters["dataset"])
-    data_dir = Path(parameters.get("data_dir") or default_data_dir()).resolve()
+    data: DataConfig = parameters["data"]
+    spec = get_spec(data.dataset)
+    data_dir = Path(data.data_dir or default_data_dir()).resolve()
     target = cache_path(spec, data_dir)
     if not target.is_file():
         return None
@@ -96,8 +90,8 @@ def _data_cache_key(context, parameters) -> str | None:
     # MNISTOPS_HOME (PREFECT_LOCAL_STORAGE_PATH, set by flows.settings.configure).
     result_serializer="json",
 )
-def prepare_data(dataset: str, data_source: str | None, data_dir: str | None = None) -> PreparedDataset:
-    prepared = prepare(get_spec(dataset), data_source, Path(data_dir) if data_dir else None)
+def prepare_data(data: DataConfig) -> PreparedDataset:
+    prepared = prepare_dataset(data)
     get_run_logger().info("dataset %s digest %s splits %s (cache %s)", prepared.name, prepared.digest,
                           prepared.split_sizes, "reused" if prepared.reused_cache else "written")
     return prepared
@@ -158,15 +152,15 @@ def gate_task(result: TrainResult, exported: ExportResult, version: str, prepare
 # Shared by the training pipeline and the sweep
 
 
-def obtain_data(dataset: str, data_source: str | None, data_dir: str | None) -> PreparedDataset:
+def obtain_data(data: DataConfig) -> PreparedDataset:
     """prepare_data, answered from Prefect's cache when that answer is known good: it is keyed on
     the cache file's content, and was stored by a run that verified exactly that content (a run that
     had to rebuild the file stored its answer under the key of the bad content it found). Otherwise
     the file is prepared (verified, or rebuilt from the source) again."""
-    state = prepare_data(dataset, data_source, data_dir, return_state=True)
+    state = prepare_data(data, return_state=True)
     prepared = state.result()
     if state.name == "Cached" and (not prepared.reused_cache or not Path(prepared.cache_path).exists()):
-        prepared = prepare_data.with_options(refresh_cache=True)(dataset, data_source, data_dir)
+        prepared = prepare_data.with_options(refresh_cache=True)(data)
     return prepared
 
 
@@ -175,25 +169,13 @@ def refuse_other_task(model_name: str, prepared: PreparedDataset) -> None:
     check_task(model_name, Task(prepared.name, prepared.digest), "this pipeline's dataset")
 
 
-def train_job(prepared: PreparedDataset, *, hidden: list[int], epochs: int, batch_size: int, lr: float,
-              weight_decay: float, schedule: str, seed: int, data_source: str | None, experiment: str,
-              training_id: str | None = None, parent_run_id: str | None = None,
+def train_job(prepared: PreparedDataset, model: MLPConfig, train: TrainConfig, experiment: str, *,
+              data_source: str | None = None, training_id: str | None = None, parent_run_id: str | None = None,
               run_name: str | None = None) -> TrainJob:
-    cfg = settings.configure()
-    training_id = training_id or new_training_id()
-    tracking.ensure_experiment(experiment, description=EXPERIMENT_DESCRIPTION)
-    job = TrainJob(
-        data_path=str(prepared.cache_path),
-        out_dir=str(cfg.runs_dir / training_id),
-        model=MLPConfig(hidden=tuple(hidden)),
-        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                          schedule=schedule, seed=seed),
-        tracking=TrackingConfig(training_id=training_id, experiment=experiment, run_name=run_name,
-                                parent_run_id=parent_run_id, tags=mlflow_context_tags("training-pipeline")),
-        data_source=data_source,
-    )
-    # Named here, so that the Prefect task run and the MLflow run carry the same name.
-    return replace(job, tracking=replace(job.tracking, run_name=run_name or default_run_name(job)))
+    """A training of the pipeline (or a sweep's trial), under MNISTOPS_HOME/runs, tagged with the flow run."""
+    tracking_cfg = TrackingConfig(training_id=training_id or new_training_id(), experiment=experiment, run_name=run_name,
+                                  parent_run_id=parent_run_id, tags=mlflow_context_tags("training-pipeline"))
+    return new_job(prepared, settings.configure().runs_dir, model, train, tracking_cfg, data_source)
 
 
 def release(result: TrainResult, prepared: PreparedDataset, model_name: str, gate: GateConfig,
@@ -252,58 +234,32 @@ def publish(result: PipelineResult, key: str = "training-pipeline") -> None:
 
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
-    dataset: str = "mnist",
-    data_source: str | None = None,
-    hidden: list[int] = [50],  # noqa: B006 (Prefect parameters are validated copies)
-    epochs: int = 10,
-    batch_size: int = 256,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    schedule: Literal["none", "cosine", "onecycle"] = "cosine",
-    seed: int = 0,
-    nproc: int = 1,
-    max_restarts: int = 0,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    gate_threshold: float = 0.96,
-    gate_margin: float = 0.0,
-    model_name: str | None = None,
-    experiment: str = "mnist-mlp",
-    data_dir: str | None = None,
+    data: DataConfig = DataConfig(),
+    model: MLPConfig = MLPConfig(),
+    train: TrainConfig = TrainConfig(),
+    launch: LaunchSpec = LaunchSpec(),
+    gate: GateConfig = GateConfig(),
+    experiment: str = DEFAULT_EXPERIMENT,
     training_id: str | None = None,
 ) -> PipelineResult:
     """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion.
 
     Args:
-        dataset: Which dataset: mnist or fashion-mnist.
-        data_source: Folder or file:// URL with the four IDX files, or an http(s) mirror; default: the
-            official mirrors.
-        hidden: Hidden layer sizes, e.g. [50] or [128, 64].
-        epochs: Training epochs.
-        batch_size: Global batch size, split evenly across the worker processes.
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
-        schedule: Learning-rate schedule.
-        seed: Seed of the initial weights and of the shuffling.
-        nproc: CPU worker processes when there is no CUDA (with CUDA: one per GPU).
-        max_restarts: Times the launcher restarts failed workers (they resume from the checkpoint).
-        device: Training device; auto takes CUDA when it is usable.
-        gate_threshold: Minimum validation accuracy (of the ONNX model) to promote.
-        gate_margin: How much worse than the champion a candidate may be and still be promoted.
-        model_name: Registered model name; default: the dataset's (mnist-mlp, fashion-mnist-mlp).
+        data: Which dataset, where its four IDX files come from, where the verified cache lives.
+        model: The model's hidden layer sizes (the rest is derived from the data).
+        train: Epochs, batch size, Adam's learning rate and weight decay, schedule, seed.
+        launch: How the DDP workers start: processes, restarts, device.
+        gate: The registered model a candidate competes for, and what it takes to become its champion.
         experiment: MLflow experiment of the training runs.
-        data_dir: Where the verified dataset cache lives; default: $MNISTOPS_DATA_DIR or ~/.cache/mnistops.
         training_id: The id of a killed training to resume from its checkpoint, into the same MLflow run
             (`mnistops run --resume`); default: a new training.
     """
     settings.configure()
-    gate = GateConfig(threshold=gate_threshold, margin=gate_margin)
-    model_name = model_name or default_model_name(dataset)
-    prepared = obtain_data(dataset, data_source, data_dir)
+    model_name = gate.model_for(data.dataset)
+    prepared = obtain_data(data)
     refuse_other_task(model_name, prepared)
-    job = train_job(prepared, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
-                    weight_decay=weight_decay, schedule=schedule, seed=seed, data_source=data_source,
-                    experiment=experiment, training_id=training_id)
-    result = train_model(job, LaunchSpec(nproc=nproc, max_restarts=max_restarts, device=device))
+    job = train_job(prepared, model, train, experiment, data_source=data.data_source, training_id=training_id)
+    result = train_model(job, launch)
     outcome = release(result, prepared, model_name, gate, job.tracking.training_id, experiment)
     publish(outcome)
     print(f"{'PROMOTED' if outcome.promoted else 'NOT PROMOTED'}: {model_name} version {outcome.version}: {outcome.reason}")

@@ -24,9 +24,10 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import torch
 
-from serving import idx
 from nn_core.checkpoint import atomic_torch_save
-from nn_core.datasets import IMAGES, DatasetSpec, FileSpec, mirrors_for
+from nn_core.config import DataConfig
+from nn_core.datasets import IMAGES, DatasetSpec, FileSpec, get_spec, mirrors_for
+from serving import idx
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,11 @@ def prepare(spec: DatasetSpec, source: str | None = None, data_dir: Path | None 
         if refused is None:
             raise
         raise type(e)(f"{refused}; rebuilding it from the source failed: {e}") from e
+
+
+def prepare_dataset(cfg: DataConfig) -> PreparedDataset:
+    """`prepare` for the dataset, source and cache folder a DataConfig names."""
+    return prepare(get_spec(cfg.dataset), cfg.data_source, Path(cfg.data_dir) if cfg.data_dir else None)
 
 
 def _build(spec: DatasetSpec, source: str | None, data_dir: Path, target: Path) -> PreparedDataset:

@@ -21,27 +21,12 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from nn_core import reaping, tracking
+from nn_core.config import LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
 from nn_core.distributed import cuda_device_count
-from nn_core.train import RESULT_NAME, TrainJob, worker_main
+from nn_core.train import RESULT_NAME, STOPPING, TrainJob, default_run_name, worker_main
 from serving.atomic import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    nproc: int = 1  # CPU processes when there is no CUDA; with CUDA, one process per GPU
-    nnodes: int = 1
-    rdzv_endpoint: str | None = None  # HOST:PORT for multi-node; a free local port otherwise
-    rdzv_id: str | None = None  # the same on every node; also the training id
-    max_restarts: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    monitor_interval: float = 0.2
-    # Workers' stdout/stderr go to files under this folder instead of the terminal, for a caller that
-    # forwards them (the Prefect task tails them into its run's logs); None: on the terminal.
-    log_dir: str | None = None
-    # GPU ids this training may use, one process each (a sweep trial's share); None: every GPU
-    devices: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,8 +44,8 @@ class TrainResult:
                    test_accuracy=d["test_accuracy"], metrics=d)
 
 
-# Set when the command is being stopped (SIGINT/SIGTERM): workers that die now were stopped, not failed.
-STOPPING = threading.Event()
+# STOPPING (nn_core.train) is set when the command is being stopped (SIGINT/SIGTERM): workers that die
+# now were stopped, not failed, and an in-process training ends after its epoch.
 
 
 class TrainingError(RuntimeError):
@@ -69,6 +54,16 @@ class TrainingError(RuntimeError):
 
 def new_training_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def new_job(prepared, runs_dir: Path, model: MLPConfig, train: TrainConfig, tracking_cfg: TrackingConfig,
+            data_source: str | None = None) -> TrainJob:
+    """The job of one training on `prepared` (a PreparedDataset): its folder under `runs_dir`, its
+    MLflow run named after its config unless named. Nothing is written yet (rank 0 makes the run)."""
+    job = TrainJob(data_path=str(prepared.cache_path), out_dir=str(Path(runs_dir) / tracking_cfg.training_id),
+                   model=model, train=train, tracking=tracking_cfg, data_source=data_source)
+    # Named here, so that a Prefect task run and the MLflow run can carry the same name.
+    return replace(job, tracking=replace(tracking_cfg, run_name=tracking_cfg.run_name or default_run_name(job)))
 
 
 def plan_workers(spec: LaunchSpec, gpu_count: int, cores: int) -> tuple[int, int | None, str]:

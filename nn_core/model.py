@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
-# Mean and standard deviation of the MNIST training split's pixels on the 0..255 scale; replaced by
-# the actual training split's figures when a training starts (stats_from()).
-MNIST_MEAN, MNIST_STD = 33.32, 78.57
-
-
-@dataclass(frozen=True)
-class MLPConfig:
-    hidden: tuple[int, ...] = (50,)
-    in_features: int = 784
-    num_classes: int = 10
-    mean: float = MNIST_MEAN
-    std: float = MNIST_STD
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MLPConfig":
-        return cls(**{**d, "hidden": tuple(d["hidden"])})
+from nn_core.config import MNIST_MEAN, MNIST_STD, MLPConfig  # noqa: F401 (the model's config, torch-free)
 
 
 def stats_from(images: torch.Tensor) -> tuple[float, float]:

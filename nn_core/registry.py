@@ -28,20 +28,15 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from nn_core import tracking
+from nn_core.config import GateConfig, default_model_name  # noqa: F401 (default_model_name: re-exported)
 from nn_core.export import ParityReport, onnx_accuracy
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "mnist-mlp"
 CHAMPION = "champion"
 # Tags on the registered model (not its versions): the task it is bound to.
 DATASET_TAG, DIGEST_TAG = "mnistops.dataset", "mnistops.dataset_digest"
 PENDING, ACCEPTING, ACCEPTED, REJECTED = "pending", "accepting", "accepted", "rejected"
-
-
-def default_model_name(dataset: str) -> str:
-    """`mnist-mlp`, `fashion-mnist-mlp`: one registered model per task unless told otherwise."""
-    return f"{dataset}-mlp"
 
 
 class TaskMismatchError(ValueError):
@@ -65,16 +60,6 @@ class Task:
 
 def _code(e: MlflowException) -> str:
     return getattr(e, "error_code", "")
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    threshold: float = 0.96
-    margin: float = 0.0  # how much worse than the champion a candidate may be
-
-    def __post_init__(self):
-        if not 0.0 <= self.threshold <= 1.0 or self.margin < 0:
-            raise ValueError(f"gate threshold must be in [0, 1] and margin >= 0, got {self.threshold}, {self.margin}")
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,22 @@
 """Hyperparameter sweep configurations: a grid over hidden sizes, learning rate, batch size and
-epochs (from a small YAML file or options), optionally a seeded random sample of it."""
+epochs (from a small YAML file or options), optionally a seeded random sample of it. Each axis is a
+field of the model's or the training's config (nn_core.config): a point replaces those fields of the
+sweep's base configs."""
 
 from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
 
+from nn_core.config import MLPConfig, TrainConfig
+from serving.fields import setting
+
 AXES = ("hidden", "lr", "batch_size", "epochs")
+MODEL_AXES = ("hidden",)  # the others are TrainConfig fields
 
 
 @dataclass(frozen=True)
@@ -26,19 +32,65 @@ class SweepPoint:
     def to_dict(self) -> dict:
         return {**asdict(self), "hidden": list(self.hidden)}
 
+    def apply(self, model: MLPConfig, train: TrainConfig) -> tuple[MLPConfig, TrainConfig]:
+        """The base configs with this point's values."""
+        values = asdict(self)
+        return (replace(model, **{k: values[k] for k in MODEL_AXES}),
+                replace(train, **{k: values[k] for k in AXES if k not in MODEL_AXES}))
+
+
+def _sizes(v) -> tuple[int, ...]:
+    sizes = tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    if not sizes or min(sizes) < 1:
+        raise ValueError
+    return sizes
+
+
+def _positive(kind: type):
+    def cast(v):
+        value = kind(v)
+        if not value > 0:
+            raise ValueError
+        return value
+
+    return cast
+
+
+_CASTS = {"hidden": _sizes, "lr": _positive(float), "batch_size": _positive(int), "epochs": _positive(int)}
+
+
+def _axis(key: str, values) -> tuple:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"'{key}' must be a non-empty list, got {values!r}")
+    try:
+        cast = tuple(_CASTS[key](v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"'{key}' has a value that is not valid: {values!r}") from None
+    return cast
+
 
 @dataclass(frozen=True)
 class SweepSpec:
-    hidden: tuple[tuple[int, ...], ...] = ((50,),)
-    lr: tuple[float, ...] = (3e-3,)
-    batch_size: tuple[int, ...] = (256,)
-    epochs: tuple[int, ...] = (10,)
-    sample: int | None = None  # None: the whole grid; N: N distinct points drawn at random
-    seed: int = 0
+    """The grid: each axis a list of values of one config field; every combination is one trial."""
+
+    hidden: tuple[tuple[int, ...], ...] = setting(((50,),), "hidden layer sizes to try, e.g. [[50], [128, 64]]")
+    lr: tuple[float, ...] = setting((3e-3,), "Adam learning rates to try")
+    batch_size: tuple[int, ...] = setting((256,), "global batch sizes to try")
+    epochs: tuple[int, ...] = setting((10,), "epoch counts to try")
+    sample: int | None = setting(None, "train only this many configs, drawn at random from the grid (default: "
+                                       "all of them)")
+    seed: int = setting(0, "seed of the random draw")
+
+    def __post_init__(self):
+        # Lists from a YAML file, a Prefect form or a JSON deployment become tuples, each value checked.
+        for key in AXES:
+            object.__setattr__(self, key, _axis(key, getattr(self, key)))
+        if self.sample is not None and (not isinstance(self.sample, int) or self.sample < 1):
+            raise ValueError(f"'sample' must be a positive integer, got {self.sample!r}")
 
     def points(self) -> list[SweepPoint]:
-        grid = [SweepPoint(tuple(h), float(lr), int(bs), int(ep))
-                for h, lr, bs, ep in itertools.product(self.hidden, self.lr, self.batch_size, self.epochs)]
+        grid = [SweepPoint(h, lr, bs, ep) for h, lr, bs, ep in itertools.product(self.hidden, self.lr, self.batch_size,
+                                                                                 self.epochs)]
         if self.sample is None or self.sample >= len(grid):
             return grid
         return random.Random(self.seed).sample(grid, self.sample)
@@ -48,31 +100,10 @@ def spec_from_mapping(d: dict, source: str = "sweep config") -> SweepSpec:
     unknown = set(d) - {*AXES, "sample", "seed"}
     if unknown:
         raise ValueError(f"{source}: unknown keys {sorted(unknown)}; expected {list(AXES)} plus sample and seed")
-
-    def axis(key, cast, default):
-        values = d.get(key, default)
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"{source}: '{key}' must be a non-empty list, got {values!r}")
-        try:
-            return tuple(cast(v) for v in values)
-        except (TypeError, ValueError):
-            raise ValueError(f"{source}: '{key}' has a value that is not valid: {values!r}") from None
-
-    def hidden(v):
-        sizes = tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
-        if not sizes or min(sizes) < 1:
-            raise ValueError
-        return sizes
-
-    default = SweepSpec()
-    sample = d.get("sample")
-    if sample is not None and (not isinstance(sample, int) or sample < 1):
-        raise ValueError(f"{source}: 'sample' must be a positive integer, got {sample!r}")
-    return SweepSpec(
-        hidden=axis("hidden", hidden, default.hidden), lr=axis("lr", float, default.lr),
-        batch_size=axis("batch_size", int, default.batch_size), epochs=axis("epochs", int, default.epochs),
-        sample=sample, seed=int(d.get("seed", 0)),
-    )
+    try:
+        return SweepSpec(**d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def load_spec(path: Path) -> SweepSpec:

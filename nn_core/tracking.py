@@ -6,13 +6,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import mlflow
+import mlflow  # noqa: F401 (tracking.mlflow: the configured client library, for callers)
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from serving.experiments import NOTE_TAG, ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
 
 TRAINING_ID_TAG = "mnistops.training_id"
+TRAINING_EXPERIMENT_DESCRIPTION = (
+    "Training runs of the MNIST multilayer perceptron (raw 28x28 pixels in, 10 classes out), one run per "
+    "training; a sweep's trials are nested under its parent run. Metrics by section: train/ and val/ per "
+    "epoch, train_step/ per optimizer step, test/, parity/ (ONNX vs PyTorch) and time/ once per run, system/ "
+    "from MLflow's monitor. The registered ONNX model and its gate decision are on the run's Models tab.")
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 

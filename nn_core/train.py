@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,47 +22,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nn_core import metrics as M
 from nn_core import reaping, tracking
-from serving.atomic import atomic_path
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
+from nn_core.config import REPORTING_ONLY, Device, MLPConfig, TrackingConfig, TrainConfig
 from nn_core.data import Splits, load_splits
 from nn_core.datasets import get_spec, mirrors_for
 from nn_core.distributed import DistEnv, all_reduce_sum, broadcast_object, ddp_context
-from nn_core.model import MLPConfig, build_model, stats_from
+from nn_core.model import build_model, stats_from
+from serving.atomic import atomic_path
 from serving.experiments import run_context_tags
 
 RESULT_NAME = "result.json"
-SCHEDULES = ("none", "cosine", "onecycle")
-# TrainConfig fields that change no weight: a checkpoint or run may be resumed with other values.
-REPORTING_ONLY = ("eval_batch_size", "target_val_accuracy")
+# Set when the command is being stopped (SIGINT/SIGTERM). A DDP worker process is stopped by its
+# signal; a training that runs in the command's own process on another thread (a sweep's trial) sees
+# no signal, so it checks this between epochs.
+STOPPING = threading.Event()
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    # Defaults reach >= 97.2% validation accuracy for every seed 0..4 on MNIST (the gate is 96%).
-    epochs: int = 10
-    batch_size: int = 256  # global: split evenly across ranks
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    seed: int = 0
-    eval_batch_size: int = 10_000
-    target_val_accuracy: float = 0.96  # only for reporting the time to reach it
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r}: expected one of {SCHEDULES}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    training_id: str
-    experiment: str = "mnist-mlp"
-    run_name: str | None = None
-    tags: dict = field(default_factory=dict)
-    parent_run_id: str | None = None  # for a sweep's nested runs
-    enabled: bool = True
+class TrainingStopped(BaseException):
+    """The command is stopping: unwinds like KeyboardInterrupt (the run is resumable, not failed)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +51,7 @@ class TrainJob:
     model: MLPConfig = MLPConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig(training_id="local")
-    device: str = "auto"
+    device: Device = "auto"
     devices: tuple[int, ...] | None = None  # GPU ids of this training (local rank i -> devices[i]); None: all
     threads: int | None = None
     data_source: str | None = None  # recorded with the MLflow dataset input
@@ -199,6 +177,9 @@ class RunLogger:
             "dataset": splits.name,
             "dataset_digest": splits.digest,
         }
+        # Rank 0 is the only process of a training that touches MLflow (two nodes creating a fresh
+        # SQLite store at once would race its schema migration).
+        tracking.ensure_experiment(t.experiment, description=tracking.TRAINING_EXPERIMENT_DESCRIPTION)
         self.run_id, created = tracking.find_or_create_run(
             t.experiment, t.training_id, run_name, {k: str(v) for k, v in tags.items()},
             params=params, ignore=frozenset({"world_size", *(f"train.{k}" for k in REPORTING_ONLY)}))
@@ -237,7 +218,7 @@ class RunLogger:
             missing = sorted({h["epoch"] for h in history} - self.logged)
             if final:
                 raise RuntimeError(f"MLflow run {self.run_id}: epochs {missing} could not be logged ({e}); "
-                                   "the trained checkpoint and result.json are kept") from e
+                                   "the trained checkpoint is kept: resume the training to log them") from e
             print(f"warning: MLflow unreachable ({type(e).__name__}); epochs {missing} stay in the checkpoint "
                   "and are logged when it answers again", flush=True)
 
@@ -252,12 +233,11 @@ def _write_json_atomic(obj: dict, path: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2))
 
 
-def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[dict],
-           val: EvalResult, test: EvalResult, out_dir: Path, classes: list[str],
-           final_eval_seconds: float = 0.0) -> dict:
-    """Final artifacts (curves, confusion matrix, final checkpoint) and result.json."""
-    result = {
-        "run_id": logger.run_id if logger else None,
+def result_of(job: TrainJob, env: DistEnv, run_id: str | None, history: list[dict], val: EvalResult,
+              test: EvalResult, out_dir: Path, final_eval_seconds: float) -> dict:
+    """What result.json holds (and the pipeline reads back as TrainResult)."""
+    return {
+        "run_id": run_id,
         "checkpoint": str(out_dir / CHECKPOINT_NAME),
         "val_accuracy": val.accuracy,
         "val_loss": val.loss,
@@ -278,34 +258,41 @@ def finish(job: TrainJob, env: DistEnv, logger: RunLogger | None, history: list[
         "device": env.device.type,
         "backend": env.backend or "none",
     }
-    if logger is not None:
-        logger.sync(history, final=True)
-        rid = logger.run_id
-        # Final figures, logged once (step 0): the runs table and the compare view read them; the
-        # per-epoch series already hold the final validation figures as their last points.
-        summary = {M.TEST_ACCURACY: test.accuracy, M.TEST_LOSS: test.loss, M.TRAIN_SECONDS: result["train_seconds"]}
-        if result["seconds_to_target"] is not None:
-            summary[M.SECONDS_TO_TARGET] = result["seconds_to_target"]
-        tracking.log_metrics(rid, summary)
-        from nn_core import plots  # matplotlib: only rank 0, only here (~1 s of imports a worker need not pay)
 
-        steps = [x for h in history for x in h["step_losses"]]
-        name = job.tracking.run_name or default_run_name(job)
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            plots.loss_curve(steps, logger.steps_per_epoch, history, tmp / "loss_curve.png", title=f"Training curves: {name}")
-            plots.confusion_matrix(val.confusion, classes, f"validation ({val.accuracy:.2%})", tmp / "confusion_matrix_val.png")
-            plots.confusion_matrix(test.confusion, classes, f"test ({test.accuracy:.2%})", tmp / "confusion_matrix_test.png")
-            plots.per_class_accuracy(result["val_per_class_accuracy"], result["test_per_class_accuracy"], classes,
-                                     tmp / "per_class_accuracy.png", title=f"Accuracy per class: {name}")
-            for png in tmp.glob("*.png"):
-                tracking.client().log_artifact(rid, str(png), "plots")
-        tracking.client().log_artifact(rid, str(out_dir / CHECKPOINT_NAME), "checkpoint")
-        tracking.set_note(rid, training_note(job, env, result))
-        tracking.stop_system_metrics(logger.system_metrics)
-        tracking.end_run(rid, "FINISHED")
-    _write_json_atomic(result, out_dir / RESULT_NAME)
-    return result
+
+def _log_plots(job: TrainJob, logger: RunLogger, history: list[dict], val: EvalResult, test: EvalResult,
+               result: dict, classes: list[str]) -> None:
+    from nn_core import plots  # matplotlib: only rank 0, only here (~1 s of imports a worker need not pay)
+
+    steps = [x for h in history for x in h["step_losses"]]
+    name = job.tracking.run_name or default_run_name(job)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plots.loss_curve(steps, logger.steps_per_epoch, history, tmp / "loss_curve.png", title=f"Training curves: {name}")
+        plots.confusion_matrix(val.confusion, classes, f"validation ({val.accuracy:.2%})", tmp / "confusion_matrix_val.png")
+        plots.confusion_matrix(test.confusion, classes, f"test ({test.accuracy:.2%})", tmp / "confusion_matrix_test.png")
+        plots.per_class_accuracy(result["val_per_class_accuracy"], result["test_per_class_accuracy"], classes,
+                                 tmp / "per_class_accuracy.png", title=f"Accuracy per class: {name}")
+        for png in tmp.glob("*.png"):
+            tracking.client().log_artifact(logger.run_id, str(png), "plots")
+
+
+def log_final(job: TrainJob, env: DistEnv, logger: RunLogger, history: list[dict], val: EvalResult,
+              test: EvalResult, result: dict, out_dir: Path, classes: list[str]) -> None:
+    """The run's last epochs, final figures, plots, checkpoint and description; then FINISHED."""
+    logger.sync(history, final=True)
+    rid = logger.run_id
+    # Final figures, logged once (step 0): the runs table and the compare view read them; the
+    # per-epoch series already hold the final validation figures as their last points.
+    summary = {M.TEST_ACCURACY: test.accuracy, M.TEST_LOSS: test.loss, M.TRAIN_SECONDS: result["train_seconds"]}
+    if result["seconds_to_target"] is not None:
+        summary[M.SECONDS_TO_TARGET] = result["seconds_to_target"]
+    tracking.log_metrics(rid, summary)
+    _log_plots(job, logger, history, val, test, result, classes)
+    tracking.client().log_artifact(rid, str(out_dir / CHECKPOINT_NAME), "checkpoint")
+    tracking.set_note(rid, training_note(job, env, result))
+    tracking.stop_system_metrics(logger.system_metrics)
+    tracking.end_run(rid, "FINISHED")
 
 
 def training_note(job: TrainJob, env: DistEnv, result: dict) -> str:
@@ -335,23 +322,31 @@ def seconds_to_target(history: list[dict], target: float) -> float | None:
 # The worker
 
 
-def train(job: TrainJob, env: DistEnv) -> dict | None:
-    """Train inside an already set-up process group. Returns the result on rank 0, None elsewhere."""
-    cfg = job.train
-    out_dir = Path(job.out_dir)
-    if cfg.batch_size % env.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {env.world_size}")
-    splits = load_splits(Path(job.data_path), env.device)
+@dataclass
+class TrainState:
+    """A training in progress: what one epoch needs and updates, and what a checkpoint saves."""
 
-    # Only rank 0 reads storage; the others get its checkpoint over the process group, so nodes
-    # need no shared file system.
-    ckpt_path = out_dir / CHECKPOINT_NAME
+    model_cfg: MLPConfig
+    model: torch.nn.Module  # the raw module: saved, evaluated and exported
+    ddp_model: torch.nn.Module  # what the steps run (DDP-wrapped when there are peers)
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    history: list[dict]  # one dict per finished epoch; a resumed training starts with the checkpoint's
+    per_rank_batch: int
+    steps_per_epoch: int
+
+
+def setup(job: TrainJob, env: DistEnv, splits: Splits, ckpt_path: Path) -> TrainState:
+    """The model, optimizer and schedule: fresh, or resumed from the checkpoint of this same job.
+
+    Only rank 0 reads the checkpoint; the others get it over the process group, so nodes need no
+    shared file system for it as long as rank 0 stays on the node that wrote it (the Kubernetes
+    manifests mount a shared volume because a rescheduled pod may move)."""
+    cfg = job.train
     ckpt = load_checkpoint(ckpt_path) if env.is_main and ckpt_path.exists() else None
     ckpt = broadcast_object(ckpt, env)
     if ckpt is not None:  # every rank refuses alike, so none is left waiting in a collective
         check_resumable(ckpt, job, splits.digest, ckpt_path)
-
-    if ckpt is not None:
         model_cfg = MLPConfig.from_dict(ckpt["model_config"])
     else:
         mean, std = stats_from(splits.train_images)
@@ -376,40 +371,62 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
     # Load before wrapping: DDP broadcasts rank 0's parameters when it is constructed.
     # DDP only pays off with a peer to sync with: a one-process group skips the per-step all-reduce.
     ddp_model = DDP(model) if env.world_size > 1 else model
+    return TrainState(model_cfg, model, ddp_model, optimizer, scheduler, history, per_rank_batch, steps_per_epoch)
 
-    logger = RunLogger(job, env, splits, steps_per_epoch, model_cfg) if env.is_main and job.tracking.enabled else None
 
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        idx = shard_indices(len(splits.train_labels), epoch, cfg.seed, env)
-        lr = optimizer.param_groups[0]["lr"]
-        step_losses, train_acc = run_epoch(ddp_model, optimizer, scheduler, splits.train_images, splits.train_labels, idx, per_rank_batch, env)
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        val = evaluate(model, splits.val_images, splits.val_labels, env, cfg.eval_batch_size)
-        h = {
-            "epoch": epoch, "train_loss": float(step_losses.mean()), "train_accuracy": train_acc,
-            "val_loss": val.loss, "val_accuracy": val.accuracy, "epoch_seconds": seconds, "lr": lr,
-            "step_losses": step_losses.tolist(), "val_seconds": time.perf_counter() - t0 - seconds,
-        }
-        history.append(h)
+def epoch_step(epoch: int, job: TrainJob, env: DistEnv, splits: Splits, st: TrainState) -> dict:
+    """Train one epoch, then evaluate on the validation split: the epoch's history entry."""
+    t0 = time.perf_counter()
+    idx = shard_indices(len(splits.train_labels), epoch, job.train.seed, env)
+    lr = st.optimizer.param_groups[0]["lr"]
+    step_losses, train_acc = run_epoch(st.ddp_model, st.optimizer, st.scheduler, splits.train_images,
+                                       splits.train_labels, idx, st.per_rank_batch, env)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()  # the epoch's time is the GPU's, not the launch queue's
+    seconds = time.perf_counter() - t0
+    val = evaluate(st.model, splits.val_images, splits.val_labels, env, job.train.eval_batch_size)
+    return {
+        "epoch": epoch, "train_loss": float(step_losses.mean()), "train_accuracy": train_acc,
+        "val_loss": val.loss, "val_accuracy": val.accuracy, "epoch_seconds": seconds, "lr": lr,
+        "step_losses": step_losses.tolist(), "val_seconds": time.perf_counter() - t0 - seconds,
+    }
+
+
+def train(job: TrainJob, env: DistEnv) -> dict | None:
+    """Train inside an already set-up process group: set up (or resume) -> epochs -> finish.
+    Returns the result on rank 0, None elsewhere."""
+    cfg, out_dir = job.train, Path(job.out_dir)
+    if cfg.batch_size % env.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {env.world_size}")
+    splits = load_splits(Path(job.data_path), env.device)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    st = setup(job, env, splits, ckpt_path)
+    logger = RunLogger(job, env, splits, st.steps_per_epoch, st.model_cfg) if env.is_main and job.tracking.enabled else None
+
+    for epoch in range(len(st.history) + 1, cfg.epochs + 1):
+        if STOPPING.is_set():
+            raise TrainingStopped(f"training {job.tracking.training_id} stopped after epoch {epoch - 1}")
+        h = epoch_step(epoch, job, env, splits, st)
+        st.history.append(h)
         if env.is_main:
-            save_checkpoint(ckpt_path, model, model_cfg, cfg, optimizer, scheduler, history,
-                            logger.run_id if logger else None, dataset_digest=splits.digest)
+            save_checkpoint(ckpt_path, st, cfg, logger.run_id if logger else None, dataset_digest=splits.digest)
             if logger is not None:
-                logger.sync(history)
-            print(f"epoch {epoch}/{cfg.epochs}: train loss {h['train_loss']:.4f}  val loss {val.loss:.4f}  "
-                  f"val acc {val.accuracy:.4f}  ({seconds:.2f} s)", flush=True)
+                logger.sync(st.history)
+            print(f"epoch {epoch}/{cfg.epochs}: train loss {h['train_loss']:.4f}  val loss {h['val_loss']:.4f}  "
+                  f"val acc {h['val_accuracy']:.4f}  ({h['epoch_seconds']:.2f} s)", flush=True)
 
     t0 = time.perf_counter()
-    val = evaluate(model, splits.val_images, splits.val_labels, env, cfg.eval_batch_size)
-    test = evaluate(model, splits.test_images, splits.test_labels, env, cfg.eval_batch_size)
+    val = evaluate(st.model, splits.val_images, splits.val_labels, env, cfg.eval_batch_size)
+    test = evaluate(st.model, splits.test_images, splits.test_labels, env, cfg.eval_batch_size)
     final_eval_seconds = time.perf_counter() - t0
     if not env.is_main:
         return None
-    return finish(job, env, logger, history, val, test, out_dir, list(get_spec(splits.name).classes),
-                  final_eval_seconds)
+    result = result_of(job, env, logger.run_id if logger else None, st.history, val, test, out_dir, final_eval_seconds)
+    if logger is not None:
+        log_final(job, env, logger, st.history, val, test, result, out_dir, list(get_spec(splits.name).classes))
+    # Last: a result.json means a finished training (never resumed), so it follows the final logging.
+    _write_json_atomic(result, out_dir / RESULT_NAME)
+    return result
 
 
 def _plain(v):
@@ -441,17 +458,17 @@ def check_resumable(ckpt: dict, job: TrainJob, dataset_digest: str, path: Path) 
             "Start a new training under a new id, or resume with the checkpoint's settings")
 
 
-def save_checkpoint(path, model, model_cfg, cfg, optimizer, scheduler, history, run_id, dataset_digest=None) -> None:
+def save_checkpoint(path: Path, st: TrainState, cfg: TrainConfig, run_id: str | None, dataset_digest: str) -> None:
     atomic_torch_save(
         {
-            "model_config": model_cfg.to_dict(),
+            "model_config": st.model_cfg.to_dict(),
             "train_config": asdict(cfg),
             "dataset_digest": dataset_digest,
-            "model_state": model.state_dict(),  # the raw module: no DDP "module." prefix
-            "optimizer_state": optimizer.state_dict(),
-            "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": len(history),
-            "history": history,
+            "model_state": st.model.state_dict(),  # the raw module: no DDP "module." prefix
+            "optimizer_state": st.optimizer.state_dict(),
+            "scheduler_state": st.scheduler.state_dict() if st.scheduler is not None else None,
+            "epoch": len(st.history),
+            "history": st.history,
             "rng_state": torch.get_rng_state(),
             "run_id": run_id,
         },

@@ -7,134 +7,42 @@ that would clobber something), 2 bad usage, 4 a drift alert with --fail-on-drift
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT, FORMATS
+from serving import fields
+from serving.config import JobConfig
 from serving.errors import EXIT_ERROR, EXIT_OK, DriftAlert, ServingError
-from serving.model_source import DEFAULT_MODEL_URI
 
 # serving.job imports onnxruntime and pyarrow (~0.5 s): only the functions that run a job import it.
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected a positive integer")
-    return value
-
-
 def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `infer` options, added to `parser` (a top-level parser or a subcommand's)."""
+    """The `infer` options, added to `parser` (a top-level parser or a subcommand's): what to score
+    (one input or an inbox) and where to, then every JobConfig setting (serving.config)."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--input", type=Path, default=None,
-        help="IDX images file (gzipped or not), .npy array (uint8, or float in 0..255 or 0..1 as its "
-        "largest value says; [N,28,28] or [N,784]), or a folder of PNG/JPEG images of any size "
-        "(every non-hidden image file under it is one record, in path order; other files are "
-        "ignored and listed in the manifest; a labels.csv with lines file,label gives true labels)",
-    )
-    source.add_argument(
-        "--inbox", type=Path, default=None, metavar="DIR",
-        help="score every input in DIR (IDX or .npy files, image folders) not scored yet, exactly "
-        "once per content (a ledger in the --output folder); one predictions file + manifest each",
-    )
-    parser.add_argument(
-        "--output", type=Path, required=True,
-        help="predictions file (columns id, prediction, probability, ood_score when the model has a "
-        "drift reference, label and correct with labels); a manifest OUTPUT.manifest.json is written "
-        "beside it; both appear only when the job succeeds. With --inbox: a folder",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="replace an existing output (an input is never overwritten)",
-    )
-    parser.add_argument(
-        "--rescore", action="store_true",
-        help="with --inbox: score inputs again that were scored before, with the current model",
-    )
-    parser.add_argument(
-        "--fail-on-drift", action="store_true",
-        help="exit 4 (after writing the outputs) when the drift check alerts",
-    )
-    parser.add_argument(
-        "--drift-reference", default=None, metavar="JSON|URI",
-        help="drift profile to check against (default: the one stored with the model version)",
-    )
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL_URI,
-        help="MLflow registry URI (models:/NAME@ALIAS or models:/NAME/VERSION) or a local .onnx file "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size", type=_positive, default=None,
-        help=f"images per inference call; memory is bounded by a few batches (default: "
-        f"{CPU_BATCH_SIZE} on CPU, {CUDA_BATCH_SIZE} on CUDA)",
-    )
-    parser.add_argument(
-        "--labels", type=Path, default=None,
-        help="IDX labels file or 1-D integer .npy of the true classes, one per input record in input "
-        "order (a folder: one per image file, in path order); the output then has label and correct "
-        "columns and the job reports accuracy (default: none; a folder's own labels.csv)",
-    )
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto",
-        help="auto: CUDA when a GPU is usable, else CPU; cuda: fail unless CUDA is actually used "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--on-error", choices=("fail", "skip"), default="fail",
-        help="fail: stop at the first bad image or record; skip: skip bad images of a folder and "
-        "bad (NaN/inf, out of range) records of a float array, listed in the manifest "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--format", choices=FORMATS, default=None,
-        help="output format (default: csv when --output ends in .csv, else parquet)",
-    )
-    parser.add_argument(
-        "--all-probabilities", action="store_true",
-        help="also write the ten class probabilities prob_0..prob_9",
-    )
-    parser.add_argument(
-        "--threads", type=_positive, default=None,
-        help="onnxruntime intra-op threads per run (default: the CPUs this process may use / streams)",
-    )
-    parser.add_argument(
-        "--streams", type=_positive, default=None,
-        help="batches inferred side by side (default: 1 on CUDA, else min(4, CPUs / threads))",
-    )
-    parser.add_argument(
-        "--no-track", dest="track", action="store_false",
-        help=f"do not log an MLflow run (default: log one in experiment {EXPERIMENT!r} at the "
-        "current MLFLOW_TRACKING_URI)",
-    )
+    source.add_argument("--input", type=Path, default=None, help=_help("input"))
+    source.add_argument("--inbox", type=Path, default=None, metavar="DIR",
+                        help="score every input in DIR (IDX or .npy files, image folders) not scored yet, exactly "
+                             "once per content (a ledger in the --output folder); one predictions file + manifest each")
+    parser.add_argument("--output", type=Path, required=True, help=_help("output") + ". With --inbox: a folder")
+    parser.add_argument("--rescore", action="store_true",
+                        help="with --inbox: score inputs again that were scored before, with the current model")
+    fields.add_arguments(parser, JobConfig)
     return parser
 
 
-def config_from_args(args: argparse.Namespace):
-    from serving.job import JobConfig
+def _help(name: str) -> str:
+    return next(f.metadata["description"] for f in dataclasses.fields(JobConfig) if f.name == name)
 
-    return JobConfig(
-        input=args.input if args.input is not None else args.inbox,
-        output=args.output,
-        model=args.model,
-        batch_size=args.batch_size,
-        labels=args.labels,
-        device=args.device,
-        on_error=args.on_error,
-        format=args.format,
-        all_probabilities=args.all_probabilities,
-        threads=args.threads,
-        streams=args.streams,
-        track=args.track,
-        overwrite=args.overwrite,
-        fail_on_drift=args.fail_on_drift,
-        drift_reference=args.drift_reference,
-    )
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    return fields.from_args(JobConfig, args, input=args.input if args.input is not None else args.inbox,
+                            output=args.output)
 
 
 def summary(result) -> dict[str, object]:
@@ -200,7 +108,7 @@ def report_error(prog: str, e: ServingError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m serving",
+        prog="python -m serving", formatter_class=fields.HelpFormatter,
         description="Batch inference with onnxruntime: images in, predictions (Parquet or CSV) and "
         "a JSON manifest out, written atomically. Uses the same store as `mnistops` "
         "(MNISTOPS_HOME/mlflow.db unless MLFLOW_TRACKING_URI is set).",

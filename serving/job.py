@@ -33,16 +33,16 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from serving import drift
+from serving.config import JobConfig
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
 from serving.errors import DriftAlert, InputError, OutputError
 from serving.experiments import ensure_experiment
-from serving.model_source import DEFAULT_MODEL_URI, ModelRef, is_remote, resolve_model
-from serving.readers import Chunk, ImageReader, LabelReader, OnError, Skipped, open_images, open_labels
+from serving.model_source import ModelRef, is_remote, resolve_model
+from serving.readers import Chunk, ImageReader, LabelReader, Skipped, open_images, open_labels
 from serving.session import (
     CUDA,
     INPUT_NAME,
     OUTPUT_NAME,
-    Device,
     create_session,
     gpu_usable,
     plan_threads,
@@ -51,7 +51,6 @@ from serving.session import (
 from serving.writers import (
     Batch,
     Columns,
-    Format,
     PredictionWriter,
     manifest_path,
     remove_stale_temps,
@@ -62,35 +61,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2  # 2: columns prediction/label/correct/ood_score, drift, ignored files
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    input: Path  # IDX images file (gzipped or not), .npy array, or a folder of PNG/JPEG images
-    output: Path  # predictions file; its manifest goes beside it as OUTPUT.manifest.json
-    model: str = DEFAULT_MODEL_URI  # registry URI (models:/NAME@ALIAS, models:/NAME/VERSION) or .onnx path
-    batch_size: int | None = None  # images per run; None: CPU_BATCH_SIZE, or CUDA_BATCH_SIZE on CUDA
-    labels: Path | None = None  # IDX labels file or 1-D .npy: the job then reports accuracy
-    device: Device = "auto"
-    on_error: OnError = "fail"  # skip: bad images (folder) / bad float records are skipped and listed
-    format: Format | None = None  # None: csv when the output ends in .csv, else parquet
-    all_probabilities: bool = False  # also write prob_0..prob_9
-    threads: int | None = None  # onnxruntime intra-op threads per run; None: CPUs / streams
-    streams: int | None = None  # batches inferred side by side; None: 1 on CUDA, else min(4, CPUs),
-    #   one CPU fewer for gzipped or image input (their decoding needs one)
-    decode_workers: int | None = None  # folder input's decoding threads; None: 1 for small images
-    #   (MNIST-sized PNGs decode faster on one thread), else min(4, CPUs)
-    track: bool = True  # log an MLflow run in `experiment` (current tracking URI)
-    overwrite: bool = False  # replace an existing output (never an input)
-    fail_on_drift: bool = False  # raise DriftAlert (exit 4) after writing, when the drift check alerts
-    drift_reference: str | None = None  # profile JSON file or artifact URI; None: the version's own
-    experiment: str = EXPERIMENT
-    progress: bool | None = None  # None: a progress bar only when stderr is a terminal
-
-    def output_format(self) -> Format:
-        if self.format is not None:
-            return self.format
-        return "csv" if self.output.suffix.lower() == ".csv" else "parquet"
 
 
 @dataclass(frozen=True)

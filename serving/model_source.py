@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from serving.defaults import DEFAULT_MODEL_URI  # noqa: F401 (re-exported)
 from serving.errors import ModelSourceError
 
-DEFAULT_MODEL_URI = "models:/mnist-mlp@champion"
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 

@@ -37,10 +37,10 @@ from typing import BinaryIO, Literal
 import numpy as np
 
 from serving import idx
+from serving.config import OnError
 from serving.errors import InputError
 from serving.images import IMAGE_SHAPE, load_image
 
-OnError = Literal["fail", "skip"]
 PIXELS = 28 * 28
 _BLOCK = 1 << 20  # bytes per read when hashing a whole file
 _DECODE_TASK = 256  # files per thread-pool task: fewer, larger tasks keep the GIL hand-offs rare

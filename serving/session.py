@@ -13,15 +13,14 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Literal
 
 import onnxruntime as ort
 
+from serving.config import Device
 from serving.errors import DeviceError, ModelSourceError
 
 log = logging.getLogger(__name__)
 
-Device = Literal["auto", "cpu", "cuda"]
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 INPUT_NAME = "pixels"

@@ -13,15 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from nn_core.config import DataConfig
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _corrupt(path: Path) -> None:
@@ -35,7 +30,7 @@ def _corrupt(path: Path) -> None:
 def _states(data_dir: Path, source: str | None) -> tuple[str, object]:
     from flows.training import prepare_data
 
-    state = prepare_data(dataset="mnist", data_source=source, data_dir=str(data_dir), return_state=True)
+    state = prepare_data(DataConfig("mnist", source, str(data_dir)), return_state=True)
     return state.name, state.result(raise_on_failure=False)
 
 
@@ -62,13 +57,13 @@ def test_cache_is_keyed_on_content_stored_as_json_and_healed(prefect_api, tmp_pa
     name, error = _states(data_dir, str(tmp_path / "nowhere"))
     assert name == "Failed" and str(cache) in str(error) and "rebuilding it from the source failed" in str(error)
     # ... with one, rebuilt.
-    healed = obtain_data("mnist", str(mnist_source), str(data_dir))
+    healed = obtain_data(DataConfig("mnist", str(mnist_source), str(data_dir)))
     assert cache.read_bytes() == good and healed.digest == mnist.digest
 
     # The very same corruption again: the answer kept under that content came from a rebuild, so it
     # is not trusted; the file is verified and rebuilt once more.
     _corrupt(cache)
-    healed = obtain_data("mnist", str(mnist_source), str(data_dir))
+    healed = obtain_data(DataConfig("mnist", str(mnist_source), str(data_dir)))
     assert cache.read_bytes() == good and healed.digest == mnist.digest
 
 

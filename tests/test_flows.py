@@ -19,16 +19,12 @@ import psutil
 import pytest
 
 from nn_core import registry, tracking
+from nn_core.config import DataConfig, GateConfig, TrainConfig
+from nn_core.sweep import SweepSpec
+from serving.config import JobConfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture
@@ -50,7 +46,7 @@ def _artifact(key: str) -> str:
 def test_training_pipeline_promotes_then_rejects(prefect_api, home, mnist_source):
     from flows.training import training_pipeline
 
-    state = training_pipeline(data_source=str(mnist_source), epochs=4, return_state=True)
+    state = training_pipeline(data=DataConfig(data_source=str(mnist_source)), train=TrainConfig(epochs=4), return_state=True)
     assert state.is_completed()
     result = state.result()
     assert result.promoted and result.version == "1" and registry.champion("mnist-mlp") == "1"
@@ -61,7 +57,8 @@ def test_training_pipeline_promotes_then_rejects(prefect_api, home, mnist_source
     assert "PROMOTED to champion" in md and result.run_id in md and "val_accuracy" in md
 
     # A stricter gate: the candidate is registered and rejected, the run still completes.
-    state = training_pipeline(data_source=str(mnist_source), epochs=1, gate_threshold=0.999, return_state=True)
+    state = training_pipeline(data=DataConfig(data_source=str(mnist_source)), train=TrainConfig(epochs=1),
+                              gate=GateConfig(threshold=0.999), return_state=True)
     assert state.is_completed()
     rejected = state.result()
     assert not rejected.promoted and rejected.version == "2" and "< threshold 0.9990" in rejected.reason
@@ -111,20 +108,20 @@ def test_data_task_retries_a_flaky_source_and_is_cached(prefect_api, tmp_path, m
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         data_dir = tmp_path / "fresh-cache"
-        state = prepare_data(dataset="mnist", data_source=url, data_dir=str(data_dir), return_state=True)
+        state = prepare_data(DataConfig("mnist", url, str(data_dir)), return_state=True)
         assert state.is_completed() and _Flaky.served_errors == 2
         prepared = state.result()
         assert prepared.split_sizes == {"train": 50_000, "val": 10_000, "test": 10_000} and not prepared.reused_cache
         # The next run verifies the cache file it finds and keeps its answer under that file's content
         # digest; the one after is answered from Prefect's cache: nothing re-verified or fetched.
         server.shutdown()
-        assert prepare_data(dataset="mnist", data_source=url, data_dir=str(data_dir)).reused_cache
-        again = prepare_data(dataset="mnist", data_source=url, data_dir=str(data_dir), return_state=True)
+        assert prepare_data(DataConfig("mnist", url, str(data_dir))).reused_cache
+        again = prepare_data(DataConfig("mnist", url, str(data_dir)), return_state=True)
         assert again.is_completed() and again.name == "Cached"
         assert dataclasses.replace(again.result(), reused_cache=False) == prepared
         # ... unless the cache file it points at is gone: then it is prepared again.
         prepared.cache_path.unlink()
-        healed = obtain_data("mnist", str(mnist_source), str(data_dir))
+        healed = obtain_data(DataConfig("mnist", str(mnist_source), str(data_dir)))
         assert healed.cache_path.exists() and healed.digest == prepared.digest
     finally:
         server.server_close()
@@ -141,7 +138,7 @@ def test_corrupt_source_is_not_retried(prefect_api, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
-        state = prepare_data(dataset="mnist", data_source=url, data_dir=str(tmp_path / "d"), return_state=True)
+        state = prepare_data(DataConfig("mnist", url, str(tmp_path / "d")), return_state=True)
     finally:
         server.shutdown()
         server.server_close()
@@ -156,8 +153,8 @@ def test_corrupt_source_is_not_retried(prefect_api, tmp_path):
 def test_sweep_of_three_configs(prefect_api, home, mnist_source):
     from flows.sweep import hyperparameter_sweep
 
-    grid = {"hidden": [[50], [32]], "lr": [2e-3], "batch_size": [64, 128], "epochs": [2], "sample": 3, "seed": 1}
-    result = hyperparameter_sweep(grid=grid, data_source=str(mnist_source))
+    grid = SweepSpec(hidden=[[50], [32]], lr=[2e-3], batch_size=[64, 128], epochs=[2], sample=3, seed=1)
+    result = hyperparameter_sweep(grid=grid, data=DataConfig(data_source=str(mnist_source)))
     assert len(result.trials) == 3 and len({t["name"] for t in result.trials}) == 3
     children = mlflow.search_runs(experiment_names=["mnist-mlp"], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
                                   output_format="list")
@@ -177,11 +174,11 @@ def test_batch_inference_flow(prefect_api, home, mnist, tmp_path):
     from flows.inference import batch_inference, export_test_split
     from flows.training import training_pipeline
 
-    assert training_pipeline(epochs=4).promoted
+    assert training_pipeline(train=TrainConfig(epochs=4)).promoted
     images, labels = export_test_split("mnist", str(mnist.cache_path.parent), tmp_path / "in")
     out_dir = tmp_path / "preds"
     out_dir.mkdir()
-    s = batch_inference(input=str(images), output=str(out_dir) + "/", labels=str(labels))
+    s = batch_inference(JobConfig(input=images, output=out_dir, labels=labels))
     assert s["predicted"] == 10_000 and s["accuracy"] > 0.95 and s["model_version"] == "1"
     assert Path(s["output"]).parent == out_dir and Path(s["output"]).exists()
     md = _artifact("batch-inference")

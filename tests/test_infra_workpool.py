@@ -138,14 +138,14 @@ def test_deployments_run_on_a_process_work_pool(tmp_path, mnist, mnist_source):
                     return fr
 
                 # Small parameters: one epoch passes a 0.5 gate, so the version becomes the champion.
-                run("training-nightly", {"epochs": 1, "gate_threshold": 0.5})
+                run("training-nightly", {"train": {"epochs": 1}, "gate": {"threshold": 0.5}})
                 # New data arrives in the inbox, where the deployment's relative path points.
-                inbox = home / declared["inference-hourly"]["parameters"]["inbox"]
+                inbox = home / declared["inference-hourly"]["parameters"]["job"]["input"]
                 export_test_split("mnist", str(mnist.cache_path.parent), inbox)
                 run("inference-hourly")  # its own parameters, as the schedule would run it
                 run("hyperparameter-sweep", {"grid": {"hidden": [[32]], "lr": [3e-3], "batch_size": [256],
                                                       "epochs": [1]},
-                                             "gate_threshold": 0.5})
+                                             "gate": {"threshold": 0.5}})
         finally:
             _stop_worker(worker)
 
@@ -158,7 +158,7 @@ def test_deployments_run_on_a_process_work_pool(tmp_path, mnist, mnist_source):
     assert train_run.info.status == "FINISHED" and train_run.data.metrics["val/accuracy"] > 0.5
     # ...and the predictions file of the hourly job (the inbox's one input), at the deployment's
     # relative output folder.
-    params = declared["inference-hourly"]["parameters"]
+    params = declared["inference-hourly"]["parameters"]["job"]
     (predictions,) = (home / params["output"]).glob("*.parquet")
     assert predictions.name.startswith("mnist-test-images") and pq.read_table(predictions).num_rows == 10_000
     assert not (ROOT / params["output"]).exists()  # not resolved against the repository

@@ -21,6 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.cli import EXIT_REJECTED, EXIT_SIGTERM
+from nn_core import metrics as M
 from nn_core.reaping import KILLED_REASON_TAG, OWNER_TAG
 
 pytestmark = [pytest.mark.slow]
@@ -94,7 +95,9 @@ def test_sigkill_of_run_leaves_nothing_and_resume_finishes_the_same_run(tmp_path
     home, data = tmp_path / "home", {"MNISTOPS_DATA_DIR": str(mnist.cache_path.parent),
                                      "MNISTOPS_DATA_SOURCE": str(mnist_source)}
     args = ["--epochs", "4", "--seed", "3", "--nproc", "1", "--device", "cpu"]
-    proc = _start(tmp_path, "run", *args, "--no-inference", **data)
+    # A worker process even for one process (MNISTOPS_TRAIN_IN_PROCESS=0): the launcher's children must
+    # go with it. The uninterrupted reference below trains in-process, the default: the same weights.
+    proc = _start(tmp_path, "run", *args, "--no-inference", MNISTOPS_TRAIN_IN_PROCESS="0", **data)
     try:
         ckpt = _wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 300, proc, "the first checkpoint")[0]
         started = _tree(proc.pid)
@@ -120,10 +123,11 @@ def test_sigkill_of_run_leaves_nothing_and_resume_finishes_the_same_run(tmp_path
     r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--resume", "--no-inference"], env=_env(tmp_path, **data),
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode in (0, EXIT_REJECTED), r.stdout + r.stderr
-    assert f"resuming training {ckpt.parent.name}" in r.stdout and "resuming from the checkpoint after epoch" in r.stdout
+    assert f"resuming training {ckpt.parent.name}" in r.stdout
+    assert "resuming from the checkpoint after epoch" in r.stdout + r.stderr  # the worker's line, in the logs
     (resumed,) = _runs(home)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
-    steps = [m.step for m in _mlflow(home).get_metric_history(run.info.run_id, "val_accuracy")]
+    steps = [m.step for m in _mlflow(home).get_metric_history(run.info.run_id, M.VAL_ACCURACY)]
     assert sorted(steps) == [1, 2, 3, 4]  # each epoch once: the ones before the kill are not repeated
     states = [(name, state) for name, state, _ in _flow_runs(home)]
     assert states == [("training-pipeline", "CRASHED"), ("training-pipeline", "COMPLETED")]
@@ -228,7 +232,8 @@ def test_sigterm_stops_a_sweep_with_concurrent_trainings(tmp_path, mnist, mnist_
     try:
         _wait_for(lambda: len(list(home.glob("runs/*/checkpoint.pt"))) == 2, 400, proc, "both trainings' checkpoints")
         started = _tree(proc.pid)
-        assert sum("spawn_main" in " ".join(p.cmdline()) for p in started) == 2
+        # One trial trains in this process (one process group per process), the other in a worker.
+        assert sum("spawn_main" in " ".join(p.cmdline()) for p in started) == 1
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
         assert proc.returncode == EXIT_SIGTERM, out
@@ -237,3 +242,7 @@ def test_sigterm_stops_a_sweep_with_concurrent_trainings(tmp_path, mnist, mnist_
     finally:
         _cleanup(proc)
     assert all(state == "CANCELLED" for _, state, _ in _flow_runs(home))
+    # Both trials stopped between epochs, the in-process one too, and are resumable (KILLED, not FAILED).
+    trials = [r for r in _runs(home) if r.data.tags.get("mnistops.kind") == "training"]
+    assert sorted(r.info.status for r in trials) == ["KILLED", "KILLED"]
+    assert all(len(_mlflow(home).get_metric_history(r.info.run_id, M.VAL_ACCURACY)) < 50 for r in trials)

@@ -96,7 +96,8 @@ def test_hourly_inbox_deployment_fails_its_run_on_drift(prefect_server_url, tmp_
                 assert serve.poll() is None and time.time() < deadline, serve.stdout.read() if serve.poll() is not None else "timeout"
                 time.sleep(0.5)
             dep = next(d for d in client.read_deployments() if d.name == "inference-hourly")
-            assert dep.parameters["inbox"] == str(inbox) and dep.parameters["fail_on_drift"] is True
+            job = dep.parameters["job"]
+            assert dep.parameters["inbox"] is True and job["input"] == str(inbox) and job["fail_on_drift"] is True
 
             ok = run_deployment("batch-inference/inference-hourly", timeout=0)
             state = _final_state(client, ok.id)

@@ -14,6 +14,9 @@ from idx_files import synthetic_dataset
 from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.checkpoint import load_checkpoint
+from nn_core.config import DataConfig, GateConfig
+from nn_core.sweep import SweepSpec
+from serving.config import JobConfig
 from nn_core.data import prepare
 from nn_core.launch import LaunchSpec, launch_training, new_training_id
 from nn_core.release import logged_model_id
@@ -92,13 +95,6 @@ def test_a_training_run_reads_at_a_glance(tmp_path, mlflow_store, monkeypatch, c
 # The pipeline, a sweep and a batch job through Prefect, on real MNIST
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 def _prefect_logs(flow_run_id) -> list[str]:
     from prefect.client.orchestration import get_client
@@ -141,10 +137,13 @@ def test_pipeline_sweep_and_batch_job_read_back_through_mlflow_and_prefect(prefe
     from flows.training import training_pipeline
 
     monkeypatch.setenv("MNISTOPS_DATA_DIR", str(mnist.cache_path.parent))
+    # A worker process, as on a GPU or with --nproc 2: its output is followed into the task run's logs.
+    monkeypatch.setenv("MNISTOPS_TRAIN_IN_PROCESS", "0")
     c = tracking.client()
 
     # --- the training pipeline
-    state = training_pipeline(data_source=str(mnist_source), epochs=2, gate_threshold=0.9, return_state=True)
+    state = training_pipeline(data=DataConfig(data_source=str(mnist_source)), train=TrainConfig(epochs=2),
+                              gate=GateConfig(threshold=0.9), return_state=True)
     assert state.is_completed()
     outcome = state.result()
     flow_run_id = state.state_details.flow_run_id
@@ -187,8 +186,10 @@ def test_pipeline_sweep_and_batch_job_read_back_through_mlflow_and_prefect(prefe
     assert "e-" in parity_row and "0.0000" not in parity_row, parity_row
 
     # --- a sweep: the grid as params, the trials as a table, the task runs named after their configs
-    grid = {"hidden": [[50], [32]], "lr": [2e-3], "batch_size": [128], "epochs": [1]}
-    sweep_state = hyperparameter_sweep(grid=grid, data_source=str(mnist_source), gate_threshold=0.5, return_state=True)
+    monkeypatch.delenv("MNISTOPS_TRAIN_IN_PROCESS")
+    grid = SweepSpec(hidden=[[50], [32]], lr=[2e-3], batch_size=[128], epochs=[1])
+    sweep_state = hyperparameter_sweep(grid=grid, data=DataConfig(data_source=str(mnist_source)),
+                                       gate=GateConfig(threshold=0.5), return_state=True)
     assert sweep_state.is_completed()
     sweep = sweep_state.result()
     parent = c.get_run(sweep.parent_run_id)
@@ -206,11 +207,13 @@ def test_pipeline_sweep_and_batch_job_read_back_through_mlflow_and_prefect(prefe
 
     # --- a batch job's run
     images, labels = export_test_split("mnist", str(mnist.cache_path.parent), tmp_path / "in")
-    job_state = batch_inference(input=str(images), output=str(tmp_path / "preds.parquet"), labels=str(labels),
+    job_state = batch_inference(JobConfig(input=images, output=tmp_path / "preds.parquet", labels=labels),
                                 return_state=True)
     assert job_state.is_completed()
     job_run = c.get_run(job_state.result()["mlflow_run_id"])
     assert job_run.data.tags["mlflow.source.name"] == "batch-inference" and job_run.data.tags["mlflow.user"]
     assert "Batch inference of 10000 of 10000 records" in job_run.data.tags["mlflow.note.content"]
     inference_md = _artifacts(job_state.state_details.flow_run_id)["batch-inference"].data
-    assert "| field | value |" in inference_md and "| | |" not in inference_md
+    rows = [line for line in inference_md.splitlines() if line.startswith("|")]
+    assert rows[0].startswith("| input | records / predicted / skipped | accuracy | drift") and len(rows) == 3
+    assert "10000 / 10000 / 0" in rows[2] and all(cell.strip() for cell in rows[2].strip("|").split("|")), rows
