@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,12 +78,32 @@ def build_models(folder: Path, seed: int = 0):
     """The project's MLP (nn_core.model) with seeded weights, as a torch module and as a contract ONNX
     file with the same weights."""
     import onnx
-    import torch
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     from nn_core.model import MLPConfig, build_model
 
     model = build_model(MLPConfig(), seed).eval()
+    nodes, inits = onnx_nodes(model)
+    graph = helper.make_graph(
+        nodes, "mnist_mlp",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = folder / "model.onnx"
+    onnx.save(proto, str(path))
+    return model, path
+
+
+def onnx_nodes(model) -> tuple[list, list]:
+    """The contract graph of `model` (nn_core.model's MLP): its nodes and initializers, uint8 pixels ->
+    normalized -> the model's Linear (Gemm) and ReLU layers -> logits -> probabilities."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
     inits = [
         numpy_helper.from_array(np.array([-1, 784], dtype=np.int64), "flat_shape"),
         numpy_helper.from_array(model.mean.numpy(), "mean"),
@@ -104,18 +126,7 @@ def build_models(folder: Path, seed: int = 0):
         if out != "logits":
             nodes.append(helper.make_node("Relu", [out], [f"h{i + 1}"]))
     nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
-    graph = helper.make_graph(
-        nodes, "mnist_mlp",
-        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
-        inits,
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    path = folder / "model.onnx"
-    onnx.save(proto, str(path))
-    return model, path
+    return nodes, inits
 
 
 def write_inputs(folder: Path, x: np.ndarray, pngs: int) -> dict[str, Path]:
@@ -185,139 +196,214 @@ def peak_rss_mib(input_path: Path, model: Path, output: Path) -> float:
     return int(out.stdout.split()[-1]) / 1024  # kB
 
 
-def main() -> None:
+@dataclass(frozen=True)
+class Setup:
+    """What the candidates run on, all in `folder`: the images `x` and their input files (`paths`, by
+    kind), the two models with the same weights, the job's drift reference and output file."""
+
+    folder: Path
+    x: np.ndarray
+    paths: dict[str, Path]
+    torch_model: object
+    onnx_path: Path
+    reference: Path
+    out: Path
+    batch_size: int
+
+
+def prepare(folder: Path, n: int, pngs: int, batch_size: int) -> Setup:
+    """The models, `n` MNIST-like images in every input kind (`pngs` of them as PNG files) and the
+    drift reference, written to `folder`."""
+    torch_model, onnx_path = build_models(folder)
+    x = mnist_like(n)
+    paths = write_inputs(folder, x, pngs)
+    reference = write_reference(folder, onnx_path, x)
+    return Setup(folder, x, paths, torch_model, onnx_path, reference, folder / "predictions.parquet", batch_size)
+
+
+def write_reference(folder: Path, onnx_path: Path, x: np.ndarray) -> Path:
+    """The job's drift reference profile of the model, as the job reads it (a JSON file)."""
+    from serving.drift import compute_reference
+
+    reference = folder / "reference.json"
+    profile = compute_reference(onnx_path, x[: min(len(x), 50_000)], x[-10_000:])
+    reference.write_text(json.dumps(profile.to_dict()))
+    return reference
+
+
+def bare_runner(session, x: np.ndarray, bs: int) -> Callable[[], None]:
+    """Every batch of `x` through the bare session, one call at a time."""
+    def run() -> None:
+        for s in range(0, len(x), bs):
+            session.run(["probabilities"], {"pixels": x[s : s + bs]})
+    return run
+
+
+def gunzip_runner(path: Path) -> Callable[[], None]:
+    """Decompress the gzipped file, 1 MiB at a time, keeping nothing."""
+    def gunzip() -> None:
+        z = zlib.decompressobj(31)
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                z.decompress(block)
+    return gunzip
+
+
+def eager_runner(torch_model, xt, bs: int, threads: int) -> Callable[[], None]:
+    """Every batch of the tensor `xt` through the PyTorch model (and a softmax) on `threads` threads."""
+    import torch
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for s in range(0, len(xt), bs):
+                torch.softmax(torch_model(xt[s : s + bs]), dim=1)
+    return run
+
+
+def pyfunc_runner(s: Setup) -> tuple[int, Callable[[], None]]:
+    """(images per run, the run) of MLflow's pyfunc `predict` on the ONNX model saved as an MLflow model."""
+    import mlflow.onnx
+    import mlflow.pyfunc
+    import onnx
+
+    mlflow.onnx.save_model(
+        onnx.load(str(s.onnx_path)), str(s.folder / "pyfunc"),
+        onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"],
+    )
+    pyfunc = mlflow.pyfunc.load_model(str(s.folder / "pyfunc"))
+    n_py, bs = min(len(s.x), 20_000), s.batch_size  # pyfunc is slow: a sample is enough for a rate
+
+    def pyfunc_predict() -> None:
+        for i in range(0, n_py, bs):
+            pyfunc.predict({"pixels": s.x[i : min(i + bs, n_py)]})
+    return n_py, pyfunc_predict
+
+
+def job_runner(s: Setup, kind: str) -> Callable[[], object]:
+    """The job end to end on the input file of `kind`, as users run it (drift check included)."""
+    cfg = JobConfig(input=s.paths[kind], output=s.out, model=str(s.onnx_path), track=False, batch_size=s.batch_size,
+                    overwrite=True, drift_reference=str(s.reference))
+    return lambda: run_job(cfg)
+
+
+def candidates(s: Setup, pngs: int) -> dict[str, tuple[int, Callable[[], object]]]:
+    """Every candidate by name, in the table's order: (images per run, the run)."""
+    import onnxruntime as ort
+    import torch
+
+    n, bs, threads = len(s.x), s.batch_size, cpu_threads()
+    # Two ways to run the bare session, both one call at a time on all CPUs: onnxruntime's
+    # defaults (workers spin between runs), and the job's settings (no spinning). The better of the
+    # two is the ceiling.
+    plain = ort.InferenceSession(str(s.onnx_path), providers=["CPUExecutionProvider"])
+    tuned = create_session(s.onnx_path, "cpu")
+    xt = torch.from_numpy(s.x)
+    n_py, pyfunc_predict = pyfunc_runner(s)
+    return {
+        "bare session, onnxruntime defaults": (n, bare_runner(plain, s.x, bs)),
+        "bare session, the job's settings": (n, bare_runner(tuned, s.x, bs)),
+        "job .npy": (n, job_runner(s, "npy")),
+        "job IDX": (n, job_runner(s, "idx")),
+        "job IDX gzipped": (n, job_runner(s, "idx.gz")),
+        "bare gzip decompression": (n, gunzip_runner(s.paths["idx.gz"])),
+        f"job PNG folder ({pngs:,} files)": (pngs, job_runner(s, "png")),
+        "PyTorch eager (same weights), 1 thread": (n, eager_runner(s.torch_model, xt, bs, 1)),
+        f"PyTorch eager (same weights), {threads} threads": (n, eager_runner(s.torch_model, xt, bs, threads)),
+        f"MLflow pyfunc predict ({n_py:,})": (n_py, pyfunc_predict),
+    }
+
+
+def measure(
+    runs: dict[str, tuple[int, Callable[[], object]]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Every candidate's rates (per wall second, per CPU second) over `repeats` runs, round-robin, after
+    one warm-up run each."""
+    for _, fn in runs.values():  # warm up: page cache, thread pools, lazy imports
+        fn()
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    cpu_rates: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, (count, fn) in runs.items():
+            wall_rate, cpu_rate = rate(count, fn)
+            rates[name].append(wall_rate)
+            cpu_rates[name].append(cpu_rate)
+    return rates, cpu_rates
+
+
+def target_note(name: str, r: float, ceiling: float, med: dict[str, float]) -> str:
+    """The target column of a candidate's line: met / MISSED, or the gzipped job against bare gzip."""
+    if name in ("job .npy", "job IDX"):
+        return f">= {RATIO_TARGET:.0%}: {'met' if r / ceiling >= RATIO_TARGET else 'MISSED'}"
+    if name.startswith("job PNG"):
+        return f">= {PNG_TARGET:,}/s: {'met' if r >= PNG_TARGET else 'MISSED'}"
+    if name == "job IDX gzipped":
+        gz = med["bare gzip decompression"]
+        return f"{r / gz:.0%} of bare gzip decompression"
+    return ""
+
+
+def print_rates(rates: dict[str, list[float]], cpu_rates: dict[str, list[float]]) -> None:
+    """The table of medians, each against the bare session, and the spread of the runs."""
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
+    ceiling = max(med["bare session, onnxruntime defaults"], med["bare session, the job's settings"])
+    # per CPU-second: the job's settings (no spinning), as a spinning session burns CPU waiting
+    cpu_ceiling = cpu["bare session, the job's settings"]
+
+    print(f"\n{'':42s} {'images/s':>12s} {'vs bare':>8s} {'img/CPU-s':>10s} {'vs bare':>8s}  target "
+          "(bare: the better bare session)")
+    for name, r in med.items():
+        target = target_note(name, r, ceiling, med)
+        print(f"{name:42s} {r:12,.0f} {r / ceiling:8.0%} {cpu[name]:10,.0f} {cpu[name] / cpu_ceiling:8.0%}  {target}")
+    spread = {k: f"{min(v):,.0f}..{max(v):,.0f}" for k, v in rates.items() if k.startswith(("bare s", "job ."))}
+    print(f"(spread of the runs: {spread}; load average now {os.getloadavg()[0]:.2f})")
+
+
+def print_one_shot(walls: dict[str, float]) -> None:
+    """The one-shot job's walls (`one_shot_walls`) and their ratio against the target."""
+    ratio = walls["mnistops infer"] / walls["python -m serving"]
+    print(f"\none-shot job on 10,000 images (fresh processes, tracking on): mnistops infer "
+          f"{walls['mnistops infer']:.2f} s, python -m serving {walls['python -m serving']:.2f} s: "
+          f"{ratio:.2f}x (target <= {ONE_SHOT_TARGET}x: {'met' if ratio <= ONE_SHOT_TARGET else 'MISSED'})")
+
+
+def print_peak_rss(s: Setup, big_n: int) -> None:
+    """Peak RSS of the job on the .npy input and on a `big_n`-image one, written for the purpose."""
+    big = s.folder / "big.npy"
+    write_big_npy(big, s.x, big_n)
+    small_rss = peak_rss_mib(s.paths["npy"], s.onnx_path, s.out)
+    big_rss = peak_rss_mib(big, s.onnx_path, s.out)
+    print(f"\npeak RSS of the job, .npy input: {len(s.x):,} images {small_rss:.0f} MiB, "
+          f"{big_n:,} images {big_rss:.0f} MiB (input {big.stat().st_size / 2**20:,.0f} MiB; "
+          f"ratio {big_rss / small_rss:.2f}: {'independent of input size' if big_rss < 1.2 * small_rss else 'GROWS with input'})")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=100_000, help="images in the .npy/IDX inputs")
     p.add_argument("--pngs", type=int, default=10_000, help="PNG files in the folder input")
     p.add_argument("--big", type=int, default=1_000_000, help="images of the peak-memory input")
     p.add_argument("--repeats", type=int, default=5, help="runs per candidate (median reported)")
     p.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE, help="job and session batch")
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     for k, v in {"ORT_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}.items():
         os.environ.setdefault(k, v)
-
-    import torch
 
     n, bs = a.images, a.batch_size
     print(f"{cpu_threads()} CPUs, {n:,} images, batch {bs}, median of {a.repeats} runs (round-robin); "
           f"load average before: {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)")
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
-        d = Path(tmp)
-        torch_model, onnx_path = build_models(d)
-        x = mnist_like(n)
-        paths = write_inputs(d, x, a.pngs)
-        out = d / "predictions.parquet"
-
-        import onnxruntime as ort
-
-        # Two ways to run the bare session, both one call at a time on all CPUs: onnxruntime's
-        # defaults (workers spin between runs), and the job's settings (no spinning). The better of the
-        # two is the ceiling.
-        plain = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        tuned = create_session(onnx_path, "cpu")
-
-        def bare(session) -> Callable[[], None]:
-            def run() -> None:
-                for s in range(0, n, bs):
-                    session.run(["probabilities"], {"pixels": x[s : s + bs]})
-            return run
-
-        def gunzip() -> None:
-            z = zlib.decompressobj(31)
-            with open(paths["idx.gz"], "rb") as f:
-                while block := f.read(1 << 20):
-                    z.decompress(block)
-
-        xt = torch.from_numpy(x)
-
-        def eager(threads: int) -> Callable[[], None]:
-            def run() -> None:
-                torch.set_num_threads(threads)
-                with torch.inference_mode():
-                    for s in range(0, n, bs):
-                        torch.softmax(torch_model(xt[s : s + bs]), dim=1)
-            return run
-
-        import mlflow.onnx
-        import mlflow.pyfunc
-
-        mlflow.onnx.save_model(
-            __import__("onnx").load(str(onnx_path)), str(d / "pyfunc"),
-            onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"],
-        )
-        pyfunc = mlflow.pyfunc.load_model(str(d / "pyfunc"))
-        n_py = min(n, 20_000)  # pyfunc is slow: a sample is enough for a rate
-
-        def pyfunc_predict() -> None:
-            for s in range(0, n_py, bs):
-                pyfunc.predict({"pixels": x[s : min(s + bs, n_py)]})
-
-        from serving.drift import compute_reference
-
-        reference = d / "reference.json"
-        reference.write_text(__import__("json").dumps(
-            compute_reference(onnx_path, x[: min(n, 50_000)], x[-10_000:]).to_dict()))
-
-        def job(kind: str) -> Callable[[], object]:
-            cfg = JobConfig(input=paths[kind], output=out, model=str(onnx_path), track=False, batch_size=bs,
-                            overwrite=True, drift_reference=str(reference))
-            return lambda: run_job(cfg)
-
-        candidates: dict[str, tuple[int, Callable[[], object]]] = {
-            "bare session, onnxruntime defaults": (n, bare(plain)),
-            "bare session, the job's settings": (n, bare(tuned)),
-            "job .npy": (n, job("npy")),
-            "job IDX": (n, job("idx")),
-            "job IDX gzipped": (n, job("idx.gz")),
-            "bare gzip decompression": (n, gunzip),
-            f"job PNG folder ({a.pngs:,} files)": (a.pngs, job("png")),
-            "PyTorch eager (same weights), 1 thread": (n, eager(1)),
-            f"PyTorch eager (same weights), {cpu_threads()} threads": (n, eager(cpu_threads())),
-            f"MLflow pyfunc predict ({n_py:,})": (n_py, pyfunc_predict),
-        }
-        for _, fn in candidates.values():  # warm up: page cache, thread pools, lazy imports
-            fn()
-        rates: dict[str, list[float]] = {k: [] for k in candidates}
-        cpu_rates: dict[str, list[float]] = {k: [] for k in candidates}
-        for _ in range(a.repeats):
-            for name, (count, fn) in candidates.items():
-                wall_rate, cpu_rate = rate(count, fn)
-                rates[name].append(wall_rate)
-                cpu_rates[name].append(cpu_rate)
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
-        ceiling = max(med["bare session, onnxruntime defaults"], med["bare session, the job's settings"])
-        # per CPU-second: the job's settings (no spinning), as a spinning session burns CPU waiting
-        cpu_ceiling = cpu["bare session, the job's settings"]
-
-        print(f"\n{'':42s} {'images/s':>12s} {'vs bare':>8s} {'img/CPU-s':>10s} {'vs bare':>8s}  target "
-              "(bare: the better bare session)")
-        for name, r in med.items():
-            target = ""
-            if name in ("job .npy", "job IDX"):
-                target = f">= {RATIO_TARGET:.0%}: {'met' if r / ceiling >= RATIO_TARGET else 'MISSED'}"
-            elif name.startswith("job PNG"):
-                target = f">= {PNG_TARGET:,}/s: {'met' if r >= PNG_TARGET else 'MISSED'}"
-            elif name == "job IDX gzipped":
-                gz = med["bare gzip decompression"]
-                target = f"{r / gz:.0%} of bare gzip decompression"
-            print(f"{name:42s} {r:12,.0f} {r / ceiling:8.0%} {cpu[name]:10,.0f} {cpu[name] / cpu_ceiling:8.0%}  {target}")
-        spread = {k: f"{min(v):,.0f}..{max(v):,.0f}" for k, v in rates.items() if k.startswith(("bare s", "job ."))}
-        print(f"(spread of the runs: {spread}; load average now {os.getloadavg()[0]:.2f})")
-
-        walls = one_shot_walls(x, onnx_path, reference, d, a.repeats)
-        ratio = walls["mnistops infer"] / walls["python -m serving"]
-        print(f"\none-shot job on 10,000 images (fresh processes, tracking on): mnistops infer "
-              f"{walls['mnistops infer']:.2f} s, python -m serving {walls['python -m serving']:.2f} s: "
-              f"{ratio:.2f}x (target <= {ONE_SHOT_TARGET}x: {'met' if ratio <= ONE_SHOT_TARGET else 'MISSED'})")
-
-        big = d / "big.npy"
-        write_big_npy(big, x, a.big)
-        small_rss = peak_rss_mib(paths["npy"], onnx_path, out)
-        big_rss = peak_rss_mib(big, onnx_path, out)
-        print(f"\npeak RSS of the job, .npy input: {n:,} images {small_rss:.0f} MiB, "
-              f"{a.big:,} images {big_rss:.0f} MiB (input {big.stat().st_size / 2**20:,.0f} MiB; "
-              f"ratio {big_rss / small_rss:.2f}: {'independent of input size' if big_rss < 1.2 * small_rss else 'GROWS with input'})")
+        s = prepare(Path(tmp), n, a.pngs, bs)
+        rates, cpu_rates = measure(candidates(s, a.pngs), a.repeats)
+        print_rates(rates, cpu_rates)
+        print_one_shot(one_shot_walls(s.x, s.onnx_path, s.reference, s.folder, a.repeats))
+        print_peak_rss(s, a.big)
 
 
 if __name__ == "__main__":

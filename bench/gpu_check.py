@@ -154,31 +154,43 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def training(home: Path, prepared, gpus: int) -> tuple[dict, list[Row]]:
-    from floor import epoch_floor
+def _train_on(home: Path, prepared, devices: tuple[int, ...] | None):
+    """One training through the real launcher on `devices` (None: every GPU): (its result, its wall
+    seconds)."""
     from nn_core.launch import LaunchSpec, launch_training, new_training_id
-    from nn_core.registry import GateConfig
-    from nn_core.release import export_and_check, gate_and_record, register
     from nn_core.train import TrackingConfig, TrainJob
 
-    def train_on(devices: tuple[int, ...] | None):
-        tid = new_training_id()
-        job = TrainJob(data_path=str(prepared.cache_path), out_dir=str(home / "runs" / tid),
-                       tracking=TrackingConfig(training_id=tid, experiment=EXPERIMENT),
-                       data_source=os.environ.get("MNISTOPS_DATA_SOURCE"))
-        t = time.perf_counter()
-        result = launch_training(job, LaunchSpec(device="cuda", devices=devices))
-        return result, time.perf_counter() - t
-
-    result, wall = train_on(None)  # every GPU
+    tid = new_training_id()
+    job = TrainJob(data_path=str(prepared.cache_path), out_dir=str(home / "runs" / tid),
+                   tracking=TrackingConfig(training_id=tid, experiment=EXPERIMENT),
+                   data_source=os.environ.get("MNISTOPS_DATA_SOURCE"))
     t = time.perf_counter()
-    exported = export_and_check(result, prepared.cache_path)
-    version = register(result, exported, prepared.cache_path, MODEL_NAME)
-    decision = gate_and_record(result, exported, version, prepared.cache_path, MODEL_NAME, GateConfig())
+    result = launch_training(job, LaunchSpec(device="cuda", devices=devices))
+    return result, time.perf_counter() - t
+
+
+def _release(result, cache: Path):
+    """The release path, to the gate: export -> parity -> register -> gate. (exported, version,
+    decision)."""
+    from nn_core.registry import GateConfig
+    from nn_core.release import export_and_check, gate_and_record, register
+
+    exported = export_and_check(result, cache)
+    version = register(result, exported, cache, MODEL_NAME)
+    decision = gate_and_record(result, exported, version, cache, MODEL_NAME, GateConfig())
+    return exported, version, decision
+
+
+def training(home: Path, prepared, gpus: int) -> tuple[dict, list[Row]]:
+    from floor import epoch_floor
+
+    result, wall = _train_on(home, prepared, None)  # every GPU
+    t = time.perf_counter()
+    exported, version, decision = _release(result, prepared.cache_path)
     release_s = time.perf_counter() - t
     m = result.metrics
     epoch_all = _median(m["epoch_seconds"])
-    one = result if gpus == 1 else train_on((0,))[0]
+    one = result if gpus == 1 else _train_on(home, prepared, (0,))[0]
     epoch_one = _median(one.metrics["epoch_seconds"])
     floor = epoch_floor(device="cuda:0", epochs=5)
     figures = {
@@ -190,11 +202,17 @@ def training(home: Path, prepared, gpus: int) -> tuple[dict, list[Row]]:
         "gate_parity": exported.parity.to_dict(), "run_id": result.run_id,
         "checkpoint": str(result.checkpoint), "onnx_path": str(exported.onnx_path),
     }
-    rows = [
-        Row("training: world size = GPUs", m["world_size"], "", f"= {gpus}", m["world_size"] == gpus, "check"),
-        Row("training: backend", m["backend"], "", "nccl", m["backend"] == "nccl", "check"),
-        Row("training: device", m["device"], "", "cuda", m["device"] == "cuda", "check"),
-        Row("training: validation accuracy", result.val_accuracy, "", ">= 0.96", result.val_accuracy >= 0.96, "check"),
+    return figures, training_rows(figures, decision, exported, gpus)
+
+
+def training_rows(f: dict, decision, exported, gpus: int) -> list[Row]:
+    """Step 1's rows, from its figures (`training`), the gate's decision and the exported model."""
+    epoch_all, epoch_one, floor = f["epoch_median_s_all_gpus"], f["epoch_median_s_one_gpu"], f["floor_epoch_s_one_gpu"]
+    return [
+        Row("training: world size = GPUs", f["world_size"], "", f"= {gpus}", f["world_size"] == gpus, "check"),
+        Row("training: backend", f["backend"], "", "nccl", f["backend"] == "nccl", "check"),
+        Row("training: device", f["device"], "", "cuda", f["device"] == "cuda", "check"),
+        Row("training: validation accuracy", f["val_accuracy"], "", ">= 0.96", f["val_accuracy"] >= 0.96, "check"),
         Row("gate", decision.promotion, "", "accepted", decision.accepted, "check"),
         Row("gate's parity provider", exported.parity.provider, "", "CUDA",
             exported.parity.provider == "CUDAExecutionProvider", "check"),
@@ -204,10 +222,9 @@ def training(home: Path, prepared, gpus: int) -> tuple[dict, list[Row]]:
         Row("epoch one GPU / 20 ms target", epoch_one / EPOCH_TARGET_S, "x", "<= 1", epoch_one <= EPOCH_TARGET_S, "target"),
         Row("floor epoch, one GPU (bench/floor.py)", floor * 1e3, "ms"),
         Row("epoch one GPU / floor", epoch_one / floor, "x"),
-        Row("launch_training wall (start-up included)", wall, "s"),
-        Row("export + parity + register + gate", release_s, "s"),
+        Row("launch_training wall (start-up included)", f["train_wall_s"], "s"),
+        Row("export + parity + register + gate", f["release_s"], "s"),
     ]
-    return figures, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +282,29 @@ def copy_bound(pinned, repeats: int = 5) -> float:
     return statistics.median(times[1:])
 
 
+def _io_buffers(n: int, batch: int, dev):
+    """IO binding's buffers: two device input and two device output batches (the run of one batch
+    overlaps the copy of the next), and a pinned host array for all n outputs."""
+    import torch
+
+    ins = [torch.empty((batch, 28, 28), dtype=torch.uint8, device=dev) for _ in range(2)]
+    outs = [torch.empty((batch, 10), dtype=torch.float32, device=dev) for _ in range(2)]
+    host_out = torch.empty((n, 10), dtype=torch.float32).pin_memory()
+    return ins, outs, host_out
+
+
+def _copy_on(stream, dst, src):
+    """Issue the copy of `src` into `dst` on `stream`, not blocking; return the event recorded after it
+    on that stream (done when the copy is)."""
+    import torch
+
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(stream)
+    return ev
+
+
 def iobinding_runner(session, pinned, batch: int, device_id: int = 0) -> Callable[[], object]:
     """Run every batch of the pinned host array through `session` with IO binding: two device input
     buffers, the next batch's host-to-device copy issued on a side stream before the current run, so
@@ -277,20 +317,14 @@ def iobinding_runner(session, pinned, batch: int, device_id: int = 0) -> Callabl
 
     n = len(pinned)
     dev = torch.device("cuda", device_id)
-    ins = [torch.empty((batch, 28, 28), dtype=torch.uint8, device=dev) for _ in range(2)]
-    outs = [torch.empty((batch, 10), dtype=torch.float32, device=dev) for _ in range(2)]
-    host_out = torch.empty((n, 10), dtype=torch.float32).pin_memory()
+    ins, outs, host_out = _io_buffers(n, batch, dev)
     copies = torch.cuda.Stream(dev)
     binding = session.io_binding()
 
     def h2d(j: int) -> torch.cuda.Event:
         s = j * batch
         k = min(batch, n - s)
-        with torch.cuda.stream(copies):
-            ins[j % 2][:k].copy_(pinned[s : s + k], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(copies)
-        return ev
+        return _copy_on(copies, ins[j % 2][:k], pinned[s : s + k])
 
     def run() -> torch.Tensor:
         steps = -(-n // batch)
@@ -313,13 +347,36 @@ def iobinding_runner(session, pinned, batch: int, device_id: int = 0) -> Callabl
     return run
 
 
+def _bare_runner(session, x, batch: int) -> Callable[[], None]:
+    """Every batch of the in-memory array `x` through `session.run`."""
+    from serving.session import INPUT_NAME, OUTPUT_NAME
+
+    def bare() -> None:
+        for s in range(0, len(x), batch):
+            session.run([OUTPUT_NAME], {INPUT_NAME: x[s : s + batch]})
+
+    return bare
+
+
+def _same_outputs(session, fast: Callable[[], object], x, batch: int) -> bool:
+    """Whether the IO-binding path (`fast`) computes what the plain run computes (first three batches)."""
+    import numpy as np
+
+    from serving.session import INPUT_NAME, OUTPUT_NAME
+
+    n = len(x)
+    ref = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[s : s + batch]})[0]
+                          for s in range(0, min(n, 3 * batch), batch)])
+    return bool(np.allclose(fast()[: len(ref)].numpy(), ref, atol=1e-6))
+
+
 def throughput(onnx_path: Path, tmp: Path, n: int, repeats: int) -> tuple[dict, list[Row]]:
     import numpy as np
     import torch
 
     from bench_inference import mnist_like
     from serving.job import CUDA_BATCH_SIZE, JobConfig, run_job
-    from serving.session import INPUT_NAME, OUTPUT_NAME, create_session
+    from serving.session import create_session
 
     x = mnist_like(n)
     npy = tmp / "images.npy"
@@ -329,15 +386,9 @@ def throughput(onnx_path: Path, tmp: Path, n: int, repeats: int) -> tuple[dict, 
     pinned = torch.from_numpy(x).pin_memory()
     bound_s = copy_bound(pinned)
     bound = n / bound_s
-
-    def bare() -> None:
-        for s in range(0, n, bs):
-            session.run([OUTPUT_NAME], {INPUT_NAME: x[s : s + bs]})
-
+    bare = _bare_runner(session, x, bs)
     fast = iobinding_runner(session, pinned, bs)
-    # the IO-binding path computes what the plain run computes
-    ref = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[s : s + bs]})[0] for s in range(0, min(n, 3 * bs), bs)])
-    same = bool(np.allclose(fast()[: len(ref)].numpy(), ref, atol=1e-6))
+    same = _same_outputs(session, fast, x, bs)
     job_cfg = JobConfig(input=npy, output=tmp / "predictions.parquet", model=str(onnx_path), device="cuda", track=False)
     providers = []
 
@@ -350,10 +401,17 @@ def throughput(onnx_path: Path, tmp: Path, n: int, repeats: int) -> tuple[dict, 
     figures = {"images": n, "batch_size": bs, "copy_bound_s": bound_s, "copy_bound_images_per_s": bound,
                "copy_bound_gb_per_s": x.nbytes / bound_s / 1e9, "images_per_s": med,
                "runs": {k: v[1] for k, v in rates.items()}, "job_provider": providers[-1]}
-    rows = [
-        Row("job provider", providers[-1], "", "CUDA", providers[-1] == "CUDAExecutionProvider", "check"),
+    return figures, throughput_rows(figures, same)
+
+
+def throughput_rows(f: dict, same: bool) -> list[Row]:
+    """Step 3's rows, from its figures (`throughput`) and whether IO binding computes the plain run's
+    output."""
+    med, bound, provider = f["images_per_s"], f["copy_bound_images_per_s"], f["job_provider"]
+    return [
+        Row("job provider", provider, "", "CUDA", provider == "CUDAExecutionProvider", "check"),
         Row("IO binding output = plain run output", "yes" if same else "no", "", "yes", same, "check"),
-        Row("host-to-device copy bound (pinned)", bound, "img/s", f"{x.nbytes / bound_s / 1e9:.1f} GB/s"),
+        Row("host-to-device copy bound (pinned)", bound, "img/s", f"{f['copy_bound_gb_per_s']:.1f} GB/s"),
         Row("bare session, CUDA EP", med["bare"], "img/s"),
         Row("bare session, IO binding + pinned", med["iobinding"], "img/s"),
         Row("batch job (.npy -> Parquet), CUDA EP", med["job"], "img/s"),
@@ -362,18 +420,61 @@ def throughput(onnx_path: Path, tmp: Path, n: int, repeats: int) -> tuple[dict, 
         Row("job / copy bound", med["job"] / bound, "x", f">= {COPY_BOUND_TARGET:.0%}",
             med["job"] / bound >= COPY_BOUND_TARGET, "target"),
     ]
-    return figures, rows
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=1_000_000, help="images of the throughput input")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per throughput candidate (median)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the figures go (JSON)")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def use_private_store(tmp: Path) -> None:
+    """MNISTOPS_HOME, the MLflow store and the artifact root, all in `tmp`."""
+    # A private store: the run touches none of the user's runs, models or aliases.
+    os.environ["MNISTOPS_HOME"] = str(tmp / "home")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ["MNISTOPS_ARTIFACT_ROOT"] = str(tmp / "mlartifacts")
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def run_steps(report: dict, tmp: Path, prepared, gpus: int, images: int, repeats: int) -> list[Row]:
+    """Steps 1 to 3 in order, each one's figures into `report` under its name (a later step reads an
+    earlier one's there); the rows of all three."""
+    rows: list[Row] = []
+    for name, step in (
+        ("training", lambda: training(tmp / "home", prepared, gpus)),
+        ("parity", lambda: parity(Path(report["training"]["checkpoint"]), Path(report["training"]["onnx_path"]),
+                                  prepared.cache_path)),
+        ("throughput", lambda: throughput(Path(report["training"]["onnx_path"]), tmp, images, repeats)),
+    ):
+        t = time.perf_counter()
+        report[name], step_rows = step()
+        rows += step_rows
+        print(f"  {name} done in {time.perf_counter() - t:.1f} s", flush=True)
+    return rows
+
+
+def finish(report: dict, rows: list[Row], out: Path) -> int:
+    """Write and print the report; the exit status (1 when a check failed)."""
+    print(write_report(report, rows, out))
+    print(f"figures: {out}")
+    failed = failed_checks(rows)
+    if failed:
+        print(f"gpu-check FAILED: {', '.join(r.name for r in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     for k, v in QUIET.items():
         os.environ.setdefault(k, v)
 
@@ -389,38 +490,16 @@ def main(argv: list[str] | None = None) -> int:
 
     gpus = torch.cuda.device_count()
     report: dict = {"machine": machine()}
-    rows: list[Row] = []
     print(f"gpu-check on {gpus} x {report['machine']['gpus'][0]}", flush=True)
     with tempfile.TemporaryDirectory(prefix="mnistops-gpu-check-") as tmp_name:
         tmp = Path(tmp_name)
-        # A private store: the run touches none of the user's runs, models or aliases.
-        os.environ["MNISTOPS_HOME"] = str(tmp / "home")
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-        os.environ["MNISTOPS_ARTIFACT_ROOT"] = str(tmp / "mlartifacts")
-        import mlflow
-
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        use_private_store(tmp)
         src = data_source()
         if src:
             os.environ["MNISTOPS_DATA_SOURCE"] = src
         prepared = prepare(MNIST, src, Path(os.environ.get("MNISTOPS_DATA_DIR") or tmp / "data"))
-        for name, step in (
-            ("training", lambda: training(tmp / "home", prepared, gpus)),
-            ("parity", lambda: parity(Path(report["training"]["checkpoint"]), Path(report["training"]["onnx_path"]),
-                                      prepared.cache_path)),
-            ("throughput", lambda: throughput(Path(report["training"]["onnx_path"]), tmp, a.images, a.repeats)),
-        ):
-            t = time.perf_counter()
-            report[name], step_rows = step()
-            rows += step_rows
-            print(f"  {name} done in {time.perf_counter() - t:.1f} s", flush=True)
-    print(write_report(report, rows, a.out))
-    print(f"figures: {a.out}")
-    failed = failed_checks(rows)
-    if failed:
-        print(f"gpu-check FAILED: {', '.join(r.name for r in failed)}", file=sys.stderr)
-        return 1
-    return 0
+        rows = run_steps(report, tmp, prepared, gpus, a.images, a.repeats)
+    return finish(report, rows, a.out)
 
 
 if __name__ == "__main__":
