@@ -17,6 +17,7 @@ from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.config import DEFAULT_EXPERIMENT, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrainConfig
 from nn_core.distributed import cuda_device_count
+from nn_core.launch import TrainResult
 from nn_core.sweep import SweepPoint, SweepSpec, assign_devices
 
 
@@ -138,6 +139,11 @@ def _train_all(points: list[SweepPoint], concurrency: int, prepared, data: DataC
     return results
 
 
+def _trial(p: SweepPoint, r: TrainResult) -> dict:
+    return {**p.to_dict(), "name": p.name(), "run_id": r.run_id, "val_accuracy": r.val_accuracy,
+            "test_accuracy": r.test_accuracy, "train_seconds": r.metrics["train_seconds"]}
+
+
 def _publish_comparison(parent_id: str, parent_url: str, trials: list[dict], best: dict) -> None:
     """The trials on the parent run (a table, a chart, markdown) and as a Prefect artifact."""
     c = tracking.client()
@@ -191,9 +197,7 @@ def hyperparameter_sweep(
     parent_id, parent_url = _start_parent(grid, points, concurrency, data, train, prepared, experiment)
     try:
         results = _train_all(points, concurrency, prepared, data, model, train, launch, experiment, parent_id)
-        trials = [{**p.to_dict(), "name": p.name(), "run_id": r.run_id, "val_accuracy": r.val_accuracy,
-                   "test_accuracy": r.test_accuracy, "train_seconds": r.metrics["train_seconds"]}
-                  for p, r, _ in results]
+        trials = [_trial(p, r) for p, r, _ in results]
         best_i = max(range(len(trials)), key=lambda i: trials[i]["val_accuracy"])
         _publish_comparison(parent_id, parent_url, trials, trials[best_i])
         _, best_result, best_tid = results[best_i]

@@ -96,9 +96,8 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
                          "worker processes (the global batch is split evenly across them)")
     if spec.nnodes > 1 and not (spec.rdzv_endpoint and spec.rdzv_id):
         raise TrainingError("multi-node training needs --rdzv-endpoint HOST:PORT and --rdzv-id on every node")
-    training_id = spec.rdzv_id or job.tracking.training_id
     job = replace(job, threads=threads, device=device, devices=spec.devices if device == "cuda" else None,
-                  tracking=replace(job.tracking, training_id=training_id))
+                  tracking=replace(job.tracking, training_id=spec.rdzv_id or job.tracking.training_id))
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT_NAME).unlink(missing_ok=True)
@@ -110,6 +109,17 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
             return train_in_process(job)
         finally:
             _IN_PROCESS.release()
+    returns = _elastic_launch(job, spec, nproc, device)
+    # With out_dir on a shared volume every node sees rank 0's result.json: only the node whose
+    # workers included rank 0 reports it.
+    if 0 not in (returns or {}) or not (out_dir / RESULT_NAME).exists():
+        return None  # this node did not host rank 0
+    return TrainResult.read(out_dir)
+
+
+def _elastic_launch(job: TrainJob, spec: LaunchSpec, nproc: int, device: str) -> dict:
+    """torch's elastic agent runs this node's `nproc` workers: {global rank: return value} of them."""
+    training_id = job.tracking.training_id
     # Give every restart round a fresh store for the workers' process group. With the store shared
     # with the rendezvous (torch's default), restarted gloo workers read their dead predecessors'
     # addresses and fail to connect (pytorch/pytorch#135712).
@@ -121,22 +131,14 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     try:
         with rendezvous_store(spec) as (endpoint, rdzv_configs):
             config = LaunchConfig(
-                min_nodes=spec.nnodes,
-                max_nodes=spec.nnodes,
-                nproc_per_node=nproc,
-                run_id=training_id,
-                rdzv_backend="c10d",
-                rdzv_endpoint=endpoint,
-                rdzv_configs=rdzv_configs,
+                min_nodes=spec.nnodes, max_nodes=spec.nnodes, nproc_per_node=nproc, run_id=training_id,
+                rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
                 # One node: the workers' own store and MASTER_ADDR are on the loopback too.
                 local_addr="127.0.0.1" if spec.nnodes == 1 else None,
-                max_restarts=spec.max_restarts,
-                monitor_interval=spec.monitor_interval,
-                start_method="spawn",
+                max_restarts=spec.max_restarts, monitor_interval=spec.monitor_interval, start_method="spawn",
                 logs_specs=_logs_specs(spec.log_dir),
             )
-            # {global rank: return value} of this node's workers only.
-            returns = elastic_launch(config, local_worker if spec.nnodes == 1 else worker_main)(job)
+            return elastic_launch(config, local_worker if spec.nnodes == 1 else worker_main)(job)
     except SignalException:  # stopped from outside: the workers are down, the run is resumable
         _mark_ended(job, "KILLED")
         raise
@@ -146,11 +148,6 @@ def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
                             f"{_root_cause(e)}") from e
     finally:
         _restore(saved)
-    # With out_dir on a shared volume every node sees rank 0's result.json: only the node whose
-    # workers included rank 0 reports it.
-    if 0 not in (returns or {}) or not (out_dir / RESULT_NAME).exists():
-        return None  # this node did not host rank 0
-    return TrainResult.read(out_dir)
 
 
 def _logs_specs(log_dir: str | None):

@@ -90,7 +90,12 @@ def mnist_pixels(im: Image.Image) -> np.ndarray:
         small = Image.fromarray(np.clip(np.rint(g), 0, 255).astype(np.uint8)).resize(
             IMAGE_SHAPE, Image.Resampling.LANCZOS)
         return np.asarray(small, dtype=np.uint8).copy()
-    g *= 255.0 / top
+    return _centred(g * (255.0 / top), ys, xs)
+
+
+def _centred(g: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """A raw digit the MNIST way: its ink's bounding box (rows `ys`, columns `xs`) resized so the
+    longer side is 20 pixels, placed with its centre of mass at the centre of a 28x28 field."""
     crop = g[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     h, w = crop.shape
     s = 20.0 / max(h, w)

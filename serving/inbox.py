@@ -161,11 +161,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def run_inbox(inbox: Path, out_dir: Path, template: JobConfig, rescore: bool = False) -> InboxResult:
-    """Score every not-yet-scored input of `inbox` into `out_dir` (see the module doc). `template`
-    holds the job settings; its input and output are set per input. Bad inputs are recorded as failed
-    (not retried until their content changes) and do not stop the others; with
-    `template.fail_on_drift`, any drift alert raises DriftAlert at the end, after every input."""
+def _checked_folders(inbox: Path, out_dir: Path) -> tuple[Path, Path]:
     inbox, out_dir = Path(inbox).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     if not inbox.is_dir():
         raise InputError(f"{inbox}: no such inbox folder")
@@ -175,13 +171,64 @@ def run_inbox(inbox: Path, out_dir: Path, template: JobConfig, rescore: bool = F
         raise OutputError(f"{out_dir}: inside the inbox {inbox}; its outputs would become inputs")
     if inbox.is_relative_to(out_dir):
         raise OutputError(f"{inbox}: the inbox lies inside the output folder {out_dir}")
+    return inbox, out_dir
+
+
+@dataclass
+class _Scoring:
+    """What an inbox run carries from one input to the next (the model is loaded once, when needed)."""
+
+    job: JobConfig  # the settings; input and output are set per input
+    out_dir: Path
+    fmt: str
+    rescore: bool
+    result: InboxResult
+    loaded: LoadedModel | None = None
+
+
+def _score_claimed(s: _Scoring, inp: Path, digest: str, record_path: Path) -> None:
+    """One input whose ledger entry this job holds: skipped when it was scored, recovered when a
+    killed job had finished its output, else scored (or recorded as failed)."""
+    record = _read_record(record_path)
+    if record is not None and not s.rescore:
+        s.result.already.append({"input": inp.name, "sha256": digest, "status": record["status"],
+                                 "output": record.get("output") or ""})
+        return
+    # a rescoring replaces the recorded output, whichever name the content has now
+    output = Path(record["output"]) if record and record.get("output") else _output_for(s.out_dir, inp, digest, s.fmt)
+    history = (record or {}).get("history", [])
+    finished = _finished_output(output, digest) if record is None else None
+    if finished is not None:  # scored by a job that died before recording it
+        _write_record(record_path, _record(inp, digest, "scored", output, finished, history))
+        s.result.already.append({"input": inp.name, "sha256": digest, "status": "recovered", "output": str(output)})
+        return
+    try:
+        if s.loaded is None:
+            s.loaded = load_model(s.job)
+        res = run_job(dataclasses.replace(s.job, input=inp, output=output), s.loaded)
+    except InputError as e:
+        _write_record(record_path, {"sha256": digest, "input": inp.name, "status": "failed",
+                                    "error": str(e), "finished": _now(), "history": history})
+        s.result.failed.append({"input": inp.name, "sha256": digest, "error": str(e)})
+        log.warning("inbox: %s", e)
+        return
+    manifest = json.loads(res.manifest.read_text())
+    _write_record(record_path, _record(inp, digest, "scored", output, manifest, history))
+    s.result.scored.append(res)
+
+
+def run_inbox(inbox: Path, out_dir: Path, template: JobConfig, rescore: bool = False) -> InboxResult:
+    """Score every not-yet-scored input of `inbox` into `out_dir` (see the module doc). `template`
+    holds the job settings; its input and output are set per input. Bad inputs are recorded as failed
+    (not retried until their content changes) and do not stop the others; with
+    `template.fail_on_drift`, any drift alert raises DriftAlert at the end, after every input."""
+    inbox, out_dir = _checked_folders(inbox, out_dir)
     inputs, ignored = list_inbox(inbox)
     result = InboxResult(inbox, out_dir, ignored=ignored)
-    ledger = out_dir / LEDGER
     fmt = template.format or "parquet"
-    loaded: LoadedModel | None = None
-    job = dataclasses.replace(template, fail_on_drift=False, overwrite=True, format=fmt)
-    seen: dict[str, str] = {}
+    s = _Scoring(dataclasses.replace(template, fail_on_drift=False, overwrite=True, format=fmt), out_dir, fmt,
+                 rescore, result)
+    ledger, seen = out_dir / LEDGER, {}
     for inp in inputs:
         try:
             digest = content_digest(inp)
@@ -192,38 +239,11 @@ def run_inbox(inbox: Path, out_dir: Path, template: JobConfig, rescore: bool = F
             result.already.append({"input": inp.name, "sha256": digest, "same_as": seen[digest]})
             continue
         seen[digest] = inp.name
-        record_path = ledger / f"{digest}.json"
         with claim(ledger / f"{digest}.lock") as mine:
-            if not mine:
+            if mine:
+                _score_claimed(s, inp, digest, ledger / f"{digest}.json")
+            else:
                 result.busy.append(inp.name)
-                continue
-            record = _read_record(record_path)
-            if record is not None and not rescore:
-                result.already.append({"input": inp.name, "sha256": digest, "status": record["status"],
-                                       "output": record.get("output") or ""})
-                continue
-            # a rescoring replaces the recorded output, whichever name the content has now
-            output = Path(record["output"]) if record and record.get("output") else _output_for(out_dir, inp, digest, fmt)
-            history = (record or {}).get("history", [])
-            finished = _finished_output(output, digest) if record is None else None
-            if finished is not None:  # scored by a job that died before recording it
-                _write_record(record_path, _record(inp, digest, "scored", output, finished, history))
-                result.already.append({"input": inp.name, "sha256": digest, "status": "recovered",
-                                       "output": str(output)})
-                continue
-            try:
-                if loaded is None:
-                    loaded = load_model(job)
-                res = run_job(dataclasses.replace(job, input=inp, output=output), loaded)
-            except InputError as e:
-                _write_record(record_path, {"sha256": digest, "input": inp.name, "status": "failed",
-                                            "error": str(e), "finished": _now(), "history": history})
-                result.failed.append({"input": inp.name, "sha256": digest, "error": str(e)})
-                log.warning("inbox: %s", e)
-                continue
-            manifest = json.loads(res.manifest.read_text())
-            _write_record(record_path, _record(inp, digest, "scored", output, manifest, history))
-            result.scored.append(res)
     log.info("inbox %s: %d scored, %d already scored, %d in progress elsewhere, %d failed, %d ignored",
              inbox, len(result.scored), len(result.already), len(result.busy), len(result.failed),
              len(result.ignored))

@@ -264,58 +264,57 @@ class _Counts:
     correct: int = 0
 
 
-def _predict_chunks(
-    session: ort.InferenceSession,
-    reader: ImageReader,
-    labels: LabelReader | None,
-    writer: PredictionWriter,
-    cfg: JobConfig,
-    streams: int,
-    monitor: drift.DriftMonitor | None,
-) -> _Counts:
+def _infer(session: ort.InferenceSession, monitor: drift.DriftMonitor | None, pixels: np.ndarray) -> _Inferred:
+    """Everything per chunk that needs no ordering, run on the pool beside the other streams: only
+    the writes (in input order) are left to the consuming thread."""
+    probs = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]  # (B, 10)
+    prediction = probs.argmax(axis=1)
+    probability = np.take_along_axis(probs, prediction[:, None], axis=1)[:, 0]
+    ood = monitor.scores(pixels, probability) if monitor is not None else None
+    return _Inferred(probs, prediction, probability, ood)
+
+
+def _write_chunk(chunk: Chunk, r: _Inferred, labels: LabelReader | None, monitor: drift.DriftMonitor | None,
+                 writer: PredictionWriter, all_probabilities: bool, counts: _Counts) -> None:
+    y = None
+    if labels is not None:
+        y = labels.read(chunk.start, chunk.stop)
+        if chunk.keep is not None:
+            y = y[chunk.keep - chunk.start]
+        counts.correct += int(np.count_nonzero(r.prediction == y))
+    if monitor is not None:
+        monitor.count(r.ood, r.prediction)
+    ids = chunk.names if chunk.names is not None else chunk.positions()
+    writer.write(Batch(ids, r.prediction, r.probability, r.ood[0] if r.ood is not None else None, y,
+                       r.probs if all_probabilities else None))
+    counts.predicted += len(r.prediction)
+
+
+def _predict_chunks(session: ort.InferenceSession, reader: ImageReader, labels: LabelReader | None,
+                    writer: PredictionWriter, cfg: JobConfig, streams: int,
+                    monitor: drift.DriftMonitor | None) -> _Counts:
     """Chunks are read ahead on one thread, inferred `streams` at a time on a pool, and written here,
     in input order."""
     counts = _Counts()
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-
-    def infer(pixels: np.ndarray) -> _Inferred:
-        # Everything per chunk that needs no ordering runs here, on the pool, beside the other
-        # streams: only the writes (in input order) are left to the consuming thread.
-        probs = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]  # (B, 10)
-        prediction = probs.argmax(axis=1)
-        probability = np.take_along_axis(probs, prediction[:, None], axis=1)[:, 0]
-        ood = monitor.scores(pixels, probability) if monitor is not None else None
-        return _Inferred(probs, prediction, probability, ood)
-
-    def finish(chunk: Chunk, r: _Inferred, bar: tqdm) -> None:
-        y = None
-        if labels is not None:
-            y = labels.read(chunk.start, chunk.stop)
-            if chunk.keep is not None:
-                y = y[chunk.keep - chunk.start]
-            counts.correct += int(np.count_nonzero(r.prediction == y))
-        if monitor is not None:
-            monitor.count(r.ood, r.prediction)
-        ids = chunk.names if chunk.names is not None else chunk.positions()
-        writer.write(Batch(ids, r.prediction, r.probability, r.ood[0] if r.ood is not None else None, y,
-                           r.probs if cfg.all_probabilities else None))
-        counts.predicted += len(r.prediction)
-        bar.update(chunk.stop - chunk.start)
-
+    assert cfg.batch_size is not None
     with (
         tqdm(total=reader.count, unit="img", unit_scale=True, disable=not show, mininterval=0.5) as bar,
         ThreadPoolExecutor(streams, thread_name_prefix="infer") as pool,
     ):
         pending: deque[tuple[Chunk, Future[_Inferred]]] = deque()
-        assert cfg.batch_size is not None
+
+        def write_oldest() -> None:
+            chunk, fut = pending.popleft()
+            _write_chunk(chunk, fut.result(), labels, monitor, writer, cfg.all_probabilities, counts)
+            bar.update(chunk.stop - chunk.start)
+
         for chunk in read_ahead(reader.chunks(cfg.batch_size)):
-            pending.append((chunk, pool.submit(infer, chunk.pixels)))
+            pending.append((chunk, pool.submit(_infer, session, monitor, chunk.pixels)))
             if len(pending) >= streams:
-                done, fut = pending.popleft()
-                finish(done, fut.result(), bar)
+                write_oldest()
         while pending:
-            done, fut = pending.popleft()
-            finish(done, fut.result(), bar)
+            write_oldest()
     return counts
 
 
@@ -392,11 +391,43 @@ def _labels_for(cfg: JobConfig, reader: ImageReader) -> LabelReader | None:
     return None
 
 
+def _write_outputs(cfg: JobConfig, loaded: LoadedModel, reader: ImageReader, labels: LabelReader | None,
+                   tracking: _Tracking | None, started: dt.datetime) -> JobResult:
+    """Predict into the output's temp file and write the manifest beside it, both complete on disk
+    before either is renamed into place."""
+    monitor = drift.DriftMonitor(loaded.reference, loaded.reference_source or "") if loaded.reference else None
+    cols = Columns(pa.string() if reader.id_kind == "file" else pa.int64(), ood_score=monitor is not None,
+                   labels=labels is not None, all_probabilities=cfg.all_probabilities)
+    t0 = time.perf_counter()
+    with PredictionWriter(cfg.output, cfg.output_format(), cols) as writer:
+        counts = _predict_chunks(loaded.session, reader, labels, writer, cfg, loaded.streams, monitor)
+        input_digest = reader.digest()
+        writer.close()
+        seconds = time.perf_counter() - t0
+        result = JobResult(
+            output=cfg.output, manifest=manifest_path(cfg.output), model=loaded.ref, provider=loaded.provider,
+            records=reader.count, predicted=counts.predicted, skipped=tuple(reader.skipped),
+            accuracy=counts.correct / counts.predicted if labels is not None else None,
+            seconds=seconds, throughput=counts.predicted / seconds, wall_seconds=0.0, input_digest=input_digest,
+            labels_digest=labels.digest if labels is not None else None,
+            mlflow_run_id=tracking.run_id if tracking else None,
+            drift=monitor.report() if monitor is not None else drift.unavailable(loaded.reference_missing),
+            input_path=cfg.input,
+        )
+        manifest_tmp = write_json_temp(result.manifest, _manifest(cfg, loaded.ref, loaded.provider, reader, labels,
+                                                                  result, started, writer.schema.names))
+        try:
+            writer.commit()
+            os.replace(manifest_tmp, result.manifest)
+        finally:
+            manifest_tmp.unlink(missing_ok=True)
+    return result
+
+
 def run_job(cfg: JobConfig, loaded: LoadedModel | None = None) -> JobResult:
     """Read -> predict -> write. On any error nothing is left at `cfg.output` or beside it (an
-    existing output of an earlier job stays as it was). The output and its manifest are both
-    complete on disk under temp names before either is renamed into place. With `fail_on_drift`, a
-    drift alert raises DriftAlert after both are in place (they are the evidence)."""
+    existing output of an earlier job stays as it was). With `fail_on_drift`, a drift alert raises
+    DriftAlert after the output and its manifest are in place (they are the evidence)."""
     wall0 = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc)
     cfg = _check(cfg)
@@ -406,50 +437,14 @@ def run_job(cfg: JobConfig, loaded: LoadedModel | None = None) -> JobResult:
     tracking: _Tracking | None = None
     try:
         loaded = loaded or load_model(cfg, decoding=reader.kind in ("idx.gz", "folder"))
-        model, session, prov, streams = loaded.ref, loaded.session, loaded.provider, loaded.streams
         if cfg.batch_size is None:
-            cfg = dataclasses.replace(cfg, batch_size=CUDA_BATCH_SIZE if prov == CUDA else CPU_BATCH_SIZE)
-        log.info("model %s (version %s) on %s, %d stream(s)", model.uri, model.version, prov, streams)
-        tracking = _Tracking(cfg, model, prov, reader) if cfg.track else None
+            cfg = dataclasses.replace(cfg, batch_size=CUDA_BATCH_SIZE if loaded.provider == CUDA else CPU_BATCH_SIZE)
+        log.info("model %s (version %s) on %s, %d stream(s)", loaded.ref.uri, loaded.ref.version, loaded.provider,
+                 loaded.streams)
+        tracking = _Tracking(cfg, loaded.ref, loaded.provider, reader) if cfg.track else None
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(cfg.output)
-        monitor = drift.DriftMonitor(loaded.reference, loaded.reference_source or "") if loaded.reference else None
-        cols = Columns(pa.string() if reader.id_kind == "file" else pa.int64(), ood_score=monitor is not None,
-                       labels=labels is not None, all_probabilities=cfg.all_probabilities)
-        t0 = time.perf_counter()
-        with PredictionWriter(cfg.output, cfg.output_format(), cols) as writer:
-            counts = _predict_chunks(session, reader, labels, writer, cfg, streams, monitor)
-            input_digest = reader.digest()
-            writer.close()
-            seconds = time.perf_counter() - t0
-            report = monitor.report() if monitor is not None else drift.unavailable(loaded.reference_missing)
-            result = JobResult(
-                output=cfg.output,
-                manifest=manifest_path(cfg.output),
-                model=model,
-                provider=prov,
-                records=reader.count,
-                predicted=counts.predicted,
-                skipped=tuple(reader.skipped),
-                accuracy=counts.correct / counts.predicted if labels is not None else None,
-                seconds=seconds,
-                throughput=counts.predicted / seconds,
-                wall_seconds=0.0,
-                input_digest=input_digest,
-                labels_digest=labels.digest if labels is not None else None,
-                mlflow_run_id=tracking.run_id if tracking else None,
-                drift=report,
-                input_path=cfg.input,
-            )
-            manifest_tmp = write_json_temp(
-                result.manifest,
-                _manifest(cfg, model, prov, reader, labels, result, started, writer.schema.names),
-            )
-            try:
-                writer.commit()
-                os.replace(manifest_tmp, result.manifest)
-            finally:
-                manifest_tmp.unlink(missing_ok=True)
+        result = _write_outputs(cfg, loaded, reader, labels, tracking, started)
         if tracking is not None:
             tracking.finish(result, result.manifest)
     except BaseException as e:
@@ -459,11 +454,8 @@ def run_job(cfg: JobConfig, loaded: LoadedModel | None = None) -> JobResult:
     finally:
         if labels is not None:
             labels.close()
-    log.info(
-        "%d predictions -> %s (%.0f images/s%s; drift %s)", result.predicted, result.output,
-        result.throughput, "" if result.accuracy is None else f", accuracy {result.accuracy:.4f}",
-        result.drift.status,
-    )
+    log.info("%d predictions -> %s (%.0f images/s%s; drift %s)", result.predicted, result.output, result.throughput,
+             "" if result.accuracy is None else f", accuracy {result.accuracy:.4f}", result.drift.status)
     result = dataclasses.replace(result, wall_seconds=time.perf_counter() - wall0)
     if cfg.fail_on_drift and result.drift.alert:
         raise DriftAlert(f"{cfg.input}: drift alert: {result.drift.reason} (predictions written to "

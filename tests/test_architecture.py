@@ -20,6 +20,11 @@ PACKAGES = ("serving", "nn_core", "flows")
 ALLOWED = {"serving": {"serving"}, "nn_core": {"serving", "nn_core"}, "flows": {"serving", "nn_core", "flows"}}
 FORBIDDEN_THIRD_PARTY = {"serving": {"torch", "torchvision", "prefect", "onnx", "onnxscript", "matplotlib"},
                          "nn_core": {"prefect"}}
+# What the command line imports to build its options and check them: before torch, Prefect or
+# onnxruntime is loaded (a typo costs a fraction of a second and one line).
+PARSE_TIME = ("flows.options", "nn_core.config", "nn_core.sweep", "serving.config", "serving.fields")
+HEAVY = {"torch", "torchvision", "prefect", "onnxruntime", "onnx", "mlflow", "pyarrow", "matplotlib"}
+MAX_FUNCTION_LINES = 50  # a function fits on a screen
 
 
 def _module_name(path: Path) -> str:
@@ -31,12 +36,15 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
 
-def _imports(name: str, path: Path) -> set[str]:
-    """Every module `path` imports, absolute names, function-level imports included."""
+def _imports(name: str, path: Path, module_level: bool = False) -> set[str]:
+    """Every module `path` imports, absolute names, function-level imports included (with
+    `module_level`: only what importing the module itself imports)."""
     tree = ast.parse(path.read_text(), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(tree):
+    nodes = [n for stmt in tree.body for n in ast.walk(stmt) if not isinstance(stmt, (ast.FunctionDef, ast.ClassDef))] \
+        if module_level else ast.walk(tree)
+    for node in nodes:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -72,22 +80,46 @@ def test_each_layer_imports_only_the_layers_below_it(layer):
     assert not wrong, f"upward imports from {layer}: {wrong}"
 
 
+def _reached(start: str, graph: dict[str, set[str]], imports: dict[str, set[str]]) -> set[str]:
+    """The top-level packages `start` imports, directly or through any project module it imports."""
+    seen, stack = {start}, [start]
+    while stack:
+        for nxt in graph[stack.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return {m.split(".")[0] for s in seen for m in imports[s]}
+
+
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN_THIRD_PARTY))
 def test_forbidden_libraries_are_not_reached(layer, graph):
     """Directly, or through any project module the layer's modules import."""
     imports = _all_imports()
-    bad = {}
-    for start in (n for n in graph if n.split(".")[0] == layer):
-        seen, stack = {start}, [start]
-        while stack:
-            for nxt in graph[stack.pop()]:
-                if nxt not in seen:
-                    seen.add(nxt)
-                    stack.append(nxt)
-        reached = {m.split(".")[0] for s in seen for m in imports[s]} & FORBIDDEN_THIRD_PARTY[layer]
-        if reached:
-            bad[start] = sorted(reached)
+    bad = {start: sorted(_reached(start, graph, imports) & FORBIDDEN_THIRD_PARTY[layer])
+           for start in graph if start.split(".")[0] == layer}
+    bad = {k: v for k, v in bad.items() if v}
     assert not bad, f"{layer} reaches {bad}"
+
+
+@pytest.mark.parametrize("module", PARSE_TIME)
+def test_what_the_command_line_parses_with_is_light(module):
+    """Importing it (and what it imports on import) loads nothing heavy; that its checks import
+    nothing heavy either is shown by running them (tests/test_cli.py)."""
+    modules = _modules()
+    imports = {name: _imports(name, path, module_level=True) for name, path in modules.items()}
+    graph = {name: {m for m in imps if m in modules and m != name} for name, imps in imports.items()}
+    assert not _reached(module, graph, imports) & HEAVY, sorted(_reached(module, graph, imports) & HEAVY)
+
+
+def test_functions_fit_on_a_screen():
+    long = []
+    for path in sorted(p for pkg in (*PACKAGES, "bench") for p in (ROOT / pkg).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
 
 
 def test_no_import_cycles(graph):
