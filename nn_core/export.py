@@ -49,7 +49,7 @@ def export_onnx(model: MLP, path: Path) -> Path:
             input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES),
             dynamo=True,
-            external_data=False,  # one self-contained file: what the registry stores and serving reads
+            external_data=False,  # one self-contained file (the registry keeps it so: nn_core.registry)
             dynamic_shapes={"pixels": {0: Dim("batch")}},
             opset_version=OPSET,
             verbose=False,

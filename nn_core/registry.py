@@ -257,6 +257,9 @@ def register_candidate(run_id: str, onnx_path: Path, parity: ParityReport, model
                 # Decided at load time by whoever serves it; without this every load tries CUDA first.
                 onnx_execution_providers=["CPUExecutionProvider"],
                 pip_requirements=_pip_requirements(),
+                # One self-contained .onnx file, as exported and parity-checked (MLflow would split the
+                # weights into a separate .data file): a download is one file, and serving reads it.
+                save_as_external_data=False,
             )
         version, decided = str(info.registered_model_version), None
     # A handful of tags a version list can show (the run id is the version's own field; the parity
