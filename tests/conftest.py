@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.settings import QUIET_DEFAULTS
+from needs import missing
 
 # No telemetry from any library the tests start (these machines have no internet); quiet progress bars.
 for _k, _v in QUIET_DEFAULTS.items():
@@ -34,9 +35,7 @@ def real_mnist_source() -> Path | None:
 def mnist_source() -> Path:
     src = real_mnist_source()
     if src is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must set MNISTOPS_DATA_SOURCE to the real MNIST files")
-        pytest.skip("MNISTOPS_DATA_SOURCE not set: real-MNIST tests need the four IDX files")
+        missing("MNISTOPS_DATA_SOURCE not set: real-MNIST tests need the four IDX files")
     return src
 
 
@@ -49,8 +48,7 @@ def fashion_source() -> Path:
     Debian recompressed: the case the content pins are for)."""
     src = Path(os.environ.get("MNISTOPS_FASHION_SOURCE") or DEFAULT_FASHION_SOURCE)
     if not src.is_dir():
-        why = f"{src}: no Fashion-MNIST files (run infra/scripts/ensure-test-data.sh or set MNISTOPS_FASHION_SOURCE)"
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
+        missing(f"{src}: no Fashion-MNIST files (run infra/scripts/ensure-test-data.sh or set MNISTOPS_FASHION_SOURCE)")
     return src.resolve()
 
 

@@ -41,15 +41,24 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, w
         time.sleep(0.1)
 
 
-def test_killed_worker_restarts_resumes_and_the_model_is_promoted(tmp_path, mnist, mnist_source):
+def _worker_of_rank(pid: int, rank: int) -> psutil.Process:
+    """The DDP worker with global rank `rank` (one node: its local rank), found by the log files torch
+    redirected its output to (<log_dir>/<run>/attempt_<n>/<rank>/stdout.log), not by child order."""
+    workers = [p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2, workers
+    (worker,) = [p for p in workers if any(Path(f.path).parent.name == str(rank) and Path(f.path).name == "stdout.log"
+                                            for f in p.open_files())]
+    return worker
+
+
+@pytest.mark.parametrize("rank", [0, 1])  # 0: the rank that logs and checkpoints
+def test_killed_worker_restarts_resumes_and_the_model_is_promoted(tmp_path, mnist, mnist_source, rank):
     env = _env(tmp_path, mnist, MNISTOPS_DATA_SOURCE=str(mnist_source))
     proc = subprocess.Popen(_mnistops("run", "--nproc", "2", "--max-restarts", "1", "--epochs", "6", "--no-inference"),
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: list((tmp_path / "home" / "runs").glob("*/checkpoint.pt")), 180, proc, "a checkpoint")
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == 2
-        workers[0].send_signal(signal.SIGKILL)  # rank 0 itself: the one that logs and checkpoints
+        _worker_of_rank(proc.pid, rank).send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
@@ -64,6 +73,16 @@ def test_killed_worker_restarts_resumes_and_the_model_is_promoted(tmp_path, mnis
         assert MlflowClient().get_model_version_by_alias("mnist-mlp", "champion").run_id == runs[0].info.run_id
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def _checkpoint_epoch(home: Path) -> int:
+    import torch
+
+    try:
+        (ckpt,) = home.glob("runs/*/checkpoint.pt")
+        return torch.load(ckpt, weights_only=True)["epoch"]
+    except (ValueError, OSError, RuntimeError):  # not written yet, or replaced while being read
+        return 0
 
 
 def test_mlflow_server_stopped_during_training_loses_nothing(tmp_path, mnist, mnist_source):
@@ -86,8 +105,9 @@ def test_mlflow_server_stopped_during_training_loses_nothing(tmp_path, mnist, mn
                 return runs and client.get_metric_history(runs[0].info.run_id, M.VAL_ACCURACY)
 
             _wait_for(first_epoch_logged, 120, proc, "the first epoch in MLflow")
-        # The server is down now, mid-training; the run keeps training.
-        time.sleep(3)
+            logged = max(m.step for m in first_epoch_logged())
+        # The server is down now, mid-training; the run keeps training through two more epochs.
+        _wait_for(lambda: _checkpoint_epoch(tmp_path / "home") >= logged + 2, 120, proc, "two epochs without MLflow")
         with mlflow_server(backend, artifacts, port=port) as url:
             out, _ = proc.communicate(timeout=300)
             assert proc.returncode == 0, out

@@ -6,10 +6,10 @@ the body of the `with` raised.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
+from needs import missing
 
 from servers import mlflow_server, postgres_server, prefect_server, postgres_missing
 
@@ -19,12 +19,8 @@ psutil = pytest.importorskip("psutil")
 
 
 def _require(why: str | None) -> None:
-    # In CI a missing server is a broken setup, never a silent skip.
-    if why is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(why, pytrace=False)
-    pytest.skip(why)
+    if why is not None:
+        missing(why)
 
 
 @pytest.fixture(autouse=True)

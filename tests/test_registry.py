@@ -249,7 +249,6 @@ def test_retried_register_and_gate_change_nothing(models, mnist, store, monkeypa
     """A failure after the version was created, and one after the alias moved: the retries (as Prefect
     makes them) find the version and finish the decision, with no second version, no lost comparison."""
     name = "retry-mlp"
-    s = load_splits(mnist.cache_path)
     seed = _train(mnist, store, "retry-seed", epochs=2)
     exported = export_and_check(seed, mnist.cache_path)
     first = register(seed, exported, mnist.cache_path, name)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from needs import missing
 
 from serving import drift, idx
 from serving_fixtures import mlp_onnx, train_quickly, write_idx
@@ -67,9 +68,7 @@ def _final_state(client, run_id, timeout: float = 240):
 
 def test_hourly_inbox_deployment_fails_its_run_on_drift(prefect_server_url, tmp_path, mnist_source):
     if not (FASHION / "t10k-images-idx3-ubyte.gz").is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must provide Fashion-MNIST at {FASHION}")
-        pytest.skip(f"no Fashion-MNIST at {FASHION}")
+        missing(f"no Fashion-MNIST at {FASHION} (infra/scripts/ensure-test-data.sh)")
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings

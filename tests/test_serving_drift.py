@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pyarrow.parquet as pq
 import pytest
+from needs import missing
 from PIL import Image
 
 from serving import drift, idx
@@ -56,7 +57,7 @@ def _mnist(src: Path, name: str, magic: int) -> np.ndarray:
     for f in (src / name, src / f"{name}.gz"):
         if f.is_file():
             return idx.read_idx(f, magic=magic)
-    pytest.skip(f"{src} has no {name}")
+    missing(f"{src} has no {name}")
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +79,7 @@ def trained(mnist_source: Path, tmp_path_factory: pytest.TempPathFactory):
 def fashion() -> np.ndarray:
     f = FASHION / "t10k-images-idx3-ubyte.gz"
     if not f.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must provide Fashion-MNIST at {FASHION} (infra/scripts/ensure-test-data.sh)")
-        pytest.skip(f"no Fashion-MNIST at {FASHION} (set MNISTOPS_FASHION_SOURCE)")
+        missing(f"no Fashion-MNIST at {FASHION} (infra/scripts/ensure-test-data.sh, or set MNISTOPS_FASHION_SOURCE)")
     return idx.read_idx(f, magic=idx.IMAGES_MAGIC)
 
 

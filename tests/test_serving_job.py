@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from needs import missing
 from PIL import Image
 
 from serving import cli
@@ -451,16 +452,15 @@ def test_killed_job_leaves_no_output_and_rerun_succeeds(
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not os.environ.get("MNISTOPS_DATA_SOURCE"), reason="needs MNISTOPS_DATA_SOURCE")
-def test_real_mnist_test_set(tmp_path: Path) -> None:
+def test_real_mnist_test_set(tmp_path: Path, mnist_source: Path) -> None:
     import onnx
 
     from serving import idx
 
-    src = Path(os.environ["MNISTOPS_DATA_SOURCE"])
+    src = mnist_source
     test_images, test_labels = src / "t10k-images-idx3-ubyte.gz", src / "t10k-labels-idx1-ubyte.gz"
     if not test_images.is_file():
-        pytest.skip(f"{src} has no MNIST IDX files")
+        missing(f"{src} has no gzipped MNIST IDX files")
     weights = train_quickly(
         idx.read_idx(src / "train-images-idx3-ubyte.gz", magic=idx.IMAGES_MAGIC),
         idx.read_idx(src / "train-labels-idx1-ubyte.gz", magic=idx.LABELS_MAGIC),

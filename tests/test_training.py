@@ -23,7 +23,7 @@ from nn_core.checkpoint import load_checkpoint
 from nn_core.data import load_splits, prepare
 from nn_core.distributed import DistEnv, ddp_context
 from nn_core.launch import LaunchSpec, launch_training, new_training_id
-from nn_core.train import TrackingConfig, TrainConfig, TrainJob, evaluate, shard_indices, train
+from nn_core.train import TrackingConfig, TrainConfig, TrainJob, shard_indices, train
 
 
 @pytest.fixture
@@ -52,12 +52,29 @@ def test_shards_are_disjoint_equal_and_seeded(world):
     assert not torch.equal(shards[0], shard_indices(1000, epoch=3, seed=7, env=_env(0, world)))
 
 
-def test_evaluate_covers_every_sample_exactly_once(synthetic_cache):
-    s = load_splits(synthetic_cache)
-    from nn_core.model import MLP, MLPConfig
+def _evaluate_with(world: int, cache: Path) -> dict[int, dict]:
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    r = evaluate(MLP(MLPConfig()), s.test_images, s.test_labels, _env(0, 1), batch_size=64)
-    assert r.total == 200 and r.confusion.sum() == 200 and r.correct == int(r.confusion.trace())
+    from dist_workers import evaluate_in_group
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=new_training_id(),
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, start_method="spawn")
+    return elastic_launch(config, evaluate_in_group)(str(cache), 5)
+
+
+@pytest.mark.slow
+def test_evaluation_at_any_world_size_equals_one_process(synthetic_cache):
+    """Real gloo groups of 2 and 3 processes over a split that does not divide evenly (200 samples,
+    batches of 7): every sample counted exactly once, the same figures as one process."""
+    one = _evaluate_with(1, synthetic_cache)[0]
+    assert one["total"] == 200 == sum(map(sum, one["confusion"])) and one["world_size"] == 1
+    for world in (2, 3):
+        ranks = _evaluate_with(world, synthetic_cache)
+        assert sorted(ranks) == list(range(world)) and all(r["world_size"] == world for r in ranks.values())
+        for r in ranks.values():  # all-reduced: every rank holds the whole split's figures
+            assert r["confusion"] == one["confusion"] and r["correct"] == one["correct"] and r["total"] == 200
+            # per-batch sums are float32 (batches differ by world size), their total float64
+            assert r["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
 @pytest.mark.slow
