@@ -26,6 +26,17 @@ Where the start-up went (profiled with cProfile and -X importtime on the 2-core 
   itself is ~0.5 s.
 - the rest of the wall: Prefect's temporary API server (10-27 s on 2 cores; issue 11 starts our own
   early in the background) and the CLI's imports (torch ~3.7 s, MLflow ~1.6 s under load).
+
+Measured again on the quiet 2-core machine (2026-12-01), `mnistops run` on a new home, 24.2 s wall:
+imports 3.2 s; the new home's Prefect API migrating its database, 3.8 s idle after the imports; the
+new MLflow store's migrations (~1.4 s) and the exporter's first run (~0.8 s more than a warm one)
+inside the stages; Prefect's own bookkeeping, ~0.15 s per task run and ~1 s per flow run; and, at
+exit, 1.9 s of Python's final garbage collection over every object the libraries had made. Now: the
+store is opened and the exporter warmed up while the API boots (flows.cli._while_prefect_boots:
+only then, as it is idle time), and the objects alive at exit are frozen out of the final collection
+(serving.settings.skip_final_collection): 16.5 s. Left: the imports, the API's boot, Prefect's
+per-run costs; in the train stage, importing torch._dynamo on the optimizer's first use (~0.9 s, once
+per process: the exporter needs it too) and drawing the four plots (~1 s).
 Timings on a shared 2-core machine vary by 2-10x with the load of other work; compare ratios from
 one run, never figures from different runs.
 """
@@ -44,6 +55,7 @@ from common import mnist, row
 
 def stages(data_dir: Path) -> dict[str, float]:
     from flows.inference import export_test_split
+    from nn_core import tracking
     from nn_core.data import prepare
     from nn_core.datasets import MNIST
     from nn_core.launch import LaunchSpec, launch_training, new_training_id
@@ -61,6 +73,8 @@ def stages(data_dir: Path) -> dict[str, float]:
         return out
 
     home = Path(os.environ["MNISTOPS_HOME"])
+    # `mnistops run` opens (on a new home: creates) the store while its Prefect API boots, before training.
+    timed("open the MLflow store (new: create it)", tracking.ensure_experiment, "mnist-mlp")
     prepared = timed("prepare data (verified cache reused)", prepare, MNIST, os.environ.get("MNISTOPS_DATA_SOURCE"), data_dir)
     tid = new_training_id()
     job = TrainJob(data_path=str(prepared.cache_path), out_dir=str(home / "runs" / tid),

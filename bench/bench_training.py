@@ -8,10 +8,15 @@
   reached in under 5 s of training.
 
 What closed most of the gap to the floor (run_epoch): the shard is gathered once per epoch (a step
-takes a view instead of an index gather), and predictions go to one preallocated buffer compared
-once per epoch instead of argmax/eq/sum/add every step. The weights are bit-identical to the
-per-step version for a seed (same arithmetic in the same order), so accuracy is unchanged.
-What is left above the floor is autograd and the optimizer/scheduler objects' Python per step."""
+takes a view instead of an index gather), with index_select (0.011 s for the 50,000 images against
+0.029 s for advanced indexing: 2.23x -> 1.75x of the floor on 2026-12-01), and predictions go to one
+preallocated buffer compared once per epoch instead of argmax/eq/sum/add every step. The weights are
+bit-identical to the per-step version for a seed (same arithmetic in the same order), so accuracy is
+unchanged. What is left above the floor (profiled, ~0.37 ms a step at batch 256): autograd's engine
+and the modules' calls, and Adam's step, ~0.1 ms of Python around its one fused kernel; the
+normalisation done in place instead saved nothing measurable. Closing that needs the step captured
+(CUDA graphs, on a GPU) or compiled (torch.compile: tens of seconds of compilation on 2 cores, more
+than a whole training here)."""
 
 from __future__ import annotations
 

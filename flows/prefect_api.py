@@ -102,6 +102,20 @@ def start(home: Path) -> TemporaryApi | None:
     return _current
 
 
+def booting() -> bool:
+    """Whether the temporary API was started and does not answer yet (a new home's first boot
+    migrates its database: seconds in which the command can do other work)."""
+    api = _current
+    if api is None or api.ready:
+        return False
+    try:
+        with urllib.request.urlopen(f"{api.url}/health", timeout=0.5) as r:
+            api.ready = r.status == 200
+    except OSError:
+        pass
+    return not api.ready
+
+
 def wait_ready(timeout: float = START_TIMEOUT_S) -> None:
     """Block until the temporary API answers (no-op when none was started)."""
     api = _current

@@ -17,7 +17,7 @@ import torch
 from torch.export import Dim
 
 from serving.atomic import atomic_path
-from nn_core.model import MLP
+from nn_core.model import MLP, MLPConfig, build_model
 
 OPSET = 20
 INPUT_NAME = "pixels"
@@ -56,6 +56,15 @@ def export_onnx(model: MLP, path: Path) -> Path:
         )
         onnx.checker.check_model(onnx.load(tmp), full_check=True)  # a model that fails is never put in place
     return Path(path)
+
+
+def warm_up() -> None:
+    """Export a one-unit MLP and throw it away: the exporter's first run in a process pays for its
+    imports and operator registry (~0.8 s here), and the real export after this one does not."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(build_model(MLPConfig(hidden=(1,)), seed=0), Path(tmp) / "warm-up.onnx")
 
 
 def onnx_session(path: Path, device: str = "auto"):

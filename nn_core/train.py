@@ -99,7 +99,9 @@ def run_epoch(
     gather; predictions go into one preallocated buffer and are compared once at the end, instead of
     four small ops a step; losses stay on the device (.item() would be a CPU-GPU sync every step)."""
     model.train()
-    xs, ys = images[idx], labels[idx]  # (n, 28, 28), (n,): this epoch's order, contiguous
+    # (n, 28, 28), (n,): this epoch's order, contiguous. index_select, not images[idx]: the same
+    # copy, ~3x faster on the CPU than advanced indexing (0.011 s vs 0.029 s for the 50,000 images).
+    xs, ys = images.index_select(0, idx), labels.index_select(0, idx)
     preds = torch.empty(len(idx), dtype=torch.int64, device=env.device)
     losses = []
     for start in range(0, len(idx), batch_size):

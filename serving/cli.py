@@ -107,6 +107,9 @@ def report_error(prog: str, e: ServingError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serving.settings import skip_final_collection
+
+    skip_final_collection()
     parser = argparse.ArgumentParser(
         prog="python -m serving", formatter_class=fields.HelpFormatter,
         description="Batch inference with onnxruntime: images in, predictions (Parquet or CSV) and "
