@@ -130,6 +130,15 @@ def test_bad_input_is_one_line_before_anything_starts(tmp_path, argv, code, word
     assert imported == [], f"imported {imported} before refusing"
 
 
+@pytest.mark.e2e
+def test_bare_training_starts_without_prefect(tmp_path, mnist):
+    """`mnistops train` is nn_core only: it trains, logs and checkpoints without importing Prefect."""
+    r, imported = _mnistops(tmp_path, ["train", "--epochs", "1"], MNISTOPS_DATA_DIR=str(mnist.cache_path.parent))
+    assert r.returncode == 0, r.stderr
+    assert "validation accuracy" in r.stdout and (tmp_path / "home" / "runs").is_dir()
+    assert "torch" in imported and "prefect" not in imported, imported
+
+
 def test_debug_adds_the_traceback(tmp_path):
     r, _ = _mnistops(tmp_path, ["--debug", "run", "--resume", "x"])
     assert r.returncode == EXIT_ERROR and "Traceback" in r.stderr
