@@ -33,6 +33,7 @@ from flows.options import (  # noqa: F401 (CommandError, Stopped, UsageError: re
 )
 from nn_core.config import DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
 from serving.fields import add_arguments, from_args
+from serving.settings import create_sqlite_store
 from serving.errors import (  # noqa: F401 (the one table, re-exported for the commands and tests)
     EXIT_DRIFT,
     EXIT_ERROR,
@@ -347,9 +348,6 @@ def _reap_stale_runs() -> None:
     """Runs left RUNNING by a command that was killed are marked KILLED before this one starts."""
     import logging
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri.startswith("sqlite:") and not Path(uri.split(":///", 1)[-1]).exists():
-        return  # no store yet, so nothing to reap (and no store created here, racing another command)
     from nn_core.reaping import reap_runs
 
     try:
@@ -407,12 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.check is not None:
             args.check(args)
-        cfg = configure()
+        cfg = configure(create_store=False)
         configure_logging(debug)
         if args.prefect_api:
             from flows import prefect_api
 
             prefect_api.start(cfg.home)  # boots while the command imports torch and Prefect
+        create_sqlite_store()  # a new home's store, made whole before any MLflow client opens it
         if args.reap:
             _reap_stale_runs()
         return args.fn(args)

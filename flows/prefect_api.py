@@ -25,6 +25,7 @@ from pathlib import Path
 
 from flows import lifeline
 
+MIGRATED = "prefect.db.migrated"
 START_TIMEOUT_S = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
 
 
@@ -37,7 +38,30 @@ class TemporaryApi:
     url: str  # http://127.0.0.1:PORT/api
     proc: object  # the lifeline's Popen
     log: Path
+    home: Path
     ready: bool = False
+    migrating: object | None = None  # the held lock of a new database's first boot (see _first_boot_lock)
+
+
+def _first_boot_lock(home: Path):
+    """A new home's database is migrated by the first server that boots on it; two commands starting
+    there at once would run the migrations side by side, and one server fails. So until one server
+    has answered on this home (the marker file), a boot holds this lock; the others wait for it."""
+    import fcntl
+
+    if (home / MIGRATED).exists() and (home / "prefect.db").exists():
+        return None
+    lock = open(home / "prefect.db.lock", "a")  # noqa: SIM115 (held until the server answers)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def _answered(api: TemporaryApi) -> None:
+    api.ready = True
+    if api.migrating is not None:
+        (api.home / MIGRATED).touch()
+        api.migrating.close()  # releases the lock
+        api.migrating = None
 
 
 _current: TemporaryApi | None = None
@@ -92,9 +116,10 @@ def start(home: Path) -> TemporaryApi | None:
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    migrating = _first_boot_lock(home)
     with open(log, "ab") as out:
         proc = lifeline.spawn(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    _current = TemporaryApi(url=f"http://127.0.0.1:{port}/api", proc=proc, log=log)
+    _current = TemporaryApi(url=f"http://127.0.0.1:{port}/api", proc=proc, log=log, home=home, migrating=migrating)
     os.environ["PREFECT_API_URL"] = _current.url
     # Stopped at exit, after Prefect's own exit handlers (registered later, run earlier) have sent
     # their last logs and events to it: stopped before them, they retry for minutes.
@@ -110,7 +135,8 @@ def booting() -> bool:
         return False
     try:
         with urllib.request.urlopen(f"{api.url}/health", timeout=0.5) as r:
-            api.ready = r.status == 200
+            if r.status == 200:
+                _answered(api)
     except OSError:
         pass
     return not api.ready
@@ -126,7 +152,7 @@ def wait_ready(timeout: float = START_TIMEOUT_S) -> None:
         try:
             with urllib.request.urlopen(f"{api.url}/health", timeout=2) as r:
                 if r.status == 200:
-                    api.ready = True
+                    _answered(api)
                     return
         except OSError:
             pass
@@ -145,5 +171,7 @@ def stop() -> None:
     if api is None:
         return
     lifeline.stop(api.proc)
+    if api.migrating is not None:
+        api.migrating.close()
     if os.environ.get("PREFECT_API_URL") == api.url:
         del os.environ["PREFECT_API_URL"]

@@ -48,8 +48,9 @@ class Store:
     embedded_mlflow: bool
 
 
-def configure_store() -> Store:
-    """Fill in the store's defaults (an explicit setting always wins) and return them."""
+def configure_store(create: bool = True) -> Store:
+    """Fill in the store's defaults (an explicit setting always wins) and return them; a new SQLite
+    store is made now (`create`), or later by `create_sqlite_store`."""
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
     home = Path(os.environ.get(HOME_ENV, DEFAULT_HOME)).resolve()
@@ -60,4 +61,43 @@ def configure_store() -> Store:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:"):
         os.environ.setdefault("MNISTOPS_ARTIFACT_ROOT", str(home / "mlartifacts"))
+        if create:
+            create_sqlite_store(os.environ["MLFLOW_TRACKING_URI"], os.environ["MNISTOPS_ARTIFACT_ROOT"])
     return Store(home=home, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], embedded_mlflow=embedded)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def create_sqlite_store(uri: str | None = None, artifact_root: str | None = None) -> None:
+    """Make a new SQLite store whole before anyone opens it. Two commands starting on a new home at
+    once would otherwise both run MLflow's schema migrations on the same file, and one of them fails
+    ("Online migration expected to match one row ..."). So the schema is built in a file of this
+    process's own and linked into place only if no store is there yet (a link, unlike a rename, never
+    replaces one that another process already uses). An existing store costs one stat."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    artifact_root = artifact_root or os.environ.get("MNISTOPS_ARTIFACT_ROOT", "mlartifacts")
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if db is None or db.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    for stale in db.parent.glob(f".{db.name}.*.new"):  # left by a command killed while making one
+        if not _alive(stale.name.split(".")[-2]):
+            stale.unlink(missing_ok=True)
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
+    try:
+        SqlAlchemyStore(f"sqlite:///{tmp}", Path(artifact_root).resolve().as_uri()).engine.dispose()
+        os.link(tmp, db)
+    except FileExistsError:
+        pass  # another command made it first: that one is used
+    finally:
+        tmp.unlink(missing_ok=True)

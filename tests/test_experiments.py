@@ -33,3 +33,32 @@ def test_run_context_tags_fill_the_created_by_and_source_columns(monkeypatch):
         experiments.git_commit.cache_clear()
     assert tags["mlflow.source.name"] == "mnistops run" and tags["mlflow.source.type"] == "JOB"
     assert tags["mlflow.source.git.commit"] == "0123abc" and tags["mlflow.user"]
+
+
+def test_commands_starting_together_on_a_new_home_share_one_store(tmp_path):
+    """Three processes open the embedded store of the same new home at the same moment: each gets
+    the one complete store (no migration race), and no temporary file is left."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    code = ("import os, time; from pathlib import Path\n"
+            f"while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+            "from serving.settings import configure_store; configure_store()\n"
+            "from mlflow import MlflowClient; MlflowClient().search_experiments()\n")
+    env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home")}
+    for key in ("MLFLOW_TRACKING_URI", "MNISTOPS_ARTIFACT_ROOT"):
+        env.pop(key, None)
+    procs = [subprocess.Popen([sys.executable, "-c", "import mlflow.store.tracking.sqlalchemy_store\n" + code],
+                              env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    time.sleep(3)  # let each import MLflow first, so that the three really start creating together
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    with sqlite3.connect(tmp_path / "home" / "mlflow.db") as db:
+        assert db.execute("select count(*) from alembic_version").fetchone() == (1,)
+        assert db.execute("select name from experiments").fetchall() == [("Default",)]
+    assert not list((tmp_path / "home").glob(".mlflow.db.*"))

@@ -246,3 +246,19 @@ def test_sigterm_stops_a_sweep_with_concurrent_trainings(tmp_path, mnist, mnist_
     trials = [r for r in _runs(home) if r.data.tags.get("mnistops.kind") == "training"]
     assert sorted(r.info.status for r in trials) == ["KILLED", "KILLED"]
     assert all(len(_mlflow(home).get_metric_history(r.info.run_id, M.VAL_ACCURACY)) < 50 for r in trials)
+
+
+def test_two_commands_booting_a_new_home_at_once_both_get_an_api(tmp_path):
+    """Two temporary Prefect APIs starting on the same new home together: one migrates its
+    database, the other waits for that, and both answer (side by side, one of them failed)."""
+    home = tmp_path / "home"
+    code = ("import sys; from pathlib import Path; from flows import prefect_api\n"
+            f"api = prefect_api.start(Path({str(home)!r})); prefect_api.wait_ready(); print(api.url)\n"
+            "prefect_api.stop()\n")
+    env = _env(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(o.strip().splitlines()[-1].startswith("http://127.0.0.1:") for o in outs), outs
+    assert (home / "prefect.db.migrated").exists()
