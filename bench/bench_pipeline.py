@@ -32,8 +32,8 @@ imports 3.2 s; the new home's Prefect API migrating its database, 3.8 s idle aft
 new MLflow store's migrations (~1.4 s) and the exporter's first run (~0.8 s more than a warm one)
 inside the stages; Prefect's own bookkeeping, ~0.15 s per task run and ~1 s per flow run; and, at
 exit, 1.9 s of Python's final garbage collection over every object the libraries had made. Now: the
-store is opened and the exporter warmed up while the API boots (flows.cli._while_prefect_boots:
-only then, as it is idle time), and the objects alive at exit are frozen out of the final collection
+store is created while the API boots (flows.cli.main, right after starting it), the exporter is
+warmed up in that wait (flows.cli._while_prefect_boots: only then, as it is idle time), and the objects alive at exit are frozen out of the final collection
 (serving.settings.skip_final_collection): 16.5 s. Left: the imports, the API's boot, Prefect's
 per-run costs; in the train stage, importing torch._dynamo on the optimizer's first use (~0.9 s, once
 per process: the exporter needs it too) and drawing the four plots (~1 s).

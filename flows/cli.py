@@ -159,8 +159,8 @@ def cmd_run(args) -> int:
 
 def _while_prefect_boots(experiment: str) -> None:
     """Work the pipeline does anyway, done while a new home's temporary Prefect API migrates its
-    database (~4 s here) instead of after: open the MLflow store (creating a new one migrates it too,
-    ~1 s) and warm the ONNX exporter up (its first export in a process costs ~0.8 s more than the next)."""
+    database (~4 s here) instead of after: the experiment (main made the store already) and a warm-up
+    of the ONNX exporter (its first export in a process costs ~0.8 s more than the next)."""
     from flows import prefect_api
 
     if not prefect_api.booting():
