@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.check is not None:
             args.check(args)
-        cfg = configure(create_store=False)
+        cfg = configure()
         configure_logging(debug)
         if args.prefect_api:
             from flows import prefect_api

@@ -47,14 +47,13 @@ class Settings:
         return self.home / "outputs"
 
 
-def configure(create_store: bool = True) -> Settings:
-    """Fill in the environment's defaults (an explicit setting always wins) and return them; a new
-    embedded MLflow store is made now (`create_store`) or by serving.settings.create_sqlite_store."""
+def configure() -> Settings:
+    """Fill in the environment's defaults (an explicit setting always wins) and return them."""
     from serving.settings import configure_store  # the one definition, shared with `python -m serving`
 
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    store = configure_store(create=create_store)
+    store = configure_store()
     home = store.home
     # Prefect's persisted task results (the prepare-data cache) live in the home too, not in
     # ~/.prefect/storage. Read by Prefect when it is imported, so this runs before that.

@@ -62,9 +62,9 @@ def owner_alive(owner: str) -> bool | None:
 
 def reap_runs(experiment_names: list[str] | None = None) -> list[str]:
     """Mark RUNNING runs whose owner on this host is gone as KILLED; return their ids."""
-    from mlflow.tracking import MlflowClient
+    from serving.settings import mlflow_client
 
-    client = MlflowClient()
+    client = mlflow_client()
     if experiment_names is None:
         ids = [e.experiment_id for e in client.search_experiments()]
     else:

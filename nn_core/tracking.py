@@ -11,6 +11,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from serving.experiments import NOTE_TAG, ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
+from serving.settings import mlflow_client
 
 TRAINING_ID_TAG = "mnistops.training_id"
 TRAINING_EXPERIMENT_DESCRIPTION = (
@@ -27,7 +28,7 @@ class ResumeError(ValueError):
 
 
 def client() -> MlflowClient:
-    return MlflowClient()
+    return mlflow_client()
 
 
 def find_run(experiment: str, training_id: str) -> str | None:

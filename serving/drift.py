@@ -334,10 +334,10 @@ def store_reference(model_name: str, version: str, run_id: str, model_path: Path
     """Compute the profile of a registered version and store it with it: an artifact
     `drift/reference.json` on the version's run and the version tag `drift.reference` pointing at it.
     Returns that artifact URI."""
-    from mlflow import MlflowClient
+    from serving.settings import mlflow_client
 
     ref = compute_reference(model_path, np.asarray(train_images), np.asarray(val_images))
-    client = MlflowClient()
+    client = mlflow_client()
     with tempfile.TemporaryDirectory(prefix="mnistops-drift-") as tmp:
         path = Path(tmp) / ARTIFACT_NAME
         path.write_text(json.dumps(ref.to_dict()))

@@ -29,10 +29,11 @@ def ensure_experiment(name: str, client=None, description: str | None = None) ->
     """The experiment's id, created on first use. With the embedded store, artifacts go under
     MNISTOPS_ARTIFACT_ROOT (set by the entry point) rather than wherever the process happens to run.
     An experiment made before it carried the kind tag gets it (and the description) on the way."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    c = client or MlflowClient()
+    from serving.settings import mlflow_client
+
+    c = client or mlflow_client()
     tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING, **({NOTE_TAG: description} if description else {})}
     exp = c.get_experiment_by_name(name)
     if exp is None:

@@ -138,9 +138,9 @@ class _Tracking:
     """One MLflow run per job, through MlflowClient with an explicit run id (no active-run state)."""
 
     def __init__(self, cfg: JobConfig, model: ModelRef, provider_used: str, reader: ImageReader):
-        from mlflow import MlflowClient
+        from serving.settings import mlflow_client
 
-        self.client = MlflowClient()
+        self.client = mlflow_client()
         exp_id = ensure_experiment(cfg.experiment, self.client)
         tags = {
             "mnistops.job": "inference",

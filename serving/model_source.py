@@ -77,14 +77,15 @@ def _download(artifact_uri: str, dst_dir: Path, uri: str) -> Path:
 
 def _from_registry(uri: str, dst_dir: Path) -> ModelRef:
     import mlflow
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from serving.settings import mlflow_client
 
     m = _REGISTRY_URI.match(uri)
     if m is None:
         raise ModelSourceError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     name = m["name"]
-    client = MlflowClient()
+    client = mlflow_client()
     try:
         mv = (
             client.get_model_version_by_alias(name, m["alias"])

@@ -48,9 +48,10 @@ class Store:
     embedded_mlflow: bool
 
 
-def configure_store(create: bool = True) -> Store:
-    """Fill in the store's defaults (an explicit setting always wins) and return them; a new SQLite
-    store is made now (`create`), or later by `create_sqlite_store`."""
+def configure_store() -> Store:
+    """Fill in the store's defaults (an explicit setting always wins) and return them. Nothing is
+    opened: the store is made by its first client (mlflow_client), so an install without MLflow's
+    store backend (the slim inference image) runs untracked jobs."""
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
     home = Path(os.environ.get(HOME_ENV, DEFAULT_HOME)).resolve()
@@ -61,9 +62,16 @@ def configure_store(create: bool = True) -> Store:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:"):
         os.environ.setdefault("MNISTOPS_ARTIFACT_ROOT", str(home / "mlartifacts"))
-        if create:
-            create_sqlite_store(os.environ["MLFLOW_TRACKING_URI"], os.environ["MNISTOPS_ARTIFACT_ROOT"])
     return Store(home=home, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], embedded_mlflow=embedded)
+
+
+def mlflow_client():
+    """An MlflowClient of the configured store, made whole first when it is a new SQLite store
+    (create_sqlite_store): the one way this project opens MLflow, so no command races a migration."""
+    from mlflow import MlflowClient
+
+    create_sqlite_store()
+    return MlflowClient()
 
 
 def _alive(pid: str) -> bool:

@@ -36,8 +36,9 @@ def test_run_context_tags_fill_the_created_by_and_source_columns(monkeypatch):
 
 
 def test_commands_starting_together_on_a_new_home_share_one_store(tmp_path):
-    """Three processes open the embedded store of the same new home at the same moment: each gets
-    the one complete store (no migration race), and no temporary file is left."""
+    """Three processes open the embedded store of the same new home at the same moment, the way the
+    project opens MLflow (serving.settings.mlflow_client): each gets the one complete store (no
+    migration race), and no temporary file is left."""
     import os
     import sqlite3
     import subprocess
@@ -47,8 +48,8 @@ def test_commands_starting_together_on_a_new_home_share_one_store(tmp_path):
     go = tmp_path / "go"
     code = ("import os, time; from pathlib import Path\n"
             f"while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
-            "from serving.settings import configure_store; configure_store()\n"
-            "from mlflow import MlflowClient; MlflowClient().search_experiments()\n")
+            "from serving.settings import configure_store, mlflow_client; configure_store()\n"
+            "mlflow_client().search_experiments()\n")
     env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home")}
     for key in ("MLFLOW_TRACKING_URI", "MNISTOPS_ARTIFACT_ROOT"):
         env.pop(key, None)
