@@ -407,14 +407,15 @@ def main(argv: list[str] | None = None) -> int:
             args.check(args)
         cfg = configure()
         configure_logging(debug)
-        if args.prefect_api:
-            from flows import prefect_api
+        from flows import prefect_api
 
+        if args.prefect_api:
             prefect_api.start(cfg.home)  # boots while the command imports torch and Prefect
         create_sqlite_store()  # a new home's store, made whole before any MLflow client opens it
         if args.reap:
             _reap_stale_runs()
-        return args.fn(args)
+        with prefect_api.without_heartbeats():
+            return args.fn(args)
     except BaseException as e:
         if isinstance(e, SystemExit):
             raise

@@ -14,6 +14,7 @@ boot overlap with those imports; `wait_ready()` is called just before the first 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import subprocess
@@ -163,6 +164,21 @@ def wait_ready(timeout: float = START_TIMEOUT_S) -> None:
             raise PrefectApiError(f"Prefect's temporary API did not answer within {timeout:.0f} s; see {api.log} "
                                   "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS sets the limit)")
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def without_heartbeats():
+    """Flow runs on the temporary API send no heartbeats: nothing reads them there (the API goes with
+    the command, and a killed command's flow runs are found by their owner tag, flows/ownership.py),
+    and the end of every flow run waited for Prefect's heartbeat thread, which sleeps in 1 s steps
+    (0.5 s a flow run on average). With a configured Prefect API, heartbeats are sent as configured."""
+    if _current is None:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def stop() -> None:

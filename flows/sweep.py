@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import settings
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
+from flows.ownership import untagged_task_runs
 from flows.training import PipelineResult, obtain_data, publish, refuse_other_task, release, train_job, train_model
 from nn_core import metrics as M
 from nn_core import tracking
@@ -191,24 +192,25 @@ def hyperparameter_sweep(
     points = grid.points()
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    model_name = gate.model_for(data.dataset)
-    prepared = obtain_data(data)
-    refuse_other_task(model_name, prepared)
-    parent_id, parent_url = _start_parent(grid, points, concurrency, data, train, prepared, experiment)
-    try:
-        results = _train_all(points, concurrency, prepared, data, model, train, launch, experiment, parent_id)
-        trials = [_trial(p, r) for p, r, _ in results]
-        best_i = max(range(len(trials)), key=lambda i: trials[i]["val_accuracy"])
-        _publish_comparison(parent_id, parent_url, trials, trials[best_i])
-        _, best_result, best_tid = results[best_i]
-        get_run_logger().info("best config %s: val acc %.4f", trials[best_i]["name"], best_result.val_accuracy)
-        outcome = release(best_result, prepared, model_name, gate, best_tid, experiment)
-        publish(outcome)
-        tracking.log_tags(parent_id, {"best_version": str(outcome.version),
-                                      "promotion": "accepted" if outcome.promoted else "rejected"})
-        tracking.set_note(parent_id, _sweep_note(grid, trials, trials[best_i], outcome) + " " + prefect_note())
-        tracking.end_run(parent_id, "FINISHED")
-    except BaseException:
-        tracking.end_run(parent_id, "FAILED")
-        raise
-    return SweepResult(parent_run_id=parent_id, trials=trials, best=trials[best_i], release=outcome)
+    with untagged_task_runs():
+        model_name = gate.model_for(data.dataset)
+        prepared = obtain_data(data)
+        refuse_other_task(model_name, prepared)
+        parent_id, parent_url = _start_parent(grid, points, concurrency, data, train, prepared, experiment)
+        try:
+            results = _train_all(points, concurrency, prepared, data, model, train, launch, experiment, parent_id)
+            trials = [_trial(p, r) for p, r, _ in results]
+            best_i = max(range(len(trials)), key=lambda i: trials[i]["val_accuracy"])
+            _publish_comparison(parent_id, parent_url, trials, trials[best_i])
+            _, best_result, best_tid = results[best_i]
+            get_run_logger().info("best config %s: val acc %.4f", trials[best_i]["name"], best_result.val_accuracy)
+            outcome = release(best_result, prepared, model_name, gate, best_tid, experiment)
+            publish(outcome)
+            tracking.log_tags(parent_id, {"best_version": str(outcome.version),
+                                          "promotion": "accepted" if outcome.promoted else "rejected"})
+            tracking.set_note(parent_id, _sweep_note(grid, trials, trials[best_i], outcome) + " " + prefect_note())
+            tracking.end_run(parent_id, "FINISHED")
+        except BaseException:
+            tracking.end_run(parent_id, "FAILED")
+            raise
+        return SweepResult(parent_run_id=parent_id, trials=trials, best=trials[best_i], release=outcome)

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import settings
 from flows.observability import forward_worker_logs, link_mlflow_run, mlflow_context_tags, prefect_note
+from flows.ownership import untagged_task_runs
 from nn_core import tracking
 from nn_core.config import DEFAULT_EXPERIMENT, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
 from nn_core.data import PreparedDataset, SourceUnavailableError, cache_path, default_data_dir, prepare_dataset
@@ -256,11 +257,12 @@ def training_pipeline(
     """
     settings.configure()
     model_name = gate.model_for(data.dataset)
-    prepared = obtain_data(data)
-    refuse_other_task(model_name, prepared)
-    job = train_job(prepared, model, train, experiment, data_source=data.data_source, training_id=training_id)
-    result = train_model(job, launch)
-    outcome = release(result, prepared, model_name, gate, job.tracking.training_id, experiment)
-    publish(outcome)
+    with untagged_task_runs():
+        prepared = obtain_data(data)
+        refuse_other_task(model_name, prepared)
+        job = train_job(prepared, model, train, experiment, data_source=data.data_source, training_id=training_id)
+        result = train_model(job, launch)
+        outcome = release(result, prepared, model_name, gate, job.tracking.training_id, experiment)
+        publish(outcome)
     print(f"{'PROMOTED' if outcome.promoted else 'NOT PROMOTED'}: {model_name} version {outcome.version}: {outcome.reason}")
     return outcome

@@ -81,6 +81,16 @@ def _flow_runs(home: Path) -> list[tuple[str, str, list[str]]]:
     return [(name, state, json.loads(tags)) for name, state, tags in rows]
 
 
+def _task_run_tags(home: Path) -> dict[str, list[str]]:
+    with sqlite3.connect(home / "prefect.db") as db:
+        return {name: json.loads(tags) for name, tags in db.execute("select name, tags from task_run")}
+
+
+def _events(home: Path) -> dict[str, int]:
+    with sqlite3.connect(home / "prefect.db") as db:
+        return dict(db.execute("select event, count(*) from events group by event").fetchall())
+
+
 def _mlflow(home: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
 
@@ -164,6 +174,9 @@ def test_sigterm_stops_run_cancels_its_flow_run_and_leaves_nothing(tmp_path, mni
     assert run.info.status == "KILLED"
     ((name, state, tags),) = _flow_runs(home)
     assert state == "CANCELLED" and any(t.startswith("mnistops-owner:") for t in tags)
+    # Only the flow run is the owner's: a tagged task run would ask the API for a concurrency slot.
+    task_tags = _task_run_tags(home)
+    assert task_tags and not any(t.startswith("mnistops-owner:") for tags in task_tags.values() for t in tags), task_tags
 
 
 @pytest.mark.e2e
@@ -176,6 +189,28 @@ def test_rejected_first_candidate_exits_3_and_skips_the_batch_job(tmp_path, mnis
     assert "no champion of 'mnist-mlp' yet: the batch inference over the test set is skipped" in r.stdout
     assert "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "home" / "outputs").exists()
+
+
+def test_a_run_on_the_temporary_api_keeps_only_the_bookkeeping_it_needs(tmp_path, mnist, mnist_source):
+    """The owner tag names the flow run, not its task runs (a tagged task run asks the API for a
+    concurrency slot before it starts), and nothing sends heartbeats to an API that ends with the
+    command: the state changes are recorded, no heartbeat is."""
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--no-inference"],
+                       env=_env(tmp_path, MNISTOPS_DATA_DIR=str(mnist.cache_path.parent),
+                                MNISTOPS_DATA_SOURCE=str(mnist_source)),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, EXIT_REJECTED), r.stdout + r.stderr
+    home = tmp_path / "home"
+    ((name, state, tags),) = _flow_runs(home)
+    assert (name, state) == ("training-pipeline", "COMPLETED")
+    assert any(t.startswith("mnistops-owner:") for t in tags)
+    task_tags = _task_run_tags(home)
+    assert {"prepare-data", "train", "export-and-parity", "register", "gate"} <= {
+        n.split(" ")[0].rsplit("-", 1)[0] if " " not in n else n.split(" ")[0] for n in task_tags}, task_tags
+    assert not any(t.startswith("mnistops-owner:") for tags in task_tags.values() for t in tags), task_tags
+    events = _events(home)
+    assert events.get("prefect.flow-run.Completed") == 1, events
+    assert "prefect.flow-run.heartbeat" not in events, events
 
 
 def _health(port: int) -> bool:
