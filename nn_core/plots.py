@@ -9,28 +9,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and workers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
+import numpy as np
+from matplotlib.colors import LogNorm
+# Figures without pyplot: no backend or figure manager to import and set up (no display on servers
+# and workers); savefig renders a PNG with Agg.
+from matplotlib.figure import Figure
 
 # One colour per series, the same in every figure (matplotlib's default cycle, named).
 COLOURS = {"step": "#9ecae1", "train": "tab:blue", "val": "tab:orange", "val_acc": "tab:green",
            "test": "tab:purple"}
 
 
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path)
     return path
+
+
+def _inside(artists) -> None:
+    """Labels drawn inside the axes (cell counts, bar and point values) are left out of the layout
+    computations: they cannot widen the figure, and measuring each one's text is most of a figure's
+    drawing time."""
+    for a in artists:
+        a.set_in_layout(False)
 
 
 def loss_curve(step_losses: list[float], steps_per_epoch: int, history: list[dict], path: Path,
                title: str = "Training curves") -> Path:
     """Left: cross-entropy per step and per epoch (train, validation). Right: validation accuracy."""
-    fig, (ax, acc) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    ax, acc = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     epochs = [h["epoch"] for h in history]
     ax.plot(np.arange(1, len(step_losses) + 1) / steps_per_epoch, step_losses, lw=0.6,
             color=COLOURS["step"], label="train loss (each step)")
@@ -42,8 +49,8 @@ def loss_curve(step_losses: list[float], steps_per_epoch: int, history: list[dic
 
     values = [100 * h["val_accuracy"] for h in history]
     acc.plot(epochs, values, "^-", color=COLOURS["val_acc"], label="validation accuracy")
-    for e, v in zip(epochs, values):
-        acc.annotate(f"{v:.2f}", (e, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    _inside(acc.annotate(f"{v:.2f}", (e, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+            for e, v in zip(epochs, values))
     low = min(values) if values else 0.0
     acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Validation accuracy",
             ylim=(max(0.0, min(low - 2.0, 90.0)), 100.0))
@@ -57,7 +64,8 @@ def loss_curve(step_losses: list[float], steps_per_epoch: int, history: list[dic
 def confusion_matrix(cm: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
     """Counts with a logarithmic colour scale (the diagonal dwarfs the errors), and its colour bar."""
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(7.2, 6), dpi=100)
+    fig = Figure(figsize=(7.2, 6), dpi=100)
+    ax = fig.subplots()
     # LogNorm needs positive values: empty cells are drawn as the lowest colour.
     image = ax.imshow(np.maximum(cm, 1), cmap="Blues", norm=LogNorm(vmin=1, vmax=max(int(cm.max()), 2)))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images (log scale)")
@@ -66,10 +74,8 @@ def confusion_matrix(cm: np.ndarray, classes: list[str], title: str, path: Path)
     ax.set_yticks(range(n), classes)
     ax.set(xlabel="predicted class", ylabel="true class", title=f"Confusion matrix, {title}")
     threshold = np.sqrt(max(int(cm.max()), 1))  # the log scale's midpoint
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if cm[i, j] > threshold else "black")
+    _inside(ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > threshold else "black") for i in range(n) for j in range(n))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -80,11 +86,12 @@ def per_class_accuracy(val: list[float], test: list[float], classes: list[str], 
     figure below the worst class rather than at the data, so bars keep their proportions."""
     x = np.arange(len(classes))
     width = 0.4
-    fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(classes)), 4.2), dpi=100)
+    fig = Figure(figsize=(max(7, 0.8 * len(classes)), 4.2), dpi=100)
+    ax = fig.subplots()
     for offset, values, name, colour in ((-width / 2, val, "validation", COLOURS["val"]),
                                          (width / 2, test, "test", COLOURS["test"])):
         bars = ax.bar(x + offset, [100 * v for v in values], width, label=name, color=colour)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        _inside(ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2))
     worst = 100 * min([*val, *test]) if (val or test) else 0.0
     ax.set_ylim(max(0.0, 10 * np.floor(worst / 10) - 10), 101)
     long_names = max(map(len, classes)) > 2
