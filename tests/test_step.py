@@ -124,3 +124,23 @@ def test_pixel_statistics_are_exact():
     assert (got_mean, got_std) == pytest.approx((float(ref.mean()), float(ref.std())), rel=1e-12)
     with pytest.raises(TypeError, match="uint8"):
         stats_from(images.float())
+
+
+def test_both_ways_of_gathering_batches_train_the_same_weights():
+    from nn_core.distributed import ddp_context
+    from nn_core.train import run_epoch
+
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (500, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (500,), generator=g)
+    idx = torch.randperm(500, generator=g)[:450]
+    results = []
+    with ddp_context("cpu") as env:
+        for per_batch in (True, False):  # the CPU's way and the GPU's
+            model = _model()
+            opt = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)
+            losses, acc = run_epoch(model, FusedAdamStep(opt), None, images, labels, idx, 64, env, per_batch=per_batch)
+            results.append((model.state_dict(), losses, acc))
+    (a, la, acca), (b, lb, accb) = results
+    assert all(torch.equal(a[k], b[k]) for k in a) and torch.equal(la, lb) and acca == accb
+    assert len(la) == 8  # 450 samples in batches of 64: the last one short
