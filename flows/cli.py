@@ -7,6 +7,7 @@ MNISTOPS_DEBUG=1) adds the traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -61,8 +62,11 @@ def cmd_prepare_data(args) -> int:
 def cmd_train(args) -> int:
     """The bare DDP training: nn_core only, no Prefect."""
     from flows.settings import configure
-    from nn_core.data import prepare_dataset
-    from nn_core.launch import launch_training, new_job, new_training_id
+    from serving.settings import loading
+
+    with loading():
+        from nn_core.data import prepare_dataset
+        from nn_core.launch import launch_training, new_job, new_training_id
 
     data, launch = data_config(args), from_args(LaunchSpec, args)
     prepared = prepare_dataset(data)
@@ -132,8 +136,11 @@ def _resumed(params: dict, resume: tuple[str, dict]) -> dict:
 
 
 def cmd_run(args) -> int:
-    from flows import ownership, prefect_api
-    from flows.training import training_pipeline
+    from serving.settings import loading
+
+    with loading():
+        from flows import ownership, prefect_api
+        from flows.training import training_pipeline
 
     params = pipeline_parameters(args)
     if args.resume is not None:
@@ -385,7 +392,7 @@ def _on_signal(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.settings import skip_final_collection
+    from serving.settings import loading, skip_final_collection
 
     skip_final_collection()
     args = build_parser().parse_args(argv)
@@ -403,18 +410,20 @@ def main(argv: list[str] | None = None) -> int:
 
             wakeup_fd = lifeline.on_signal(_stop_trainings)
     try:
-        if args.check is not None:
-            args.check(args)
-        cfg = configure()
-        configure_logging(debug)
-        from flows import prefect_api
+        with contextlib.ExitStack() as stack:
+            with loading():  # the start-up imports MLflow's store and Prefect's settings
+                if args.check is not None:
+                    args.check(args)
+                cfg = configure()
+                configure_logging(debug)
+                from flows import prefect_api
 
-        if args.prefect_api:
-            prefect_api.start(cfg.home)  # boots while the command imports torch and Prefect
-        create_sqlite_store()  # a new home's store, made whole before any MLflow client opens it
-        if args.reap:
-            _reap_stale_runs()
-        with prefect_api.without_heartbeats():
+                if args.prefect_api:
+                    prefect_api.start(cfg.home)  # boots while the command imports torch and Prefect
+                create_sqlite_store()  # a new home's store, made whole before any MLflow client opens it
+                if args.reap:
+                    _reap_stale_runs()
+                stack.enter_context(prefect_api.without_heartbeats())
             return args.fn(args)
     except BaseException as e:
         if isinstance(e, SystemExit):

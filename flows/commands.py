@@ -45,10 +45,13 @@ def _grid(args):
 
 
 def cmd_sweep(args) -> int:
-    from flows import ownership, prefect_api
-    from flows.options import pipeline_parameters
-    from flows.sweep import hyperparameter_sweep
-    from serving.errors import EXIT_OK, EXIT_REJECTED
+    from serving.settings import loading
+
+    with loading():
+        from flows import ownership, prefect_api
+        from flows.options import pipeline_parameters
+        from flows.sweep import hyperparameter_sweep
+        from serving.errors import EXIT_OK, EXIT_REJECTED
 
     grid = _grid(args)
     prefect_api.wait_ready()

@@ -228,3 +228,27 @@ def test_ui_serves_the_embedded_store_on_localhost(tmp_path):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+
+
+def test_loading_pauses_the_collector_and_freezes_what_was_loaded():
+    import gc
+
+    from serving.settings import loading
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with pytest.raises(RuntimeError):
+        with loading():
+            assert not gc.isenabled()
+            kept = [[] for _ in range(1000)]  # tracked objects made while loading
+            raise RuntimeError("an import failed")
+    assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(kept)
+    gc.unfreeze()  # leave the test process's collector as it was
+    gc.disable()
+    try:
+        with loading():
+            pass
+        assert not gc.isenabled()  # a caller's disabled collector stays disabled
+    finally:
+        gc.unfreeze()
+        gc.enable()
