@@ -19,7 +19,8 @@ import torch
 
 class FusedAdamStep:
     """`step()` for a torch.optim.Adam/AdamW built with fused=True; create it after any
-    `load_state_dict` (it holds the state tensors)."""
+    `load_state_dict` (it holds the state tensors). What it covers is checked when it is made
+    (`supported`); hooks registered on the optimizer later are not seen."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -56,8 +57,8 @@ class FusedAdamStep:
 
 
 def supported(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the direct call computes what optimizer.step() would: fused Adam/AdamW, one device
-    type, no amsgrad, no tensor lr, no step hooks, nothing differentiable or capturable."""
+    """Whether the direct call computes what optimizer.step() would: fused Adam/AdamW, float32
+    parameters on one device per group, no amsgrad, no tensor lr, no step hooks, nothing differentiable or capturable."""
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
     hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
