@@ -391,12 +391,37 @@ def _on_signal(signum, frame):
     raise Stopped(signum)
 
 
+@contextlib.contextmanager
+def _started(args, debug: bool):
+    """What every command needs before it runs: its arguments checked, the home's settings and
+    logging, Prefect's temporary API booting (when the command uses one), the home's MLflow store
+    made, stale runs reaped. Its imports (MLflow's store, Prefect's settings) run with the garbage
+    collector paused (serving.settings.loading)."""
+    from flows import prefect_api
+    from flows.settings import configure, configure_logging
+    from serving.settings import loading
+
+    with contextlib.ExitStack() as stack:
+        with loading():
+            if args.check is not None:
+                args.check(args)
+            cfg = configure()
+            configure_logging(debug)
+            if args.prefect_api:
+                prefect_api.start(cfg.home)  # boots while the command imports torch and Prefect
+            create_sqlite_store()  # a new home's store, made whole before any MLflow client opens it
+            if args.reap:
+                _reap_stale_runs()
+            stack.enter_context(prefect_api.without_heartbeats())
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
-    from serving.settings import loading, skip_final_collection
+    from serving.settings import skip_final_collection
 
     skip_final_collection()
     args = build_parser().parse_args(argv)
-    from flows.settings import configure, configure_logging, debug_enabled
+    from flows.settings import debug_enabled
 
     debug = args.debug or debug_enabled()
     if debug:
@@ -410,20 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
             wakeup_fd = lifeline.on_signal(_stop_trainings)
     try:
-        with contextlib.ExitStack() as stack:
-            with loading():  # the start-up imports MLflow's store and Prefect's settings
-                if args.check is not None:
-                    args.check(args)
-                cfg = configure()
-                configure_logging(debug)
-                from flows import prefect_api
-
-                if args.prefect_api:
-                    prefect_api.start(cfg.home)  # boots while the command imports torch and Prefect
-                create_sqlite_store()  # a new home's store, made whole before any MLflow client opens it
-                if args.reap:
-                    _reap_stale_runs()
-                stack.enter_context(prefect_api.without_heartbeats())
+        with _started(args, debug):
             return args.fn(args)
     except BaseException as e:
         if isinstance(e, SystemExit):
