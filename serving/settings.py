@@ -47,8 +47,8 @@ def loading():
     """Wrap a command's imports (and the start-up that imports MLflow, Prefect, torch): the garbage
     collector is off while they run, and the objects they made (modules, classes, registries,
     pydantic schemas: ~500,000) are frozen out of its reach afterwards. Imports make long-lived
-    objects, not garbage, yet every full collection walked all of them: ~20 of 0.01-0.3 s each in a
-    `mnistops run` on 2 cores. Garbage made later is collected as before."""
+    objects, not garbage, yet every full collection walked all of them: 11-15 collections of
+    0.01-0.3 s each in a `mnistops run` on 2 cores. Garbage made later is collected as before."""
     import gc
 
     enabled = gc.isenabled()
