@@ -6,11 +6,13 @@ as `mlflow ui` starts its own children. So a server runs under a small lifeline 
 
 - the lifeline gets SIGTERM when the command dies (even by SIGKILL), and checks its parent twice a
   second besides, for the case where the command died before the lifeline could ask for that; it
-  obeys signals from its parent only (a signal to the whole process group reaches the command, which
-  stops the server last, after what uses it);
+  obeys signals from its parent only, and runs in a process group of its own, so that a signal to the
+  command's whole group reaches the command (which stops the server last, after what uses it) but
+  not the lifeline: a SIGKILL to that group leaves the lifeline to stop the server;
 - the server runs in its own process group, which the lifeline stops as a whole: SIGTERM, then
   SIGKILL after a grace period; a server that exits by itself has its group's stragglers removed too;
-- the server gets SIGKILL when the lifeline itself is killed.
+- the server gets SIGKILL when the lifeline itself is killed (the server's own children would then
+  be left, which is why nothing kills a lifeline but its own timeout in `stop`).
 
 The server being in its own group also keeps a terminal's Ctrl-C from reaching it before the command
 has decided what to do.
@@ -50,13 +52,19 @@ def spawn(cmd: list[str], env: dict | None = None, **popen_kwargs) -> subprocess
     """Start `cmd` under a lifeline tied to this process; the Popen is the lifeline's (its exit code
     is the command's; terminate() stops the command's whole process group)."""
     me = os.getpid()
+    # In a process group of its own: a kill sent to the command's whole group (a terminal's, a CI
+    # job's cleanup, `timeout -s KILL`) would take the lifeline down with the command before it has
+    # stopped the server, and the server's own children (uvicorn under `mlflow ui`) would be left.
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.lifeline", str(me), "--", *cmd], env=env,
+        [sys.executable, "-m", "flows.lifeline", str(me), "--", *cmd], env=env, process_group=0,
         preexec_fn=lambda: die_with_parent(signal.SIGTERM, me), **popen_kwargs,
     )
 
 
-def stop(proc: subprocess.Popen, timeout: float = GRACE_S + 5) -> int | None:
+def stop(proc: subprocess.Popen, timeout: float = 2 * GRACE_S + 5) -> int | None:
+    """Stop the lifeline and with it its server's group. The wait covers the lifeline's own worst
+    case (SIGTERM, the grace period, SIGKILL, the grace period): killed earlier, it would leave the
+    server's children behind."""
     if proc.poll() is None:
         proc.terminate()
         try:

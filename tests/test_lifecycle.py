@@ -221,8 +221,13 @@ def _health(port: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_ui_server_goes_with_the_command(tmp_path, sig):
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGKILL, True)],
+                         ids=["SIGTERM", "SIGKILL", "SIGKILL-to-its-process-group"])
+def test_ui_server_goes_with_the_command(tmp_path, sig, group):
+    """However the command ends, the server and the server's own children (mlflow ui starts
+    uvicorn) go too, also when the kill reaches the command's whole process group at once (a
+    terminal's group, `timeout -s KILL`, a CI job's cleanup): the lifeline that stops them is not
+    in that group."""
     from servers import free_port
 
     port = free_port()
@@ -230,12 +235,12 @@ def test_ui_server_goes_with_the_command(tmp_path, sig):
     try:
         _wait_for(lambda: _health(port), 120, proc, "the MLflow UI")
         started = _tree(proc.pid)
-        assert any("mlflow" in " ".join(p.cmdline()) for p in started)
-        proc.send_signal(sig)
+        assert any("uvicorn" in " ".join(p.cmdline()) for p in started)  # the server's own child
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
         if sig == signal.SIGTERM:
             assert proc.returncode == EXIT_SIGTERM and "mnistops ui: interrupted (SIGTERM)" in out
-        _assert_all_gone(started, f"after {sig.name} of `mnistops ui`")
+        _assert_all_gone(started, f"after {sig.name} of `mnistops ui`{' and its process group' if group else ''}")
         assert not _health(port)
     finally:
         _cleanup(proc)
