@@ -12,10 +12,11 @@ Adam's fused kernel called directly (nn_core.optim.FusedAdamStep: optimizer.step
 Python a step around it), the input normalised in place in a copy of its own (two fewer (B, 784)
 temporaries a step), gradients dropped by assignment instead of zero_grad (its profiler range and
 grouping), a batch gathered with index_select from the epoch's permutation (a small copy that stays
-in cache, instead of gathering the whole shard first): 1.75x -> ~1.35x. Each gives the same
-arithmetic in the same order, so the weights are bit-identical for a seed (tests/test_step.py; the
-exact pixel statistics moved the normalisation's std in its 10th digit), and accuracy is unchanged. Tried and dropped: one autograd.Function with a hand-written backward for the
-whole MLP and loss (slower: autograd's own overhead is not what is left), folding the cast into the
+in cache, instead of gathering the whole shard first): 1.75x -> 1.35-1.6x over five runs (most of
+the spread is the floor's own). Each gives the same arithmetic in the same order, so the weights are
+bit-identical for a seed (tests/test_step.py; the exact pixel statistics moved the normalisation's
+std in its 10th digit), and accuracy is unchanged. Tried and dropped: one autograd.Function with a
+hand-written backward for the whole MLP and loss (slower: autograd's own overhead is not what is left), folding the cast into the
 subtraction, batch 512 (fewer steps, but below 97.2% validation for seeds 0..4 in 10 epochs). What is
 left above the floor: allocating each step's activations and gradients (the floor writes into
 preallocated buffers), autograd's graph, the modules' calls, the loss's own kernels. Closing that
