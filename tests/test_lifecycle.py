@@ -72,23 +72,29 @@ def _cleanup(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
+def _prefect_rows(home: Path, sql: str) -> list[tuple]:
+    """Rows of this home's Prefect database, read directly: the temporary API that served it is
+    gone with its command."""
+    db = sqlite3.connect(home / "prefect.db")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
 def _flow_runs(home: Path) -> list[tuple[str, str, list[str]]]:
-    """(flow name, state, tags) of every flow run in this home's Prefect database (read directly:
-    the temporary API that served it is gone with its command)."""
-    with sqlite3.connect(home / "prefect.db") as db:
-        rows = db.execute("select f.name, r.state_type, r.tags from flow_run r join flow f on f.id = r.flow_id "
-                          "order by r.created").fetchall()
+    """(flow name, state, tags) of every flow run in this home."""
+    rows = _prefect_rows(home, "select f.name, r.state_type, r.tags from flow_run r join flow f on f.id = r.flow_id "
+                               "order by r.created")
     return [(name, state, json.loads(tags)) for name, state, tags in rows]
 
 
 def _task_run_tags(home: Path) -> dict[str, list[str]]:
-    with sqlite3.connect(home / "prefect.db") as db:
-        return {name: json.loads(tags) for name, tags in db.execute("select name, tags from task_run")}
+    return {name: json.loads(tags) for name, tags in _prefect_rows(home, "select name, tags from task_run")}
 
 
 def _events(home: Path) -> dict[str, int]:
-    with sqlite3.connect(home / "prefect.db") as db:
-        return dict(db.execute("select event, count(*) from events group by event").fetchall())
+    return dict(_prefect_rows(home, "select event, count(*) from events group by event"))
 
 
 def _mlflow(home: Path) -> MlflowClient:
