@@ -154,9 +154,11 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def _train_on(home: Path, prepared, devices: tuple[int, ...] | None):
-    """One training through the real launcher on `devices` (None: every GPU): (its result, its wall
-    seconds)."""
+def _train_on(home: Path, prepared, devices: tuple[int, ...] | None, graphs: bool = True):
+    """One training through the real launcher on `devices` (None: every GPU), its one-GPU steps
+    replayed from a CUDA graph unless `graphs` is False (nn_core.captured): (its result, its wall
+    seconds). One node: the launcher returns the result (it hosts rank 0)."""
+    from nn_core.captured import ENV
     from nn_core.launch import LaunchSpec, launch_training, new_training_id
     from nn_core.train import TrackingConfig, TrainJob
 
@@ -164,9 +166,17 @@ def _train_on(home: Path, prepared, devices: tuple[int, ...] | None):
     job = TrainJob(data_path=str(prepared.cache_path), out_dir=str(home / "runs" / tid),
                    tracking=TrackingConfig(training_id=tid, experiment=EXPERIMENT),
                    data_source=os.environ.get("MNISTOPS_DATA_SOURCE"))
-    t = time.perf_counter()
-    result = launch_training(job, LaunchSpec(device="cuda", devices=devices))
-    return result, time.perf_counter() - t
+    before = os.environ.get(ENV)
+    os.environ[ENV] = "1" if graphs else "0"  # the spawned workers read it
+    try:
+        t = time.perf_counter()
+        result = launch_training(job, LaunchSpec(device="cuda", devices=devices))
+        return result, time.perf_counter() - t
+    finally:
+        if before is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = before
 
 
 def _release(result, cache: Path):
@@ -191,12 +201,17 @@ def training(home: Path, prepared, gpus: int) -> tuple[dict, list[Row]]:
     m = result.metrics
     epoch_all = _median(m["epoch_seconds"])
     one = result if gpus == 1 else _train_on(home, prepared, (0,))[0]
+    eager = _train_on(home, prepared, (0,), graphs=False)[0]  # the same one-GPU training, steps eager
     epoch_one = _median(one.metrics["epoch_seconds"])
     floor = epoch_floor(device="cuda:0", epochs=5)
     figures = {
         "world_size": m["world_size"], "backend": m["backend"], "device": m["device"],
         "epoch_seconds_all_gpus": m["epoch_seconds"], "epoch_seconds_one_gpu": one.metrics["epoch_seconds"],
         "epoch_median_s_all_gpus": epoch_all, "epoch_median_s_one_gpu": epoch_one, "floor_epoch_s_one_gpu": floor,
+        "step_mode_one_gpu": one.metrics.get("step_mode", "?"), "step_mode_eager_run": eager.metrics.get("step_mode", "?"),
+        "epoch_seconds_one_gpu_eager": eager.metrics["epoch_seconds"],
+        "epoch_median_s_one_gpu_eager": _median(eager.metrics["epoch_seconds"]),
+        "val_accuracy_one_gpu": one.val_accuracy, "val_accuracy_one_gpu_eager": eager.val_accuracy,
         "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
         "train_wall_s": wall, "release_s": release_s, "gate": decision.to_dict(), "version": version,
         "gate_parity": exported.parity.to_dict(), "run_id": result.run_id,
@@ -220,6 +235,13 @@ def training_rows(f: dict, decision, exported, gpus: int) -> list[Row]:
         Row("epoch (median), one GPU", epoch_one * 1e3, "ms", f"<= {EPOCH_TARGET_S * 1e3:.0f} ms",
             epoch_one <= EPOCH_TARGET_S, "target"),
         Row("epoch one GPU / 20 ms target", epoch_one / EPOCH_TARGET_S, "x", "<= 1", epoch_one <= EPOCH_TARGET_S, "target"),
+        Row("training step, one GPU", f["step_mode_one_gpu"], "", "cuda-graph",
+            f["step_mode_one_gpu"] == "cuda-graph", "target"),
+        Row("epoch (median), one GPU, steps eager", f["epoch_median_s_one_gpu_eager"] * 1e3, "ms"),
+        Row("epoch eager / epoch one GPU", f["epoch_median_s_one_gpu_eager"] / epoch_one, "x"),
+        Row("validation accuracy, one GPU: graph, eager", f"{f['val_accuracy_one_gpu']:.4f}, "
+            f"{f['val_accuracy_one_gpu_eager']:.4f}", "", ">= 0.96 both",
+            min(f["val_accuracy_one_gpu"], f["val_accuracy_one_gpu_eager"]) >= 0.96, "check"),
         Row("floor epoch, one GPU (bench/floor.py)", floor * 1e3, "ms"),
         Row("epoch one GPU / floor", epoch_one / floor, "x"),
         Row("launch_training wall (start-up included)", f["train_wall_s"], "s"),

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nn_core import metrics as M
 from nn_core import reaping, tracking
+from nn_core.captured import CapturedSteps, refusal
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
 from nn_core.config import REPORTING_ONLY, Device, MLPConfig, TrackingConfig, TrainConfig
 from nn_core.data import Splits, load_splits
@@ -116,20 +117,49 @@ def run_epoch(
             x, y = images.index_select(0, batch), labels.index_select(0, batch)
         else:
             x, y = xs[start : start + batch_size], ys[start : start + batch_size]
-        logits = model(x)  # (B, 10)
-        loss = F.cross_entropy(logits, y)
-        for p in params:
-            p.grad = None
-        loss.backward()
-        step()
-        if scheduler is not None:
-            scheduler.step()
-        losses.append(loss.detach())
-        torch.argmax(logits.detach(), 1, out=preds[start : start + len(y)])
-    step_losses = all_reduce_sum(torch.stack(losses), env) / env.world_size
+        logits, loss = _eager_step(model, params, step, scheduler, x, y)
+        losses.append(loss)
+        torch.argmax(logits, 1, out=preds[start : start + len(y)])
     correct = (preds == (labels.index_select(0, idx) if per_batch else ys)).sum()
-    counts = all_reduce_sum(torch.stack([correct, torch.tensor(len(idx), device=env.device)]), env)
+    return _epoch_figures(torch.stack(losses), correct, len(idx), env)
+
+
+def _eager_step(model: torch.nn.Module, params: list, step: FusedAdamStep, scheduler, x, y):
+    """One training step on the batch (x, y): (its logits (B, 10), its loss), both detached."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    step()
+    if scheduler is not None:
+        scheduler.step()
+    return logits.detach(), loss.detach()
+
+
+def _epoch_figures(losses: torch.Tensor, correct: torch.Tensor, samples: int, env: DistEnv) -> tuple[torch.Tensor, float]:
+    """(per-step loss averaged over ranks, train accuracy over every rank's samples)."""
+    step_losses = all_reduce_sum(losses, env) / env.world_size
+    counts = all_reduce_sum(torch.stack([correct, torch.tensor(samples, device=env.device)]), env)
     return step_losses.cpu(), counts[0].item() / counts[1].item()
+
+
+def run_epoch_captured(
+    captured: CapturedSteps, model: torch.nn.Module, step: FusedAdamStep, scheduler, images, labels,
+    idx: torch.Tensor, batch_size: int, env: DistEnv,
+) -> tuple[torch.Tensor, float]:
+    """run_epoch with its full batches replayed from a CUDA graph (nn_core.captured) and the last,
+    partial one run eagerly: the same batches, operations and figures."""
+    model.train()
+    losses, correct = captured.epoch(idx, step, scheduler)
+    tail = idx[captured.steps * batch_size :]
+    if len(tail):
+        y = labels.index_select(0, tail)
+        logits, loss = _eager_step(model, captured.params, step, scheduler, images.index_select(0, tail), y)
+        captured.restore_grads()
+        losses = torch.cat([losses, loss.view(1)])
+        correct = correct + (logits.argmax(1) == y).sum()
+    return _epoch_figures(losses, correct, len(idx), env)
 
 
 @torch.no_grad()
@@ -247,7 +277,7 @@ def _write_json_atomic(obj: dict, path: Path) -> None:
 
 
 def result_of(job: TrainJob, env: DistEnv, run_id: str | None, history: list[dict], val: EvalResult,
-              test: EvalResult, out_dir: Path, final_eval_seconds: float) -> dict:
+              test: EvalResult, out_dir: Path, final_eval_seconds: float, step_mode: str = "eager") -> dict:
     """What result.json holds (and the pipeline reads back as TrainResult)."""
     return {
         "run_id": run_id,
@@ -270,6 +300,7 @@ def result_of(job: TrainJob, env: DistEnv, run_id: str | None, history: list[dic
         "world_size": env.world_size,
         "device": env.device.type,
         "backend": env.backend or "none",
+        "step_mode": step_mode,  # "cuda-graph" or "eager (why)": how this process ran its steps
     }
 
 
@@ -318,8 +349,12 @@ def training_note(job: TrainJob, env: DistEnv, result: dict) -> str:
                if to_target is not None else f"never reached {t.target_val_accuracy:.0%} validation accuracy")
     return (f"MLP {layers} trained for {result['epochs']} epochs with Adam (lr {t.lr:g}, {t.schedule} schedule, "
             f"weight decay {t.weight_decay:g}, global batch {t.batch_size}, seed {t.seed}) on {env.world_size} x "
-            f"{env.device.type} ({env.backend or 'one process'}) on {Path(job.data_path).stem}: validation accuracy {result['val_accuracy']:.2%}, test accuracy "
+            f"{env.device.type} ({env.backend or 'one process'}{_graphed(result)}) on {Path(job.data_path).stem}: validation accuracy {result['val_accuracy']:.2%}, test accuracy "
             f"{result['test_accuracy']:.2%}; {result['train_seconds']:.1f} s of training, {reached}.")
+
+
+def _graphed(result: dict) -> str:
+    return ", steps replayed from a CUDA graph" if result.get("step_mode") == "cuda-graph" else ""
 
 
 def seconds_to_target(history: list[dict], target: float) -> float | None:
@@ -348,6 +383,8 @@ class TrainState:
     history: list[dict]  # one dict per finished epoch; a resumed training starts with the checkpoint's
     per_rank_batch: int
     steps_per_epoch: int
+    captured: CapturedSteps | None = None  # the steps as a CUDA graph (one GPU), else None: eager
+    step_mode: str = "eager"  # "cuda-graph", or "eager (why not)": reported with the result
 
 
 def setup(job: TrainJob, env: DistEnv, splits: Splits, ckpt_path: Path) -> TrainState:
@@ -385,8 +422,29 @@ def setup(job: TrainJob, env: DistEnv, splits: Splits, ckpt_path: Path) -> Train
     # Load before wrapping: DDP broadcasts rank 0's parameters when it is constructed.
     # DDP only pays off with a peer to sync with: a one-process group skips the per-step all-reduce.
     ddp_model = DDP(model) if env.world_size > 1 else model
-    return TrainState(model_cfg, model, ddp_model, optimizer, FusedAdamStep(optimizer), scheduler, history,
-                      per_rank_batch, steps_per_epoch)
+    step = FusedAdamStep(optimizer)
+    captured, step_mode = capture_steps(model, splits, env, per_rank_batch, step)
+    return TrainState(model_cfg, model, ddp_model, optimizer, step, scheduler, history, per_rank_batch,
+                      steps_per_epoch, captured, step_mode)
+
+
+def capture_steps(model: torch.nn.Module, splits: Splits, env: DistEnv, batch_size: int,
+                  step: FusedAdamStep) -> tuple[CapturedSteps | None, str]:
+    """The training's steps as a CUDA graph where they can be (nn_core.captured), and how the steps
+    run: "cuda-graph", or "eager (the reason)". A capture that fails leaves the eager loop."""
+    shard = len(splits.train_labels) // env.world_size
+    reason = refusal(env.device, env.world_size, shard, batch_size, step.groups is not None)
+    if reason is None:
+        try:
+            captured = CapturedSteps(model, splits.train_images, splits.train_labels, shard, batch_size)
+        except RuntimeError as e:
+            reason = f"the CUDA graph capture failed: {type(e).__name__}: {e}"
+            print(f"warning: {reason}; training eagerly", file=sys.stderr, flush=True)
+        else:
+            return captured, "cuda-graph"
+    for p in model.parameters():
+        p.grad = None
+    return None, f"eager ({reason})"
 
 
 def epoch_step(epoch: int, job: TrainJob, env: DistEnv, splits: Splits, st: TrainState) -> dict:
@@ -394,8 +452,12 @@ def epoch_step(epoch: int, job: TrainJob, env: DistEnv, splits: Splits, st: Trai
     t0 = time.perf_counter()
     idx = shard_indices(len(splits.train_labels), epoch, job.train.seed, env)
     lr = st.optimizer.param_groups[0]["lr"]
-    step_losses, train_acc = run_epoch(st.ddp_model, st.step, st.scheduler, splits.train_images,
-                                       splits.train_labels, idx, st.per_rank_batch, env)
+    if st.captured is not None:
+        step_losses, train_acc = run_epoch_captured(st.captured, st.ddp_model, st.step, st.scheduler,
+                                                    splits.train_images, splits.train_labels, idx, st.per_rank_batch, env)
+    else:
+        step_losses, train_acc = run_epoch(st.ddp_model, st.step, st.scheduler, splits.train_images,
+                                           splits.train_labels, idx, st.per_rank_batch, env)
     if env.device.type == "cuda":
         torch.cuda.synchronize()  # the epoch's time is the GPU's, not the launch queue's
     seconds = time.perf_counter() - t0
@@ -436,7 +498,8 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
     final_eval_seconds = time.perf_counter() - t0
     if not env.is_main:
         return None
-    result = result_of(job, env, logger.run_id if logger else None, st.history, val, test, out_dir, final_eval_seconds)
+    result = result_of(job, env, logger.run_id if logger else None, st.history, val, test, out_dir, final_eval_seconds,
+                       st.step_mode)
     if logger is not None:
         log_final(job, env, logger, st.history, val, test, result, out_dir, list(get_spec(splits.name).classes))
     # Last: a result.json means a finished training (never resumed), so it follows the final logging.

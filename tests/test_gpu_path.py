@@ -160,6 +160,36 @@ def test_report_writer_records_every_row_and_what_failed(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["gpu.json"]  # written atomically
 
 
+def _training_figures(**over) -> dict:
+    f = {"world_size": 1, "backend": "nccl", "device": "cuda", "epoch_median_s_all_gpus": 0.006,
+         "epoch_median_s_one_gpu": 0.006, "floor_epoch_s_one_gpu": 0.004, "step_mode_one_gpu": "cuda-graph",
+         "epoch_median_s_one_gpu_eager": 0.030, "val_accuracy": 0.972, "val_accuracy_one_gpu": 0.972,
+         "val_accuracy_one_gpu_eager": 0.972, "train_wall_s": 12.0, "release_s": 3.0}
+    return {**f, **over}
+
+
+def test_the_training_rows_read_every_figure_the_gpu_run_records():
+    """The rows of step 1 come from figures only a GPU produces: built here from figures of the same
+    shape, so a missing key or a wrong verdict is found before a device run is spent on it."""
+    from types import SimpleNamespace
+
+    g = _gpu_check()
+    decision = SimpleNamespace(promotion="accepted", accepted=True)
+    exported = SimpleNamespace(parity=SimpleNamespace(provider=CUDA))
+    rows = {r.name: r for r in g.training_rows(_training_figures(), decision, exported, gpus=1)}
+    assert rows["training step, one GPU"].verdict() == "met"
+    assert rows["epoch (median), one GPU"].verdict() == "met"
+    assert rows["epoch eager / epoch one GPU"].value == pytest.approx(5.0)
+    assert not g.failed_checks(list(rows.values()))
+    eager = _training_figures(step_mode_one_gpu="eager (MNISTOPS_CUDA_GRAPHS=0)", epoch_median_s_one_gpu=0.030,
+                              val_accuracy_one_gpu_eager=0.95)
+    rows = {r.name: r for r in g.training_rows(eager, decision, exported, gpus=1)}
+    assert rows["training step, one GPU"].verdict() == "MISSED"  # a target: recorded, not a failure
+    assert rows["epoch (median), one GPU"].verdict() == "MISSED"
+    assert [r.name for r in g.failed_checks(list(rows.values()))] == ["validation accuracy, one GPU: graph, eager"]
+    print(g.format_table(list(rows.values())))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: `make gpu-check` runs the real thing")
 def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
     out = tmp_path / "gpu.json"
