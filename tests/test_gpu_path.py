@@ -190,6 +190,16 @@ def test_the_training_rows_read_every_figure_the_gpu_run_records():
     print(g.format_table(list(rows.values())))
 
 
+def test_without_onnxruntimes_cuda_provider_the_training_is_still_checked():
+    g = _gpu_check()
+    assert g.provider_steps(None) == (("parity", "throughput"), [])
+    steps, rows = g.provider_steps("onnxruntime 1.30.0 has no usable CUDA provider (providers: CPUExecutionProvider)")
+    assert steps == ()
+    assert [r.name for r in g.failed_checks(rows)] == ["onnxruntime's CUDA provider (steps 2 and 3)"]
+    if not gpu_usable():  # this machine: the reason names the package's providers
+        assert "CPUExecutionProvider" in g.no_provider_reason()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: `make gpu-check` runs the real thing")
 def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
     out = tmp_path / "gpu.json"
