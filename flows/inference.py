@@ -32,9 +32,15 @@ def inbox_job(inbox: str, output: str, cfg: JobConfig, rescore: bool) -> InboxRe
     return run_inbox(Path(inbox), Path(output), cfg, rescore=rescore)
 
 
-def _output_path(out: Path, fmt: str | None) -> Path:
-    """A folder gets a new timestamped file per run, so a scheduled job never overwrites the last."""
-    if out.is_dir():
+PREDICTION_SUFFIXES = (".parquet", ".csv")
+
+
+def output_path(out: Path, fmt: str | None) -> Path:
+    """Where one run's predictions go. A folder gets a new timestamped file per run, so a scheduled
+    job never overwrites the last: an existing folder, or a path that does not exist yet and does
+    not end in .parquet or .csv (a deployment's `output: /data/scored`, made on the first run,
+    instead of a file named `scored` that the next run would refuse to overwrite)."""
+    if out.is_dir() or (not out.exists() and out.suffix.lower() not in PREDICTION_SUFFIXES):
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return out / f"predictions-{stamp}.{fmt or 'parquet'}"
     return out
@@ -73,7 +79,7 @@ def _score_inbox(job: JobConfig, rescore: bool) -> tuple[dict, list[JobResult], 
 
 
 def _score_one(job: JobConfig) -> tuple[dict, list[JobResult], JobResult]:
-    result = batch_job(dataclasses.replace(job, output=_output_path(job.output, job.format)))
+    result = batch_job(dataclasses.replace(job, output=output_path(job.output, job.format)))
     _artifact(f"Batch inference: {result.predicted} predictions", job.model, [result])
     return summary(result), [result], result
 
@@ -85,8 +91,9 @@ def batch_inference(job: JobConfig, inbox: bool = False, rescore: bool = False) 
     `job.fail_on_drift` an alert fails the flow run (after the outputs and the artifact are written).
 
     Args:
-        job: What to score (input, labels), with which model, where to (output: a file, or a folder that
-            gets one timestamped file per run), and how (batching, device, drift check, tracking).
+        job: What to score (input, labels), with which model, where to (output: a .parquet or .csv
+            file, or a folder, made if need be, that gets one timestamped file per run), and how
+            (batching, device, drift check, tracking).
         inbox: `job.input` is an inbox folder: each input in it (IDX, .npy, image folder) is scored
             once per content, one predictions file each in the folder `job.output` (with the ledger).
         rescore: With `inbox`: score inputs again that were scored before, with the current model.

@@ -170,17 +170,31 @@ def test_sweep_of_three_configs(prefect_api, home, mnist_source):
     assert best["name"] in _artifact("sweep-comparison")
 
 
+def test_a_flow_output_is_a_folder_unless_it_names_a_predictions_file(tmp_path):
+    from flows.inference import output_path
+
+    (tmp_path / "existing").mkdir()
+    assert output_path(tmp_path / "existing", "csv").parent == tmp_path / "existing"
+    assert output_path(tmp_path / "existing", "csv").suffix == ".csv"
+    new = output_path(tmp_path / "new" / "folder", None)  # made by the job when it writes
+    assert new.parent == tmp_path / "new" / "folder" and new.suffix == ".parquet" and not new.parent.exists()
+    assert output_path(tmp_path / "p.parquet", None) == tmp_path / "p.parquet"
+    assert output_path(tmp_path / "p.CSV", None) == tmp_path / "p.CSV"
+    (tmp_path / "a-file").write_text("x")  # an existing file stays a file (the job refuses to clobber it)
+    assert output_path(tmp_path / "a-file", None) == tmp_path / "a-file"
+
+
 def test_batch_inference_flow(prefect_api, home, mnist, tmp_path):
     from flows.inference import batch_inference, export_test_split
     from flows.training import training_pipeline
 
     assert training_pipeline(train=TrainConfig(epochs=4)).promoted
     images, labels = export_test_split("mnist", str(mnist.cache_path.parent), tmp_path / "in")
-    out_dir = tmp_path / "preds"
-    out_dir.mkdir()
+    out_dir = tmp_path / "scored" / "mnist"  # a deployment's folder that its first run makes
     s = batch_inference(JobConfig(input=images, output=out_dir, labels=labels))
     assert s["predicted"] == 10_000 and s["accuracy"] > 0.95 and s["model_version"] == "1"
     assert Path(s["output"]).parent == out_dir and Path(s["output"]).exists()
+    assert Path(s["output"]).name.startswith("predictions-") and Path(s["output"]).suffix == ".parquet"
     md = _artifact("batch-inference")
     assert "10000 / 10000 / 0" in md and s["output"] in md
 
