@@ -192,6 +192,8 @@ def _train_on(home: Path, prepared, devices: tuple[int, ...] | None, graphs: boo
     try:
         t = time.perf_counter()
         result = launch_training(job, LaunchSpec(device="cuda", devices=devices))
+        if result is None:  # only a node without rank 0 gets None; this one node has every rank
+            raise RuntimeError(f"training {tid} reported no result on this node")
         return result, time.perf_counter() - t
     finally:
         if before is None:
