@@ -65,6 +65,8 @@ def cuda_graph(fn: Callable[[], None], params: list[torch.Tensor], reset: Callab
             fn()
             reset()
     torch.cuda.current_stream(device).wait_stream(side)
+    for p in params:
+        p.grad = None  # the warm-up's gradients are freed before the capture, not during it
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
