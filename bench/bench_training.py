@@ -20,8 +20,9 @@ hand-written backward for the whole MLP and loss (slower: autograd's own overhea
 subtraction, batch 512 (fewer steps, but below 97.2% validation for seeds 0..4 in 10 epochs). What is
 left above the floor: allocating each step's activations and gradients (the floor writes into
 preallocated buffers), autograd's graph, the modules' calls, the loss's own kernels. Closing that
-needs the step captured (CUDA graphs, on a GPU) or compiled (torch.compile: tens of seconds of
-compilation on 2 cores, more than a whole training here). The floor is measured before and after the
+needs the step captured or compiled: a one-GPU training replays its steps from a CUDA graph
+(nn_core.captured, measured by bench/gpu_check.py); on the CPU there is no such capture, and
+torch.compile costs tens of seconds of compilation on 2 cores, more than a whole training here. The floor is measured before and after the
 training and the faster of the two is used (it is a lower bound; the machine's speed drifts by ~10%
 between runs)."""
 
