@@ -4,7 +4,8 @@ On a GPU, a step of an MLP this small is bound by the CPU that launches it: eage
 several microseconds of Python, dispatcher and autograd on each of the ~20 kernels of a step, and
 the GPU runs each of them in about as long or less. So the gather of one full batch by the epoch's
 permutation, the forward, the loss and the backward are recorded once as a CUDA graph
-(torch.cuda.graph) and replayed for every full batch of every epoch: one launch instead of ~16.
+(torch.cuda.graph) and replayed for every full batch of every epoch: one graph launch for ~16
+kernels, then Adam's two.
 Adam's fused kernel (nn_core.optim.FusedAdamStep) and the LR schedule stay outside the graph and read
 the optimizer's hyperparameters every step, so the schedules, OneCycle's betas and checkpoints
 behave exactly as in the eager loop (nn_core.train.run_epoch), which runs the same operations on the
@@ -78,7 +79,7 @@ class CapturedSteps:
 
     `images`, `labels`: the whole training split; `shard`: the samples an epoch's permutation holds;
     `capture`: how the step is recorded (cuda_graph; tests pass a CPU stand-in with a graph's
-    semantics). Making one runs the step WARMUP_STEPS + 1 times without changing any weight."""
+    semantics). Making one changes no weight: its warm-up runs compute gradients and nothing steps."""
 
     def __init__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, shard: int,
                  batch_size: int, capture: Capture = cuda_graph):
