@@ -9,7 +9,7 @@ torch._dynamo (~0.9 s: the optimizer's methods are wrapped in torch._disable_dyn
 `FusedAdamStep` makes the same kernel call on the optimizer's own parameters, state and
 hyperparameters, read every step (so the LR schedulers, OneCycle's betas and checkpoints work on the
 optimizer object as usual): the parameters after a step are bit-identical to `optimizer.step()`'s
-(tests/test_training.py). Anything this does not cover falls back to `optimizer.step()`.
+(tests/test_step.py). Anything this does not cover falls back to `optimizer.step()`.
 """
 
 from __future__ import annotations

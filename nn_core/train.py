@@ -108,20 +108,17 @@ def run_epoch(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     per_batch = env.device.type == "cpu" if per_batch is None else per_batch
-    xs, ys = (images, labels) if per_batch else (images.index_select(0, idx), labels.index_select(0, idx))
+    ys = labels.index_select(0, idx)  # the labels in this epoch's order: small, gathered once
+    xs = None if per_batch else images.index_select(0, idx)
     preds = torch.empty(len(idx), dtype=torch.int64, device=env.device)
     losses = []
     for start in range(0, len(idx), batch_size):
-        if per_batch:
-            batch = idx[start : start + batch_size]
-            x, y = images.index_select(0, batch), labels.index_select(0, batch)
-        else:
-            x, y = xs[start : start + batch_size], ys[start : start + batch_size]
-        logits, loss = _eager_step(model, params, step, scheduler, x, y)
+        end = start + batch_size
+        x = images.index_select(0, idx[start:end]) if per_batch else xs[start:end]
+        logits, loss = _eager_step(model, params, step, scheduler, x, ys[start:end])
         losses.append(loss)
-        torch.argmax(logits, 1, out=preds[start : start + len(y)])
-    correct = (preds == (labels.index_select(0, idx) if per_batch else ys)).sum()
-    return _epoch_figures(torch.stack(losses), correct, len(idx), env)
+        torch.argmax(logits, 1, out=preds[start:end])
+    return _epoch_figures(torch.stack(losses), (preds == ys).sum(), len(idx), env)
 
 
 def _eager_step(model: torch.nn.Module, params: list, step: FusedAdamStep, scheduler, x, y):
