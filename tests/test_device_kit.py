@@ -54,6 +54,16 @@ def test_the_image_packages_are_not_carried():
     assert w.wheel_name("mlflow_skinny-3.17.2-py3-none-any.whl") == "mlflow-skinny"
 
 
+def test_a_folder_without_mnist_is_refused_before_anything_is_fetched(tmp_path, capsys):
+    w = _wheels()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"x")  # one of four
+    assert w.main(["--mnist", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"wheels.py: --mnist {tmp_path}: expected MNIST's four IDX files") and "\n" not in err
+    assert "train-labels-idx1-ubyte" in err and "train-images-idx3-ubyte," not in err
+    assert not list(REPO.glob(".whl.partial-*"))
+
+
 def _call(tree: Path, stage: Path, verb: str, carried: list[Path]) -> subprocess.CompletedProcess:
     """One device call: a fresh copy of the checkout holding only the carried files, then the script."""
     if tree.exists():

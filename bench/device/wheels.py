@@ -23,9 +23,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # nn_core's dataset spec, from a checkout without installing
 OUT = ROOT / ".whl"
 MIB = 2**20
 CALL_LIMIT = 64 * MIB  # the device tool's working tree, carried paths included, per call
@@ -101,21 +103,48 @@ def mlflow_wheels(dest: Path) -> int:
 
 
 def mnist_files(source: Path, dest: Path) -> int:
+    """Copy MNIST's four files (gzipped or not) from `source`; ValueError naming what is missing."""
+    from nn_core.datasets import MNIST
+
+    found = [next((source / n for n in (f.filename, f.filename + ".gz") if (source / n).is_file()), None)
+             for f in MNIST.files]
+    if None in found:
+        missing = [f.filename for f, path in zip(MNIST.files, found) if path is None]
+        raise ValueError(f"--mnist {source}: expected MNIST's four IDX files (gzipped or not), missing {', '.join(missing)}")
     dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted(source.glob("*-ubyte*")):
+    for f in found:
         shutil.copy2(f, dest / f.name)
     return sum(f.stat().st_size for f in dest.iterdir())
+
+
+def build(mnist: Path, out: Path) -> list[Path]:
+    """Everything into `out`, which must not exist yet: the parts of onnxruntime-gpu's wheel."""
+    final = mnist_files(mnist, out / "mnist") + mlflow_wheels(out / "mlflow")
+    _download(ORT, out / "ort-wheel", deps=False)
+    wheel = next((out / "ort-wheel").glob("onnxruntime_gpu-*.whl"))
+    parts = split(wheel, out / "ort", last_at_most=CALL_LIMIT - MARGIN - final)
+    print(f"{OUT}: mlflow + MNIST {final / MIB:.1f} MiB, {wheel.name} in {len(parts)} parts")
+    return parts
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mnist", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
     a = p.parse_args(argv)
-    final = mlflow_wheels(OUT / "mlflow") + mnist_files(a.mnist, OUT / "mnist")
-    _download(ORT, OUT / "ort-wheel", deps=False)
-    wheel = next((OUT / "ort-wheel").glob("onnxruntime_gpu-*.whl"))
-    parts = split(wheel, OUT / "ort", last_at_most=CALL_LIMIT - MARGIN - final)
-    print(f"{OUT}: mlflow + MNIST {final / MIB:.1f} MiB, {wheel.name} in {len(parts)} parts")
+    # Built beside .whl and put in its place when complete: a failed run leaves the last good one.
+    partial = Path(tempfile.mkdtemp(prefix=".whl.partial-", dir=ROOT))
+    try:
+        parts = build(a.mnist, partial)
+    except (ValueError, subprocess.CalledProcessError, StopIteration) as e:
+        shutil.rmtree(partial)
+        print(f"wheels.py: {e if not isinstance(e, StopIteration) else 'pip gave no onnxruntime-gpu wheel'}",
+              file=sys.stderr)
+        return 1
+    except BaseException:
+        shutil.rmtree(partial)
+        raise
+    shutil.rmtree(OUT, ignore_errors=True)
+    partial.rename(OUT)
     print("device calls, in order, each right after the last (the machine stays warm 30 s):")
     for part in parts[:-1]:
         print(f'  run(command="bash bench/device/gpu-check.sh stage", carry=[".whl/ort/{part.name}"])')
