@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from common import mnist, row, torchvision_root
+from harness import mnist, row, torchvision_root
 from nn_core.data import load_splits
 
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402
 
-from serving import drift, idx  # noqa: E402
+from common import idx  # noqa: E402
+from serving import drift
 from serving.session import INPUT_NAME, OUTPUT_NAME, create_session  # noqa: E402
 
 FAR_TARGET = 0.01

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402
 
-from serving import idx  # noqa: E402
+from common import idx  # noqa: E402
 from serving.job import CPU_BATCH_SIZE, JobConfig, run_job  # noqa: E402
 from serving.session import create_session, cpu_threads  # noqa: E402
 

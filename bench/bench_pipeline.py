@@ -36,7 +36,7 @@ Where the start-up went (profiled with cProfile, py-spy --idle and -X importtime
   runs a `mnistops run`): no heartbeats go to the temporary API, which nothing watches. Earlier: the
   store is created while a new home's API boots, the exporter is warmed up in that wait
   (flows.cli._while_prefect_boots), and the objects alive at exit are frozen out of the final garbage
-  collection (serving.settings.skip_final_collection, 1.7 s).
+  collection (common.settings.skip_final_collection, 1.7 s).
 Timings on a shared 2-core machine vary by 2-10x with the load of other work; compare ratios from
 one run, never figures from different runs.
 """
@@ -50,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import mnist, row
+from harness import mnist, row
 
 
 def stages(data_dir: Path) -> dict[str, float]:

@@ -35,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import mnist, row, torchvision_root
+from harness import mnist, row, torchvision_root
 from floor import epoch_floor
 from nn_core.data import load_splits
 from nn_core.distributed import ddp_context

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serving.atomic import atomic_path  # noqa: E402
+from common.atomic import atomic_path  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "gpu.json"
 EPOCH_TARGET_S = 0.020

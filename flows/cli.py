@@ -1,4 +1,4 @@
-"""The `mnistops` command. Exit codes (serving/errors.py holds the one table, the README shows it):
+"""The `mnistops` command. Exit codes (common/errors.py holds the one table, the README shows it):
 0 success (for run/sweep/promote: the candidate was promoted), 1 an error, 2 bad usage, 3 the gate
 rejected the candidate (not an error), 4 drift (infer --fail-on-drift), 130 interrupted (Ctrl-C),
 143 stopped by SIGTERM. A failure prints one `mnistops COMMAND: error: ...` line; --debug (or
@@ -33,9 +33,9 @@ from flows.options import (  # noqa: F401 (CommandError, Stopped, UsageError: re
     train_args,
 )
 from nn_core.config import DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
-from serving.fields import add_arguments, from_args
-from serving.settings import create_sqlite_store
-from serving.errors import (  # noqa: F401 (the one table, re-exported for the commands and tests)
+from common.fields import add_arguments, from_args
+from common.settings import create_sqlite_store
+from common.errors import (  # noqa: F401 (the one table, re-exported for the commands and tests)
     EXIT_DRIFT,
     EXIT_ERROR,
     EXIT_OK,
@@ -62,7 +62,7 @@ def cmd_prepare_data(args) -> int:
 def cmd_train(args) -> int:
     """The bare DDP training: nn_core only, no Prefect."""
     from flows.settings import configure
-    from serving.settings import loading
+    from common.settings import loading
 
     with loading():
         from nn_core.data import prepare_dataset
@@ -136,7 +136,7 @@ def _resumed(params: dict, resume: tuple[str, dict]) -> dict:
 
 
 def cmd_run(args) -> int:
-    from serving.settings import loading
+    from common.settings import loading
 
     with loading():
         from flows import ownership, prefect_api
@@ -396,10 +396,10 @@ def _started(args, debug: bool):
     """What every command needs before it runs: its arguments checked, the home's settings and
     logging, Prefect's temporary API booting (when the command uses one), the home's MLflow store
     made, stale runs reaped. Its imports (MLflow's store, Prefect's settings) run with the garbage
-    collector paused (serving.settings.loading)."""
+    collector paused (common.settings.loading)."""
     from flows import prefect_api
     from flows.settings import configure, configure_logging
-    from serving.settings import loading
+    from common.settings import loading
 
     with contextlib.ExitStack() as stack:
         with loading():
@@ -417,7 +417,7 @@ def _started(args, debug: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.settings import skip_final_collection
+    from common.settings import skip_final_collection
 
     skip_final_collection()
     args = build_parser().parse_args(argv)

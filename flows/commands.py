@@ -15,7 +15,7 @@ def cmd_infer(args) -> int:
     import os
 
     from serving import cli as serving_cli
-    from serving.errors import ServingError
+    from common.errors import ServingError
 
     try:
         serving_cli.validate(args)
@@ -45,13 +45,13 @@ def _grid(args):
 
 
 def cmd_sweep(args) -> int:
-    from serving.settings import loading
+    from common.settings import loading
 
     with loading():
         from flows import ownership, prefect_api
         from flows.options import pipeline_parameters
         from flows.sweep import hyperparameter_sweep
-        from serving.errors import EXIT_OK, EXIT_REJECTED
+        from common.errors import EXIT_OK, EXIT_REJECTED
 
     grid = _grid(args)
     prefect_api.wait_ready()
@@ -71,7 +71,7 @@ def cmd_serve(args) -> int:
     from flows.options import pipeline_parameters
     from flows.settings import configure
     from serving.config import JobConfig
-    from serving.errors import EXIT_OK
+    from common.errors import EXIT_OK
 
     cfg = configure()
     # The hourly job scores what arrives in the inbox, once per input content, and fails its flow run
@@ -146,7 +146,7 @@ def add(command) -> None:
     from nn_core.config import MLPConfig, TrainConfig
     from nn_core.sweep import MODEL_AXES, AXES
     from serving.cli import add_infer_arguments
-    from serving.fields import add_arguments
+    from common.fields import add_arguments
 
     p = command("infer", cmd_infer, "batch inference with onnxruntime: predictions and a manifest, written "
                                     "atomically, with a drift check (a Prefect flow when PREFECT_API_URL is set)",

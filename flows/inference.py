@@ -14,9 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from flows import settings
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
 from nn_core import tracking
-from serving.atomic import atomic_path
+from common.atomic import atomic_path
 from serving.cli import summary
-from serving.errors import DriftAlert, InputError
+from common.errors import DriftAlert, InputError
 from serving.config import JobConfig
 from serving.inbox import InboxResult, run_inbox
 from serving.job import JobResult, run_job

@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from serving.experiments import run_context_tags
+from common.experiments import run_context_tags
 
 PREFECT_FLOW_RUN_ID_TAG = "prefect.flow_run_id"
 PREFECT_FLOW_RUN_URL_TAG = "prefect.flow_run_url"

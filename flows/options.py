@@ -10,8 +10,8 @@ import signal
 from pathlib import Path
 
 from nn_core.config import MULTI_NODE, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
-from serving.errors import EXIT_ERROR, EXIT_USAGE
-from serving.fields import HelpFormatter, add_arguments, from_args, number
+from common.errors import EXIT_ERROR, EXIT_USAGE
+from common.fields import HelpFormatter, add_arguments, from_args, number
 
 
 class CommandError(Exception):
@@ -47,7 +47,7 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------
-# Options, derived from the configs that own them (nn_core.config through serving.fields): a value
+# Options, derived from the configs that own them (nn_core.config through common.fields): a value
 # out of range is a usage error before anything is imported or started.
 
 POSITIVE = number(int, {"ge": 1})

@@ -49,7 +49,7 @@ class Settings:
 
 def configure() -> Settings:
     """Fill in the environment's defaults (an explicit setting always wins) and return them."""
-    from serving.settings import configure_store  # the one definition, shared with `python -m serving`
+    from common.settings import configure_store  # the one definition, shared with `python -m serving`
 
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)

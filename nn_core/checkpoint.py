@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from serving.atomic import atomic_path
+from common.atomic import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

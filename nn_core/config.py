@@ -1,6 +1,6 @@
 """The training side's settings, one frozen dataclass per concern: data, model, training, tracking,
 launch and gate. Each is declared once, here; the command line's options and the Prefect flows'
-typed parameters are derived from these fields (serving.fields), and the DDP workers receive them
+typed parameters are derived from these fields (common.fields), and the DDP workers receive them
 inside a TrainJob. Adding a training option is one field below plus its use.
 
 Dataclasses rather than pydantic models: the workers pickle them, checkpoints store them as plain
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from serving.fields import check, host_port, setting, sizes, sizes_text
+from common.fields import check, host_port, setting, sizes, sizes_text
 
 Dataset = Literal["mnist", "fashion-mnist"]  # nn_core.datasets.DATASETS holds their pinned files
 Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when it is usable, else the CPU

@@ -27,7 +27,7 @@ import torch
 from nn_core.checkpoint import atomic_torch_save
 from nn_core.config import DataConfig
 from nn_core.datasets import IMAGES, DatasetSpec, FileSpec, get_spec, mirrors_for
-from serving import idx
+from common import idx
 
 log = logging.getLogger(__name__)
 

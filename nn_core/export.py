@@ -16,7 +16,7 @@ import onnx
 import torch
 from torch.export import Dim
 
-from serving.atomic import atomic_path
+from common.atomic import atomic_path
 from nn_core.model import MLP, MLPConfig, build_model
 
 OPSET = 20

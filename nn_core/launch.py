@@ -24,7 +24,7 @@ from nn_core import reaping, tracking
 from nn_core.config import LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
 from nn_core.distributed import cuda_device_count
 from nn_core.train import RESULT_NAME, STOPPING, TrainJob, default_run_name, worker_main
-from serving.atomic import atomic_path
+from common.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def owner_alive(owner: str) -> bool | None:
 
 def reap_runs(experiment_names: list[str] | None = None) -> list[str]:
     """Mark RUNNING runs whose owner on this host is gone as KILLED; return their ids."""
-    from serving.settings import mlflow_client
+    from common.settings import mlflow_client
 
     client = mlflow_client()
     if experiment_names is None:

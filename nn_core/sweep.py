@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from nn_core.config import MLPConfig, TrainConfig
-from serving.fields import setting
+from common.fields import setting
 
 AXES = ("hidden", "lr", "batch_size", "epochs")
 MODEL_AXES = ("hidden",)  # the others are TrainConfig fields

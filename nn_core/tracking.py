@@ -10,8 +10,8 @@ import mlflow  # noqa: F401 (tracking.mlflow: the configured client library, for
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from serving.experiments import NOTE_TAG, ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
-from serving.settings import mlflow_client
+from common.experiments import NOTE_TAG, ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
+from common.settings import mlflow_client
 
 TRAINING_ID_TAG = "mnistops.training_id"
 TRAINING_EXPERIMENT_DESCRIPTION = (

@@ -30,8 +30,8 @@ from nn_core.datasets import get_spec, mirrors_for
 from nn_core.distributed import DistEnv, all_reduce_sum, broadcast_object, ddp_context
 from nn_core.model import build_model, stats_from
 from nn_core.optim import FusedAdamStep
-from serving.atomic import atomic_path
-from serving.experiments import run_context_tags
+from common.atomic import atomic_path
+from common.experiments import run_context_tags
 
 RESULT_NAME = "result.json"
 # Set when the command is being stopped (SIGINT/SIGTERM). A DDP worker process is stopped by its

@@ -1,7 +1,7 @@
 """Command line of the batch job: `python -m serving ...`, and `mnistops infer` through
 `add_infer_arguments` / `config_from_args` / `run`.
 
-Exit codes (serving.errors, the one table): 0 done, 1 an error (bad input, missing model, an output
+Exit codes (common.errors, the one table): 0 done, 1 an error (bad input, missing model, an output
 that would clobber something), 2 bad usage, 4 a drift alert with --fail-on-drift."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
-from serving import fields
+from common import fields
 from serving.config import JobConfig
-from serving.errors import EXIT_ERROR, EXIT_OK, DriftAlert, ServingError
+from common.errors import EXIT_ERROR, EXIT_OK, DriftAlert, ServingError
 
 # serving.job imports onnxruntime and pyarrow (~0.5 s): only the functions that run a job import it.
 
@@ -65,7 +65,7 @@ def summary(result) -> dict[str, object]:
 def validate(args: argparse.Namespace) -> None:
     """Checks that need no model and no import of onnxruntime, torch or prefect: bad paths fail in
     milliseconds with one line (ServingError)."""
-    from serving.errors import InputError, OutputError
+    from common.errors import InputError, OutputError
 
     if args.inbox is not None:
         if not args.inbox.is_dir():
@@ -107,7 +107,7 @@ def report_error(prog: str, e: ServingError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.settings import skip_final_collection
+    from common.settings import skip_final_collection
 
     skip_final_collection()
     parser = argparse.ArgumentParser(
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "(MNISTOPS_HOME/mlflow.db unless MLFLOW_TRACKING_URI is set).",
     )
     args = add_infer_arguments(parser).parse_args(argv)
-    from serving.settings import configure_store
+    from common.settings import configure_store
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # SIGTERM (Kubernetes, Prefect cancelling a run) as SystemExit, so the temp file is removed on the

@@ -1,4 +1,4 @@
-"""The batch job's settings, declared once (serving.fields): `mnistops infer`, `python -m serving` and
+"""The batch job's settings, declared once (common.fields): `mnistops infer`, `python -m serving` and
 the `batch-inference` flow's typed parameter are all derived from JobConfig. Imports neither
 onnxruntime nor pyarrow, so `--help` and argument errors stay instant."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, DEFAULT_MODEL_URI, EXPERIMENT, Format
-from serving.fields import check, setting
+from common.fields import check, setting
 
 Device = Literal["auto", "cpu", "cuda"]
 OnError = Literal["fail", "skip"]

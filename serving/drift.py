@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import ModelSourceError
+from common.errors import ModelSourceError
 
 PROFILE_VERSION = 1
 FEATURES = ("intensity", "border", "confidence")
@@ -334,7 +334,7 @@ def store_reference(model_name: str, version: str, run_id: str, model_path: Path
     """Compute the profile of a registered version and store it with it: an artifact
     `drift/reference.json` on the version's run and the version tag `drift.reference` pointing at it.
     Returns that artifact URI."""
-    from serving.settings import mlflow_client
+    from common.settings import mlflow_client
 
     ref = compute_reference(model_path, np.asarray(train_images), np.asarray(val_images))
     client = mlflow_client()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serving.errors import InputError
+from common.errors import InputError
 
 IMAGE_SHAPE = (28, 28)
 

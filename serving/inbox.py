@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving import idx
-from serving.atomic import atomic_path
-from serving.errors import DriftAlert, InputError, OutputError
+from common import idx
+from common.atomic import atomic_path
+from common.errors import DriftAlert, InputError, OutputError
 from serving.job import JobConfig, JobResult, LoadedModel, load_model, run_job
 from serving.readers import content_digest
 from serving.writers import manifest_path

@@ -35,8 +35,8 @@ from tqdm import tqdm
 from serving import drift
 from serving.config import JobConfig
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
-from serving.errors import DriftAlert, InputError, OutputError
-from serving.experiments import ensure_experiment
+from common.errors import DriftAlert, InputError, OutputError
+from common.experiments import ensure_experiment
 from serving.model_source import ModelRef, is_remote, resolve_model
 from serving.readers import Chunk, ImageReader, LabelReader, Skipped, open_images, open_labels
 from serving.session import (
@@ -138,7 +138,7 @@ class _Tracking:
     """One MLflow run per job, through MlflowClient with an explicit run id (no active-run state)."""
 
     def __init__(self, cfg: JobConfig, model: ModelRef, provider_used: str, reader: ImageReader):
-        from serving.settings import mlflow_client
+        from common.settings import mlflow_client
 
         self.client = mlflow_client()
         exp_id = ensure_experiment(cfg.experiment, self.client)

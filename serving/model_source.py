@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from serving.defaults import DEFAULT_MODEL_URI  # noqa: F401 (re-exported)
-from serving.errors import ModelSourceError
+from common.errors import ModelSourceError
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
@@ -79,7 +79,7 @@ def _from_registry(uri: str, dst_dir: Path) -> ModelRef:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from serving.settings import mlflow_client
+    from common.settings import mlflow_client
 
     m = _REGISTRY_URI.match(uri)
     if m is None:

@@ -36,9 +36,9 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 
-from serving import idx
+from common import idx
 from serving.config import OnError
-from serving.errors import InputError
+from common.errors import InputError
 from serving.images import IMAGE_SHAPE, load_image
 
 PIXELS = 28 * 28

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from serving.config import Device
-from serving.errors import DeviceError, ModelSourceError
+from common.errors import DeviceError, ModelSourceError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The layers import one way: serving (torch-free bottom) <- nn_core (torch) <- flows (Prefect, CLI).
+"""The layers import one way: common (what every layer shares) <- serving (torch-free batch job) <- nn_core
+(torch) <- flows (Prefect, CLI).
 
 Read from the source (every import statement, also those inside functions), so a lazy import that
 would only run on some code path counts too; plus a real import of every serving module in a fresh
@@ -15,14 +16,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("serving", "nn_core", "flows")
+PACKAGES = ("common", "serving", "nn_core", "flows")
 # What each layer may import from the project: only the layers below it.
-ALLOWED = {"serving": {"serving"}, "nn_core": {"serving", "nn_core"}, "flows": {"serving", "nn_core", "flows"}}
-FORBIDDEN_THIRD_PARTY = {"serving": {"torch", "torchvision", "prefect", "onnx", "onnxscript", "matplotlib"},
+ALLOWED = {"common": {"common"}, "serving": {"common", "serving"}, "nn_core": {"common", "serving", "nn_core"},
+           "flows": {"common", "serving", "nn_core", "flows"}}
+FORBIDDEN_THIRD_PARTY = {"common": {"torch", "torchvision", "prefect", "onnx", "onnxscript", "matplotlib", "onnxruntime"},
+                         "serving": {"torch", "torchvision", "prefect", "onnx", "onnxscript", "matplotlib"},
                          "nn_core": {"prefect"}}
 # What the command line imports to build its options and check them: before torch, Prefect or
 # onnxruntime is loaded (a typo costs a fraction of a second and one line).
-PARSE_TIME = ("flows.options", "nn_core.config", "nn_core.sweep", "serving.config", "serving.fields")
+PARSE_TIME = ("flows.options", "nn_core.config", "nn_core.sweep", "serving.config", "common.fields")
 HEAVY = {"torch", "torchvision", "prefect", "onnxruntime", "onnx", "mlflow", "pyarrow", "matplotlib"}
 MAX_FUNCTION_LINES = 50  # a function fits on a screen
 
@@ -145,7 +148,7 @@ def test_no_import_cycles(graph):
 
 
 def test_serving_imports_without_torch_or_prefect():
-    mods = sorted(n for n in _modules() if n.split(".")[0] == "serving" and not n.endswith("__main__"))
+    mods = sorted(n for n in _modules() if n.split(".")[0] in ("common", "serving") and not n.endswith("__main__"))
     code = ("import importlib, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"
             "print(sorted({'torch', 'prefect', 'nn_core', 'flows'} & {k.split('.')[0] for k in sys.modules}))")

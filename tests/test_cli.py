@@ -233,7 +233,7 @@ def test_ui_serves_the_embedded_store_on_localhost(tmp_path):
 def test_loading_pauses_the_collector_and_freezes_what_was_loaded():
     import gc
 
-    from serving.settings import loading
+    from common.settings import loading
 
     assert gc.isenabled()
     frozen = gc.get_freeze_count()

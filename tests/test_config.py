@@ -17,9 +17,9 @@ from nn_core import datasets
 from nn_core.config import (MULTI_NODE, DataConfig, Dataset, GateConfig, LaunchSpec, MLPConfig, TrackingConfig,
                             TrainConfig)
 from nn_core.sweep import AXES, SweepSpec
-from serving import fields
+from common import fields
 from serving.config import JobConfig
-from serving.fields import add_arguments, check, from_args, setting
+from common.fields import add_arguments, check, from_args, setting
 
 
 @dataclass(frozen=True)

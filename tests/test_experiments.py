@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from serving.experiments import EXPERIMENT_KIND_TAG, MODEL_TRAINING, NOTE_TAG, ensure_experiment, run_context_tags
+from common.experiments import EXPERIMENT_KIND_TAG, MODEL_TRAINING, NOTE_TAG, ensure_experiment, run_context_tags
 
 
 def test_experiments_are_model_training_experiments_with_a_description(mlflow_store):
@@ -23,7 +23,7 @@ def test_experiments_are_model_training_experiments_with_a_description(mlflow_st
 
 
 def test_run_context_tags_fill_the_created_by_and_source_columns(monkeypatch):
-    from serving import experiments
+    from common import experiments
 
     experiments.git_commit.cache_clear()
     monkeypatch.setenv("MNISTOPS_GIT_COMMIT", "0123abc")
@@ -37,7 +37,7 @@ def test_run_context_tags_fill_the_created_by_and_source_columns(monkeypatch):
 
 def test_commands_starting_together_on_a_new_home_share_one_store(tmp_path):
     """Three processes open the embedded store of the same new home at the same moment, the way the
-    project opens MLflow (serving.settings.mlflow_client): each gets the one complete store (no
+    project opens MLflow (common.settings.mlflow_client): each gets the one complete store (no
     migration race), and no temporary file is left."""
     import os
     import sqlite3
@@ -48,7 +48,7 @@ def test_commands_starting_together_on_a_new_home_share_one_store(tmp_path):
     go = tmp_path / "go"
     code = ("import os, time; from pathlib import Path\n"
             f"while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
-            "from serving.settings import configure_store, mlflow_client; configure_store()\n"
+            "from common.settings import configure_store, mlflow_client; configure_store()\n"
             "mlflow_client().search_experiments()\n")
     env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home")}
     for key in ("MLFLOW_TRACKING_URI", "MNISTOPS_ARTIFACT_ROOT"):

@@ -43,7 +43,7 @@ def test_the_image_copies_only_the_torch_free_code(image):
     code = image.root / "opt" / "mnistops"
     # pip's build leaves build/ and mnistops.egg-info/ beside the sources, as in the image.
     sources = {p.name for p in code.iterdir()} - {"build", "mnistops.egg-info"}
-    assert sources == {"README.md", "pyproject.toml", "serving"}
+    assert sources == {"README.md", "pyproject.toml", "common", "serving"}
     # What could not run without an engine is the system-user step, nothing else.
     assert image.skipped and all("useradd" in s for s in image.skipped), image.skipped
     assert image.user == "10001"

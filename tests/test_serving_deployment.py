@@ -17,7 +17,8 @@ import onnx
 import pytest
 from needs import missing
 
-from serving import drift, idx
+from common import idx
+from serving import drift
 from serving_fixtures import mlp_onnx, train_quickly, write_idx
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -20,8 +20,9 @@ import pytest
 from needs import missing
 from PIL import Image
 
-from serving import drift, idx
-from serving.errors import DriftAlert
+from common import idx
+from serving import drift
+from common.errors import DriftAlert
 from serving.images import mnist_pixels
 from serving.job import JobConfig, run_job
 from serving_fixtures import mlp_onnx, train_quickly, write_idx

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from serving.errors import OutputError
+from common.errors import OutputError
 from serving.inbox import run_inbox
 from serving.job import JobConfig, run_job
 from serving_fixtures import digits, reference_probabilities, save_model, write_idx

@@ -22,7 +22,7 @@ from needs import missing
 from PIL import Image
 
 from serving import cli
-from serving.errors import InputError, ModelSourceError
+from common.errors import InputError, ModelSourceError
 from serving.job import EXPERIMENT, JobConfig, run_job
 from serving.readers import open_images
 from serving_fixtures import (
@@ -379,7 +379,7 @@ def test_cli_main(model: tuple[Path, dict], tmp_path: Path, capsys: pytest.Captu
     np.save(tmp_path / "bad.npy", np.zeros((2, 10), np.uint8))
     rc = cli.main(["--input", str(tmp_path / "bad.npy"), "--output", str(tmp_path / "q.parquet"),
                    "--model", str(model[0]), "--no-track"])
-    assert rc == 1  # bad input: the same exit code as `mnistops infer` (serving.errors)
+    assert rc == 1  # bad input: the same exit code as `mnistops infer` (common.errors)
     assert "bad.npy: array of shape (2, 10), expected (N, 28, 28) or (N, 784)" in capsys.readouterr().err
     assert not (tmp_path / "q.parquet").exists()
 
@@ -391,8 +391,8 @@ def test_serving_imports_neither_torch_nor_prefect(model: tuple[Path, dict], tmp
     np.save(tmp_path / "x.npy", digits(4))
     code = (
         "import sys; from pathlib import Path; import serving.job, serving.cli, serving.readers, "
-        "serving.writers, serving.session, serving.model_source, serving.images, serving.errors, serving.inbox, "
-        "serving.drift, serving.settings; "
+        "serving.writers, serving.session, serving.model_source, serving.images, common.errors, serving.inbox, "
+        "serving.drift, common.settings; "
         "from serving.job import JobConfig, run_job; "
         f"run_job(JobConfig(input=Path({str(tmp_path / 'x.npy')!r}), output=Path({str(tmp_path / 'p.parquet')!r}), "
         f"model={str(model[0])!r}, track=False)); "
@@ -455,7 +455,7 @@ def test_killed_job_leaves_no_output_and_rerun_succeeds(
 def test_real_mnist_test_set(tmp_path: Path, mnist_source: Path) -> None:
     import onnx
 
-    from serving import idx
+    from common import idx
 
     src = mnist_source
     test_images, test_labels = src / "t10k-images-idx3-ubyte.gz", src / "t10k-labels-idx1-ubyte.gz"

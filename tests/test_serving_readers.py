@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.errors import InputError
+from common.errors import InputError
 from serving.images import mnist_pixels
 from serving.readers import (
     FolderReader,

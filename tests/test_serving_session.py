@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from serving.errors import DeviceError, ModelSourceError
+from common.errors import DeviceError, ModelSourceError
 from serving.session import CPU, CUDA, create_session, gpu_present, gpu_usable, plan_threads, provider
 from serving_fixtures import digits, reference_probabilities, save_model
 

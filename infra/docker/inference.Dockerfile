@@ -25,7 +25,8 @@ WORKDIR /opt/mnistops
 COPY pyproject.toml README.md ./
 RUN pip install ".[${RUNTIME}]"
 
-# Then the code, serving/ only (nn_core and flows import torch and Prefect): reinstalled alone.
+# Then the code, common/ and serving/ only (nn_core and flows import torch and Prefect): reinstalled alone.
+COPY common ./common
 COPY serving ./serving
 RUN pip install --no-deps --force-reinstall .
 

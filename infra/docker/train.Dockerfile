@@ -29,6 +29,7 @@ RUN pip install '.[train,gpu,server]'
 
 # Then the code; a code change reinstalls only mnistops itself (seconds).
 COPY nn_core ./nn_core
+COPY common ./common
 COPY serving ./serving
 COPY flows ./flows
 RUN pip install --no-deps --force-reinstall .

@@ -31,7 +31,7 @@ def ensure_experiment(name: str, client=None, description: str | None = None) ->
     An experiment made before it carried the kind tag gets it (and the description) on the way."""
     from mlflow.exceptions import MlflowException
 
-    from serving.settings import mlflow_client
+    from common.settings import mlflow_client
 
     c = client or mlflow_client()
     tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING, **({NOTE_TAG: description} if description else {})}
