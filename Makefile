@@ -5,13 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mnistops-installed
 
-# No telemetry: these machines have no internet, and users don't want it either.
-export ORT_DISABLE_TELEMETRY := 1
-export MLFLOW_DISABLE_TELEMETRY := true
-export DO_NOT_TRACK := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-# Prefect's temporary local API needs more than its default 20 s to start on 2 cores.
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# No telemetry (these machines have no internet, and users don't want it either): `mnistops` applies
+# the project's one list itself (common/settings.py, QUIET); any other command runs under QUIET, which
+# applies the same list (an explicit setting wins).
+QUIET := $(PY) -m common.settings
 
 .PHONY: setup run test bench gpu-check clean
 setup: $(STAMP)
@@ -28,16 +25,16 @@ run: setup
 	$(VENV)/bin/mnistops run
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(QUIET) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(QUIET) $(PY) bench/run_all.py
 
 # The GPU acceptance run (bench/gpu_check.py): on a CUDA machine it trains on every GPU to the gate,
 # checks ONNX parity on the CUDA provider and measures the batch job there (< 5 minutes), figures in
 # bench/out/gpu.json; without a GPU it prints one line and exits 0 (CI runs it so).
 gpu-check: setup
-	$(PY) bench/gpu_check.py
+	$(QUIET) $(PY) bench/gpu_check.py
 
 clean:
 	rm -rf .mnistops bench/out

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import functools
 import getpass
-import os
 import subprocess
 from pathlib import Path
+
+from common import settings
 
 ARTIFACT_ROOT_ENV = "MNISTOPS_ARTIFACT_ROOT"
 GIT_COMMIT_ENV = "MNISTOPS_GIT_COMMIT"  # set by the images from a build argument: they carry no .git
@@ -37,7 +38,7 @@ def ensure_experiment(name: str, client=None, description: str | None = None) ->
     tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING, **({NOTE_TAG: description} if description else {})}
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        root = os.environ.get(ARTIFACT_ROOT_ENV)
+        root = settings.env(ARTIFACT_ROOT_ENV)
         location = Path(root, name).resolve().as_uri() if root else None
         try:
             return c.create_experiment(name, artifact_location=location, tags=tags)
@@ -56,7 +57,7 @@ def ensure_experiment(name: str, client=None, description: str | None = None) ->
 def git_commit() -> str | None:
     """The commit of the running code: MNISTOPS_GIT_COMMIT (images), else git in the code's folder;
     None when neither knows (then the tag is left out rather than filled with a placeholder)."""
-    if commit := os.environ.get(GIT_COMMIT_ENV, "").strip():
+    if commit := settings.env(GIT_COMMIT_ENV, "").strip():
         return commit
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -73,7 +74,7 @@ def run_context_tags(source_name: str, source_type: str = "LOCAL") -> dict[str, 
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # a container user without a passwd entry
-        user = os.environ.get("USER", "unknown")
+        user = settings.env("USER", "unknown")
     tags = {"mlflow.user": user, "mlflow.source.name": source_name, "mlflow.source.type": source_type}
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit

@@ -1,5 +1,11 @@
-"""The default store, the same for `mnistops` and `python -m serving`: torch-free, applied at the entry
-point (never at import time).
+"""The environment, read in one place, and the default store, the same for `mnistops` and
+`python -m serving`: torch-free, applied at the entry point (never at import time).
+
+Every environment variable the project reads is declared in ENVIRONMENT below and read through
+`env()`; the config fields' own variables (MNISTOPS_LR, MNISTOPS_EPOCHS, ...) are derived from the
+fields by common.fields and read through `env()` too. QUIET holds the no-telemetry defaults, the one
+list: the entry points apply it, and `python -m common.settings CMD ...` runs any other command with it
+(the Makefile's test and bench targets, tests/servers.py's servers).
 
 Embedded default: MLflow on a SQLite store and an artifact folder under MNISTOPS_HOME (default
 ./.mnistops). MLFLOW_TRACKING_URI selects a real server instead. Set as environment variables, so
@@ -10,18 +16,57 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 HOME_ENV = "MNISTOPS_HOME"
 DEFAULT_HOME = ".mnistops"
+
+# Every variable read (besides the config fields' MNISTOPS_<FIELD>, see common.fields.env_name), with
+# what it does; the README's list follows this table.
+ENVIRONMENT = {
+    "MNISTOPS_HOME": "folder of the store, checkpoints, outputs and Prefect's results (default ./.mnistops)",
+    "MNISTOPS_ARTIFACT_ROOT": "MLflow artifact folder of the embedded store (default MNISTOPS_HOME/mlartifacts)",
+    "MNISTOPS_DEBUG": "1: tracebacks with every error (as --debug)",
+    "MNISTOPS_GIT_COMMIT": "the code's commit, recorded on runs where there is no .git (the images)",
+    "MNISTOPS_CUDA_GRAPHS": "0: a one-GPU training's steps run eagerly, not replayed from a CUDA graph",
+    "MNISTOPS_TRAIN_IN_PROCESS": "0: a one-process CPU training starts a worker process anyway",
+    "MNISTOPS_OWNER_PID": "set by the launcher for its workers: the process that owns the training",
+    "MLFLOW_TRACKING_URI": "MLflow's store or server (default: sqlite in MNISTOPS_HOME)",
+    "PREFECT_API_URL": "Prefect's API (default: a temporary local one per command)",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "how long a temporary Prefect API may take to start",
+    "PREFECT_HOME": "Prefect's home, where its profiles live",
+    "PREFECT_PROFILES_PATH": "Prefect's profiles file",
+    "PREFECT_PROFILE": "Prefect's active profile",
+    "PREFECT_LOCAL_STORAGE_PATH": "where Prefect keeps task results (default MNISTOPS_HOME/prefect-results)",
+    "XDG_CACHE_HOME": "the user's cache folder: the dataset cache is XDG_CACHE_HOME/mnistops",
+    "USER": "the user recorded on runs",
+    "_MNISTOPS_PREFECT_STORAGE": "internal: remembers that the storage path above was chosen by mnistops",
+}
+
 # No telemetry (these machines have no internet, and users don't want it either); no download bars.
+# The one list: configure_store applies it, `python -m common.settings CMD` runs CMD with it.
 QUIET = {
     "ORT_DISABLE_TELEMETRY": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # also: without it a SQLite server can log "database is locked"
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Prefect's temporary local API takes 10-27 s to start on 2 cores; its default allows 20.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The one reader of the environment: the value of `name`, `default` when it is not set."""
+    return os.environ.get(name, default)
+
+
+def quiet_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) with QUIET's defaults where it sets nothing."""
+    base = dict(os.environ if base is None else base)
+    return {**QUIET, **base}
 
 
 _FREEZE_REGISTERED = False
@@ -74,15 +119,15 @@ def configure_store() -> Store:
     store backend (the slim inference image) runs untracked jobs."""
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
-    home = Path(os.environ.get(HOME_ENV, DEFAULT_HOME)).resolve()
+    home = Path(env(HOME_ENV, DEFAULT_HOME)).resolve()
     os.environ[HOME_ENV] = str(home)
-    embedded = "MLFLOW_TRACKING_URI" not in os.environ
+    embedded = env("MLFLOW_TRACKING_URI") is None
     if embedded:
         home.mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
-    if os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:"):
+    if env("MLFLOW_TRACKING_URI").startswith("sqlite:"):
         os.environ.setdefault("MNISTOPS_ARTIFACT_ROOT", str(home / "mlartifacts"))
-    return Store(home=home, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], embedded_mlflow=embedded)
+    return Store(home=home, tracking_uri=env("MLFLOW_TRACKING_URI"), embedded_mlflow=embedded)
 
 
 def mlflow_client():
@@ -110,8 +155,8 @@ def create_sqlite_store(uri: str | None = None, artifact_root: str | None = None
     ("Online migration expected to match one row ..."). So the schema is built in a file of this
     process's own and linked into place only if no store is there yet (a link, unlike a rename, never
     replaces one that another process already uses). An existing store costs one stat."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    artifact_root = artifact_root or os.environ.get("MNISTOPS_ARTIFACT_ROOT", "mlartifacts")
+    uri = uri or env("MLFLOW_TRACKING_URI", "")
+    artifact_root = artifact_root or env("MNISTOPS_ARTIFACT_ROOT", "mlartifacts")
     db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     if db is None or db.exists():
         return
@@ -129,3 +174,16 @@ def create_sqlite_store(uri: str | None = None, artifact_root: str | None = None
         pass  # another command made it first: that one is used
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m common.settings CMD ARG...`: CMD run with the no-telemetry defaults (an explicit
+    setting wins), so a Makefile or CI job needs no copy of the list."""
+    if not argv:
+        print("usage: python -m common.settings CMD [ARG...]", file=sys.stderr)
+        return 2
+    os.execvpe(argv[0], argv, quiet_environment())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -34,6 +34,7 @@ from flows.options import (  # noqa: F401 (CommandError, Stopped, UsageError: re
 )
 from nn_core.config import DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
 from common.fields import add_arguments, from_args
+from common import settings
 from common.settings import create_sqlite_store
 from common.errors import (  # noqa: F401 (the one table, re-exported for the commands and tests)
     EXIT_DRIFT,
@@ -91,7 +92,7 @@ def _report(outcome) -> int:
 
 def _home() -> Path:
     # flows.settings.configure's rule, before it runs (a check must not create the home).
-    return Path(os.environ.get("MNISTOPS_HOME", ".mnistops")).resolve()
+    return Path(settings.env("MNISTOPS_HOME", ".mnistops")).resolve()
 
 
 def _unfinished_training(training_id: str | None) -> tuple[str, dict]:
@@ -229,8 +230,8 @@ def cmd_ui(args) -> int:
     cfg = configure()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking_uri,
            "--host", args.host, "--port", str(args.port), "--workers", "1"]
-    if os.environ.get("MNISTOPS_ARTIFACT_ROOT"):
-        cmd += ["--default-artifact-root", Path(os.environ["MNISTOPS_ARTIFACT_ROOT"]).as_uri()]
+    if artifact_root := settings.env("MNISTOPS_ARTIFACT_ROOT"):
+        cmd += ["--default-artifact-root", Path(artifact_root).as_uri()]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {cfg.tracking_uri}); Ctrl-C stops it", flush=True)
     # Tied to this process: the server and its workers stop with it, however it ends (SIGKILL too).
     with lifeline.tied(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as proc:

@@ -12,14 +12,13 @@ def cmd_infer(args) -> int:
     directly, without starting Prefect's temporary server for one flow run (~8 s); with a Prefect API
     configured it runs as the `batch-inference` flow, visible there. Either way its arguments and
     input paths are checked first, before onnxruntime, torch or prefect are imported."""
-    import os
-
+    from common.settings import env
     from serving import cli as serving_cli
     from common.errors import ServingError
 
     try:
         serving_cli.validate(args)
-        if os.environ.get("PREFECT_API_URL"):
+        if env("PREFECT_API_URL"):
             from flows.inference import batch_inference
 
             s = batch_inference(serving_cli.config_from_args(args), inbox=args.inbox is not None, rescore=args.rescore)
@@ -68,7 +67,7 @@ def cmd_sweep(args) -> int:
 def cmd_serve(args) -> int:
     from flows import prefect_api
     from flows.deployments import deployments
-    from flows.options import pipeline_parameters
+    from flows.options import parameters_json, pipeline_parameters
     from flows.settings import configure
     from serving.config import JobConfig
     from common.errors import EXIT_OK
@@ -82,8 +81,10 @@ def cmd_serve(args) -> int:
     output.mkdir(parents=True, exist_ok=True)
     params = pipeline_parameters(args)
     champion = f"models:/{params['gate'].model_for(params['data'].dataset)}@champion"
-    deps = deployments(args.training_cron, args.inference_cron, params,
-                       {"job": JobConfig(input=inbox, output=output, model=champion, fail_on_drift=True), "inbox": True})
+    # As JSON, the form's fields only: what Prefect shows as a run's parameters and offers to change.
+    job = JobConfig(input=inbox, output=output, model=champion, fail_on_drift=True)
+    deps = deployments(args.training_cron, args.inference_cron, parameters_json(params),
+                       parameters_json({"job": job, "inbox": True}))
     prefect_api.wait_ready()
     print(f"serving deployments {[d.name for d in deps]} (training '{args.training_cron}', "
           f"inference '{args.inference_cron}'); Ctrl-C stops", flush=True)

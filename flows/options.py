@@ -5,13 +5,14 @@ imported. Parsing only: the commands (flows.cli, flows.commands) use these, noth
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import signal
 from pathlib import Path
 
 from nn_core.config import MULTI_NODE, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
 from common.errors import EXIT_ERROR, EXIT_USAGE
-from common.fields import HelpFormatter, add_arguments, from_args, number
+from common.fields import HelpFormatter, add_arguments, form_values, from_args, number
+from common.settings import env
 
 
 class CommandError(Exception):
@@ -51,7 +52,6 @@ class Parser(argparse.ArgumentParser):
 # out of range is a usage error before anything is imported or started.
 
 POSITIVE = number(int, {"ge": 1})
-NON_NEGATIVE = number(int, {"ge": 0})
 PORT = number(int, {"ge": 1, "le": 65535})
 
 
@@ -89,7 +89,29 @@ def pipeline_parameters(args) -> dict:
 
 
 def data_source_of(args) -> str | None:
-    return args.data_source or os.environ.get("MNISTOPS_DATA_SOURCE") or None
+    return args.data_source or None  # the option, else MNISTOPS_DATA_SOURCE (common.fields)
+
+
+def parameters_json(params: dict) -> dict:
+    """A flow's parameters as a deployment holds them (and Prefect shows for each run): configs as
+    their form's fields (common.fields.form_values), None values left out (the flow's default)."""
+    return {k: form_values(v) if dataclasses.is_dataclass(v) else v for k, v in params.items() if v is not None}
+
+
+def deployment_defaults() -> dict:
+    """infra/prefect.yaml's build step (`prefect deploy` runs it): the training and sweep flows'
+    defaults, taken from their signatures, as their deployments' parameters. Prefect shows a run's
+    parameters as the deployment holds them: without this a run started with defaults showed `{}`."""
+    import inspect
+
+    from flows.sweep import hyperparameter_sweep
+    from flows.training import training_pipeline
+
+    def defaults(flow) -> dict:
+        return parameters_json({name: p.default for name, p in inspect.signature(flow.fn).parameters.items()
+                                if p.default is not inspect.Parameter.empty})
+
+    return {"training": defaults(training_pipeline), "sweep": defaults(hyperparameter_sweep)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,10 +120,11 @@ def data_source_of(args) -> str | None:
 
 
 def data_dir_of(args) -> Path:
-    # The rule of nn_core.data.default_data_dir, without importing torch for it.
-    if args.data_dir or os.environ.get("MNISTOPS_DATA_DIR"):
-        return Path(args.data_dir or os.environ["MNISTOPS_DATA_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnistops"
+    # The rule of nn_core.data.default_data_dir, without importing torch for it; args.data_dir is the
+    # option, else MNISTOPS_DATA_DIR (common.fields).
+    if args.data_dir:
+        return Path(args.data_dir).expanduser()
+    return Path(env("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnistops"
 
 
 def check_data(args) -> None:

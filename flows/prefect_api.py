@@ -24,10 +24,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import settings
 from flows import lifeline
 
 MIGRATED = "prefect.db.migrated"
-START_TIMEOUT_S = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+START_TIMEOUT_S = float(settings.env("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
 
 
 class PrefectApiError(RuntimeError):
@@ -71,8 +72,8 @@ _current: TemporaryApi | None = None
 def configured_url() -> str | None:
     """The Prefect API this process would use: PREFECT_API_URL from the environment, the active
     profile, or (when Prefect is already imported, as in a test harness) Prefect's own settings."""
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
+    if url := settings.env("PREFECT_API_URL"):
+        return url
     if "prefect" in sys.modules:
         from prefect.settings import get_current_settings
 
@@ -80,13 +81,13 @@ def configured_url() -> str | None:
         return str(url) if url else None
     import tomllib
 
-    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
-    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    home = Path(settings.env("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    profiles = Path(settings.env("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
     try:
         data = tomllib.loads(profiles.read_text())
     except (OSError, ValueError):
         return None
-    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    active = settings.env("PREFECT_PROFILE") or data.get("active", "ephemeral")
     url = data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
     return str(url) if url else None
 
@@ -189,5 +190,5 @@ def stop() -> None:
     lifeline.stop(api.proc)
     if api.migrating is not None:
         api.migrating.close()
-    if os.environ.get("PREFECT_API_URL") == api.url:
+    if settings.env("PREFECT_API_URL") == api.url:
         del os.environ["PREFECT_API_URL"]

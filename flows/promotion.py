@@ -8,9 +8,9 @@ temporary per-process API), the pipelines can only be on this machine: nn_core's
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 
+from common import settings
 from nn_core import registry
 
 LIMIT_PREFIX = "mnistops-promotion-"
@@ -22,7 +22,7 @@ def limit_name(model_name: str) -> str:
 
 
 def promotion_lock(model_name: str):
-    if os.environ.get("PREFECT_API_URL"):
+    if settings.env("PREFECT_API_URL"):
         return prefect_limit(model_name)
     return registry.promotion_lock(model_name)
 

@@ -14,20 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.settings import configure_store, env
+
 # Schedules of the deployments `mnistops serve` serves (and infra/prefect.yaml declares).
 TRAINING_CRON, INFERENCE_CRON = "0 2 * * *", "0 * * * *"
-
-QUIET_DEFAULTS = {
-    # No telemetry: these machines have no internet, and users don't want it either.
-    "ORT_DISABLE_TELEMETRY": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    # Prefect's temporary local API takes 10-27 s to start on 2 cores; its default allows 20.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
-
 
 _STORAGE_SET_HERE = "_MNISTOPS_PREFECT_STORAGE"  # remembers that configure() chose the storage path
 
@@ -48,17 +38,14 @@ class Settings:
 
 
 def configure() -> Settings:
-    """Fill in the environment's defaults (an explicit setting always wins) and return them."""
-    from common.settings import configure_store  # the one definition, shared with `python -m serving`
-
-    for key, value in QUIET_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    store = configure_store()
+    """Fill in the environment's defaults (an explicit setting always wins; the no-telemetry ones are
+    common.settings.QUIET, applied by configure_store) and return them."""
+    store = configure_store()  # the one definition, shared with `python -m serving`
     home = store.home
     # Prefect's persisted task results (the prepare-data cache) live in the home too, not in
     # ~/.prefect/storage. Read by Prefect when it is imported, so this runs before that.
-    storage = os.environ.get("PREFECT_LOCAL_STORAGE_PATH")
-    if storage is None or storage == os.environ.get(_STORAGE_SET_HERE):  # ours, for an earlier home
+    storage = env("PREFECT_LOCAL_STORAGE_PATH")
+    if storage is None or storage == env(_STORAGE_SET_HERE):  # ours, for an earlier home
         os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.environ[_STORAGE_SET_HERE] = str(home / "prefect-results")
     # Whatever Prefect stores there is JSON, data to read, never a pickle to run (its default).
     os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
@@ -92,7 +79,7 @@ class _OneLinePerFailure(logging.Filter):
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("MNISTOPS_DEBUG", "").lower() not in ("", "0", "false", "no")
+    return env("MNISTOPS_DEBUG", "").lower() not in ("", "0", "false", "no")
 
 
 def configure_logging(debug: bool = False) -> None:
@@ -119,7 +106,7 @@ def mlflow_ui_base() -> str:
     """Where the MLflow UI for the current store lives: the server itself, or `mnistops ui`'s default."""
     from nn_core.tracking import redact_url
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = env("MLFLOW_TRACKING_URI", "")
     return redact_url(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 

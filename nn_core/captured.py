@@ -23,11 +23,12 @@ and stays eager. MNISTOPS_CUDA_GRAPHS=0 turns it off.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from common import settings
 
 ENV = "MNISTOPS_CUDA_GRAPHS"  # "0": a GPU training's steps run eagerly too
 WARMUP_STEPS = 3  # eager runs on a side stream before the capture: cuBLAS handles, autograd's lazy set-up
@@ -41,7 +42,7 @@ def refusal(device: torch.device, world_size: int, shard: int, batch_size: int, 
     """Why a training's steps are not replayed from a CUDA graph; None when they are."""
     if device.type != "cuda":
         return f"on the {device.type}: CUDA graphs are for a GPU"
-    if os.environ.get(ENV, "1") == "0":
+    if settings.env(ENV, "1") == "0":
         return f"{ENV}=0"
     if world_size > 1:
         return f"{world_size} processes: DDP's gradient all-reduce runs eagerly"

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from common.fields import check, host_port, setting, sizes, sizes_text
+from common.fields import FORM, check, host_port, setting, sizes, sizes_text
 
 Dataset = Literal["mnist", "fashion-mnist"]  # nn_core.datasets.DATASETS holds their pinned files
 Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when it is usable, else the CPU
@@ -34,6 +34,7 @@ def default_model_name(dataset: str) -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
+    __pydantic_config__ = FORM  # Prefect's form: see common.fields
     dataset: Dataset = setting("mnist", "which dataset")
     data_source: str | None = setting(
         None, "folder or file:// URL with the four IDX files (gzipped or not), or an http(s) mirror; "
@@ -49,6 +50,7 @@ class DataConfig:
 class MLPConfig:
     """The model as built: saved in every checkpoint, so export and serving rebuild it from there."""
 
+    __pydantic_config__ = FORM  # Prefect's form: see common.fields
     hidden: tuple[int, ...] = setting((50,), "hidden layer sizes, e.g. 50 or 128,64", parse=sizes, text=sizes_text)
     in_features: int = setting(784, "input pixels (28 x 28), from the dataset", internal=True)
     num_classes: int = setting(10, "classes, from the dataset", internal=True)
@@ -73,6 +75,7 @@ class MLPConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    __pydantic_config__ = FORM  # Prefect's form: see common.fields
     # Defaults reach >= 97.2% validation accuracy for every seed 0..4 on MNIST (the gate is 96%).
     epochs: int = setting(10, "training epochs", ge=1)
     batch_size: int = setting(256, "global batch size (split evenly across processes)", ge=1)
@@ -96,6 +99,7 @@ REPORTING_ONLY = ("eval_batch_size", "target_val_accuracy")
 class TrackingConfig:
     """Where a training is recorded in MLflow; the pipeline fills in all but the experiment."""
 
+    __pydantic_config__ = FORM  # Prefect's form: see common.fields
     training_id: str = setting(description="the training's id (its MLflow run, checkpoint folder, rendezvous)",
                                internal=True)
     experiment: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment")
@@ -109,6 +113,7 @@ class TrackingConfig:
 class LaunchSpec:
     """How the DDP workers are started (torch's elastic launcher)."""
 
+    __pydantic_config__ = FORM  # Prefect's form: see common.fields
     nproc: int = setting(1, "CPU worker processes when there is no CUDA (with CUDA: one per GPU)", ge=1)
     max_restarts: int = setting(0, "times the launcher restarts failed workers (they resume from the checkpoint)",
                                 ge=0)
@@ -138,6 +143,7 @@ MULTI_NODE = ("nnodes", "rdzv_endpoint", "rdzv_id")  # LaunchSpec fields only `m
 class GateConfig:
     """Which registered model a candidate competes for, and what it takes to become its champion."""
 
+    __pydantic_config__ = FORM  # Prefect's form: see common.fields
     threshold: float = setting(0.96, "minimum validation accuracy (of the ONNX model) to promote", ge=0, le=1)
     margin: float = setting(0.0, "how much worse than the champion a candidate may be and still be promoted",
                             ge=0, le=1)

@@ -27,7 +27,7 @@ import torch
 from nn_core.checkpoint import atomic_torch_save
 from nn_core.config import DataConfig
 from nn_core.datasets import IMAGES, DatasetSpec, FileSpec, get_spec, mirrors_for
-from common import idx
+from common import idx, settings
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ class Splits:
 
 
 def default_data_dir() -> Path:
-    if env := os.environ.get("MNISTOPS_DATA_DIR"):
-        return Path(env)
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    if data_dir := settings.env("MNISTOPS_DATA_DIR"):  # DataConfig.data_dir's variable (common.fields)
+        return Path(data_dir)
+    cache_home = settings.env("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache_home) / "mnistops"
 
 

@@ -24,6 +24,7 @@ from nn_core import reaping, tracking
 from nn_core.config import LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
 from nn_core.distributed import cuda_device_count
 from nn_core.train import RESULT_NAME, STOPPING, TrainJob, default_run_name, worker_main
+from common import settings
 from common.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def in_process_eligible(spec: LaunchSpec, nproc: int, device: str) -> bool:
     """A training that needs no launcher: one CPU process on one node with no restarts (a restart
     needs a process to replace). Anything else (nproc > 1, --max-restarts > 0, multi-node, CUDA)
     goes through torch's elastic launcher."""
-    if os.environ.get(IN_PROCESS_ENV, "1") == "0":
+    if settings.env(IN_PROCESS_ENV, "1") == "0":
         return False
     return nproc == 1 and spec.nnodes == 1 and spec.max_restarts == 0 and device == "cpu" \
         and not dist.is_initialized()

@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 
+from common import settings
+
 log = logging.getLogger(__name__)
 
 OWNER_TAG = "mnistops.owner"
@@ -43,7 +45,7 @@ def owner_id(pid: int | None = None) -> str:
     """This training's owner: the launcher (which sets MNISTOPS_OWNER_PID for its workers), else
     this process."""
     if pid is None:
-        pid = int(os.environ.get(OWNER_PID_ENV) or os.getpid())
+        pid = int(settings.env(OWNER_PID_ENV) or os.getpid())
     return f"{socket.gethostname()}:{pid}:{_start_time(pid) or ''}"
 
 

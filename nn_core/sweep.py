@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from nn_core.config import MLPConfig, TrainConfig
-from common.fields import setting
+from common.fields import FORM, setting
 
 AXES = ("hidden", "lr", "batch_size", "epochs")
 MODEL_AXES = ("hidden",)  # the others are TrainConfig fields
@@ -73,6 +73,7 @@ def _axis(key: str, values) -> tuple:
 class SweepSpec:
     """The grid: each axis a list of values of one config field; every combination is one trial."""
 
+    __pydantic_config__ = FORM  # Prefect's form: see common.fields
     hidden: tuple[tuple[int, ...], ...] = setting(((50,),), "hidden layer sizes to try, e.g. [[50], [128, 64]]")
     lr: tuple[float, ...] = setting((3e-3,), "Adam learning rates to try")
     batch_size: tuple[int, ...] = setting((256,), "global batch sizes to try")

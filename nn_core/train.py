@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from nn_core.distributed import DistEnv, all_reduce_sum, broadcast_object, ddp_c
 from nn_core.model import build_model, stats_from
 from nn_core.optim import FusedAdamStep
 from common.atomic import atomic_path
+from common.fields import field_default
 from common.experiments import run_context_tags
 
 RESULT_NAME = "result.json"
@@ -508,19 +509,26 @@ def _plain(v):
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
+def _config_diffs(section: str, saved: dict, cfg, skip: tuple[str, ...]) -> list[str]:
+    """Fields of `cfg` whose value differs from the checkpoint's. A field the checkpoint lacks (added
+    to the config after it was written) counts as its default, which is what that training used; a
+    field only the checkpoint has (removed since) is not compared."""
+    diffs = []
+    for f in fields(cfg):
+        if f.name in skip:
+            continue
+        old, new = _plain(saved.get(f.name, field_default(f))), _plain(getattr(cfg, f.name))
+        if old != new:
+            diffs.append(f"{section}.{f.name} (checkpoint {old}, job {new})")
+    return diffs
+
+
 def resume_mismatches(ckpt: dict, job: TrainJob, dataset_digest: str) -> list[str]:
     """The fields in which a checkpoint differs from the job about to resume it: 'model.hidden
     (checkpoint [50], job [128])'. The model's mean/std come from the data (covered by the digest);
     REPORTING_ONLY fields change no weight."""
-    diffs = []
-    saved_model, want_model = ckpt.get("model_config", {}), job.model.to_dict()
-    for k, v in want_model.items():
-        if k not in ("mean", "std") and _plain(saved_model.get(k)) != _plain(v):
-            diffs.append(f"model.{k} (checkpoint {_plain(saved_model.get(k))}, job {_plain(v)})")
-    saved_train, want_train = ckpt.get("train_config", {}), asdict(job.train)
-    for k, v in want_train.items():
-        if k not in REPORTING_ONLY and saved_train.get(k) != v:
-            diffs.append(f"train.{k} (checkpoint {saved_train.get(k)}, job {v})")
+    diffs = _config_diffs("model", ckpt.get("model_config", {}), job.model, ("mean", "std"))
+    diffs += _config_diffs("train", ckpt.get("train_config", {}), job.train, REPORTING_ONLY)
     if ckpt.get("dataset_digest") != dataset_digest:
         diffs.append(f"dataset_digest (checkpoint {ckpt.get('dataset_digest')}, job {dataset_digest})")
     return diffs

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, DEFAULT_MODEL_URI, EXPERIMENT, Format
-from common.fields import check, setting
+from common.fields import FORM, check, setting
 
 Device = Literal["auto", "cpu", "cuda"]
 OnError = Literal["fail", "skip"]
@@ -17,6 +17,9 @@ OnError = Literal["fail", "skip"]
 
 @dataclass(frozen=True)
 class JobConfig:
+    __pydantic_config__ = FORM  # Prefect's form: see common.fields
+    # Its variables are MNISTOPS_INFER_BATCH_SIZE, ...: training has a batch size and a device too.
+    ENV_SECTION: ClassVar[str] = "INFER_"
     input: Path = setting(
         description="IDX images file (gzipped or not), .npy array (uint8, or float in 0..255 or 0..1 as its largest "
         "value says; [N,28,28] or [N,784]), or a folder of PNG/JPEG images of any size (every non-hidden image "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import QUIET_DEFAULTS
+from common.settings import QUIET as QUIET_DEFAULTS
 from needs import missing
 
 # No telemetry from any library the tests start (these machines have no internet); quiet progress bars.

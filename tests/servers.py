@@ -32,16 +32,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from common.settings import QUIET
+
 PG_SYSTEM_USER = "postgres"  # the account Debian's package creates
 PG_SUPERUSER = "postgres"  # the database role initdb creates
 
-# Off on every server we start: no network here, and Prefect's analytics also lock SQLite.
-QUIET_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "ORT_DISABLE_TELEMETRY": "1",
-}
+# Off on every server we start (no network here, and Prefect's analytics also lock SQLite): the
+# project's one no-telemetry list.
+QUIET_ENV = QUIET
 
 
 class ServerError(RuntimeError):
