@@ -224,10 +224,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         quiet = action.nargs == 0 or action.default is None or "default:" in text or "%(default)" in text
-        extra = [] if quiet else ["default: %(default)s"]
+        if not quiet:
+            text += " (default: %(default)s)"
         if (var := getattr(action, "env", None)) and var not in text:
-            extra.append(f"env {var}")
-        return f"{text} ({'; '.join(extra)})" if extra else text
+            text += f" [env {var}]"
+        return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +274,8 @@ def _naming_env(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def _choice(allowed: tuple) -> Callable[[str], Any]:
     def choice(text: str):
-        if text not in allowed:  # argparse checks `choices` for command-line values only, not defaults
+        # argparse checks `choices` for command-line values (its "invalid choice"), never a default
+        if isinstance(text, FromEnv) and text not in allowed:
             raise argparse.ArgumentTypeError(f"{str(text)!r}: expected one of {', '.join(map(str, allowed))}")
         return str(text)
 
@@ -335,8 +337,6 @@ def _argument(cls: type, f: dataclasses.Field, default: Any) -> tuple[str, dict[
     flag = cli.flag or "--" + f.name.replace("_", "-")
     kwargs: dict[str, Any] = {"help": f.metadata.get("description", ""), "default": default, **_parser(cls, f)}
     kwargs["type"] = _naming_env(kwargs["type"])
-    if kwargs.pop("choices", None) is not None:
-        kwargs["metavar"] = "{" + ",".join(map(str, choices(_hints(cls)[f.name]))) + "}"
     if _unwrap(_hints(cls)[f.name])[0] is bool:
         kwargs.update(action=Switch, const=default is not True)
         if default is True and cli.flag is None:

@@ -59,7 +59,7 @@ def test_the_command_line_is_derived_from_the_fields():
     (["--count", "x"], "expected an integer"),
     (["--rate", "0"], "--rate: 0: expected a number > 0 and <= 1"),
     (["--rate", "nan"], "expected a number"),
-    (["--mode", "c"], "--mode: 'c': expected one of a, b"),
+    (["--mode", "c"], "invalid choice"),
     (["--sizes", "0"], "expected positive integers"),
 ])
 def test_a_bad_value_is_a_usage_error_naming_the_option(argv, words):
@@ -287,7 +287,7 @@ def test_a_new_training_field_is_an_option_a_variable_a_form_field_and_resumes_o
     p = argparse.ArgumentParser(exit_on_error=False, formatter_class=fields.HelpFormatter)
     add_arguments(p, LabelSmoothing)
     assert from_args(LabelSmoothing, p.parse_args(["--label-smoothing", "0.1"])).label_smoothing == 0.1
-    assert "cross-entropy label smoothing (default: 0.0; env MNISTOPS_LABEL_SMOOTHING)" in \
+    assert "cross-entropy label smoothing (default: 0.0) [env MNISTOPS_LABEL_SMOOTHING]" in \
         " ".join(p.format_help().split())
     with pytest.raises(argparse.ArgumentError, match="expected a number >= 0 and <= 1"):
         p.parse_args(["--label-smoothing", "2"])
