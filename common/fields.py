@@ -368,7 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         flag, kwargs = _argument(cls, f, defaults.get(f.name, field_default(f)))
         kwargs["dest"] = dest_prefix + f.name
         var = None if nargs is not None or dest_prefix else env_name(cls, f.name)
-        if var is not None and (raw := settings.env(var)) is not None:
+        if var is not None and (raw := settings.env(var)):  # set and not empty (`export X=` unsets)
             kwargs["default"] = FromEnv(raw, var)
         if dest_prefix and kwargs.get("action") is not Switch:
             kwargs.setdefault("metavar", f.name.upper())

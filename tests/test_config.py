@@ -200,6 +200,7 @@ def test_command_line_beats_environment_beats_default(monkeypatch):
     from flows.options import pipeline_parameters
 
     assert pipeline_parameters(_train_args([], monkeypatch))["train"].lr == TrainConfig().lr
+    assert pipeline_parameters(_train_args([], monkeypatch, MNISTOPS_LR=""))["train"].lr == TrainConfig().lr  # unset
     args = _train_args([], monkeypatch, MNISTOPS_LR="0.01", MNISTOPS_HIDDEN="128,64", MNISTOPS_SCHEDULE="none")
     params = pipeline_parameters(args)
     assert (params["train"].lr, params["train"].schedule, params["model"].hidden) == (0.01, "none", (128, 64))
