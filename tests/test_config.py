@@ -381,3 +381,18 @@ def test_a_deployment_run_with_defaults_shows_them(tmp_path):
     assert deps["hyperparameter-sweep"].parameters == expected["sweep"]
     assert deps["inference-hourly"].parameters["job"]["fail_on_drift"] is True
     assert "mean" not in form["MLPConfig"]["properties"]
+
+
+def test_what_serve_registers_comes_back_as_the_same_configs():
+    """`mnistops serve` gives its deployments the options as JSON (what Prefect shows for each run);
+    the flows build the same configs back from them."""
+    from flows.inference import batch_inference
+    from flows.options import parameters_json, pipeline_parameters
+    from flows.training import training_pipeline
+
+    params = pipeline_parameters(_subparser("serve").parse_args(["--epochs", "3", "--hidden", "32,16", "--nproc", "2"]))
+    stored = parameters_json(params)
+    assert "mean" not in stored["model"] and "log_dir" not in stored["launch"]
+    assert training_pipeline.validate_parameters(stored) == {**params, "training_id": None}
+    job = JobConfig(input=Path("inbox"), output=Path("out"), fail_on_drift=True)
+    assert batch_inference.validate_parameters(parameters_json({"job": job, "inbox": True}))["job"] == job
