@@ -1,6 +1,7 @@
 """The options of the `mnistops` commands: argument groups derived from the configs (nn_core.config),
-the flows' parameters built back from them, and the cheap checks that run before anything heavy is
-imported. Parsing only: the commands (flows.cli, flows.commands) use these, nothing here runs one."""
+the flows' parameters built back from them (and as deployments hold them, JSON), and the cheap checks
+that run before anything heavy is imported. Parsing only: the commands (flows.cli, flows.commands)
+use these, nothing here runs one."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The training side's settings, one frozen dataclass per concern: data, model, training, tracking,
-launch and gate. Each is declared once, here; the command line's options and the Prefect flows'
-typed parameters are derived from these fields (common.fields), and the DDP workers receive them
-inside a TrainJob. Adding a training option is one field below plus its use.
+launch and gate. Each is declared once, here; the command line's options, their environment
+variables (MNISTOPS_EPOCHS, ...) and the Prefect flows' typed parameters are derived from these fields
+(common.fields), and the DDP workers receive them inside a TrainJob. Adding a training option is one
+field below plus its use: a checkpoint written before it resumes with the field's default.
 
 Dataclasses rather than pydantic models: the workers pickle them, checkpoints store them as plain
 dicts (`asdict`), and nn_core needs no validation library; Prefect's pydantic reads the fields'

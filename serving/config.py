@@ -1,5 +1,6 @@
-"""The batch job's settings, declared once (common.fields): `mnistops infer`, `python -m serving` and
-the `batch-inference` flow's typed parameter are all derived from JobConfig. Imports neither
+"""The batch job's settings, declared once (common.fields): `mnistops infer`, `python -m serving`,
+their environment variables (MNISTOPS_INFER_...) and the `batch-inference` flow's typed parameter are
+all derived from JobConfig. Imports neither
 onnxruntime nor pyarrow, so `--help` and argument errors stay instant."""
 
 from __future__ import annotations
