@@ -7,7 +7,10 @@
                                   ledger/<sha256>.lock   the claim while it is being scored
 
 Inputs are the non-hidden entries of INBOX: IDX image files (gzipped or not), `.npy` arrays, and
-folders of images. Anything else is ignored and listed. Uploaders should write under a hidden name
+folders of images. Anything else is ignored and listed. A symbolic link is never an input and never
+followed (whoever can write to the inbox could point it at /etc/shadow or another user's folder): it
+is listed under `links_not_followed`, and an entry swapped for a link after the listing is refused
+when it is opened (O_NOFOLLOW; links inside an image folder likewise, see serving.readers). Uploaders should write under a hidden name
 (a leading dot) and rename when complete, so a half-copied file is never taken for an input.
 
 Exactly once: an input is keyed by the SHA-256 of its content (a renamed or re-uploaded copy is not
@@ -44,7 +47,7 @@ from common.atomic import atomic_path
 from common.errors import DriftAlert, InputError, OutputError
 from serving.job import JobConfig, JobResult, LoadedModel, load_model, run_job
 from serving.readers import content_digest
-from serving.writers import manifest_path
+from serving.writers import manifest_path, writing
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class InboxResult:
     busy: list[str] = field(default_factory=list)  # being scored by another job right now
     failed: list[dict[str, str]] = field(default_factory=list)  # bad input: recorded, not retried
     ignored: list[str] = field(default_factory=list)  # entries that are not inputs
+    links: list[str] = field(default_factory=list)  # symbolic links: never followed
 
     @property
     def drift_alerts(self) -> list[JobResult]:
@@ -73,7 +77,7 @@ class InboxResult:
                         "model_version": r.model.version, "mlflow_run_id": r.mlflow_run_id}
                        for r in self.scored],
             "already_scored": self.already, "in_progress_elsewhere": self.busy, "failed": self.failed,
-            "ignored": self.ignored,
+            "ignored": self.ignored, "links_not_followed": self.links,
         }
 
 
@@ -98,14 +102,15 @@ def is_input(path: Path) -> bool:
     return len(head) == 4 and int.from_bytes(head, "big") == idx.IMAGES_MAGIC
 
 
-def list_inbox(inbox: Path) -> tuple[list[Path], list[str]]:
-    """(inputs, ignored names), in name order; hidden entries are neither."""
+def list_inbox(inbox: Path) -> tuple[list[Path], list[str], list[str]]:
+    """(inputs, ignored names, symbolic links), in name order; hidden entries are none of them."""
     try:
         entries = sorted((e for e in inbox.iterdir() if not e.name.startswith(".")), key=lambda p: p.name)
     except OSError as e:
         raise InputError(f"{inbox}: unreadable inbox folder ({e.strerror or e})") from e
-    inputs = [p for p in entries if is_input(p)]
-    return inputs, [p.name for p in entries if p not in inputs]
+    links = [p.name for p in entries if p.is_symlink()]
+    inputs = [p for p in entries if p.name not in links and is_input(p)]
+    return inputs, [p.name for p in entries if p not in inputs and p.name not in links], links
 
 
 @contextlib.contextmanager
@@ -136,7 +141,7 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
-    with atomic_path(path, suffix=".json") as tmp:
+    with writing(path), atomic_path(path, suffix=".json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -203,6 +208,8 @@ def _score_claimed(s: _Scoring, inp: Path, digest: str, record_path: Path) -> No
         s.result.already.append({"input": inp.name, "sha256": digest, "status": "recovered", "output": str(output)})
         return
     try:
+        if inp.is_symlink():  # swapped for a link since the listing: not followed (the module doc)
+            raise InputError(f"{inp}: a symbolic link (since the inbox was listed); links are not followed")
         if s.loaded is None:
             s.loaded = load_model(s.job)
         res = run_job(dataclasses.replace(s.job, input=inp, output=output), s.loaded)
@@ -223,8 +230,8 @@ def run_inbox(inbox: Path, out_dir: Path, template: JobConfig, rescore: bool = F
     (not retried until their content changes) and do not stop the others; with
     `template.fail_on_drift`, any drift alert raises DriftAlert at the end, after every input."""
     inbox, out_dir = _checked_folders(inbox, out_dir)
-    inputs, ignored = list_inbox(inbox)
-    result = InboxResult(inbox, out_dir, ignored=ignored)
+    inputs, ignored, links = list_inbox(inbox)
+    result = InboxResult(inbox, out_dir, ignored=ignored, links=links)
     fmt = template.format or "parquet"
     s = _Scoring(dataclasses.replace(template, fail_on_drift=False, overwrite=True, format=fmt), out_dir, fmt,
                  rescore, result)
