@@ -143,8 +143,12 @@ def check_data(args) -> None:
     parsed = urlparse(source)
     if parsed.scheme in ("http", "https"):
         return
+    from common.storage import SOURCE_KINDS, STORE_SCHEMES
+
+    if parsed.scheme in STORE_SCHEMES:
+        return  # the store is asked when the data is prepared (one line naming the URL if it fails)
     if parsed.scheme and parsed.scheme != "file" and len(parsed.scheme) > 1:
-        raise CommandError(f"data source {source!r}: expected a folder, a file:// URL or an http(s):// mirror")
+        raise CommandError(f"data source {source!r}: {SOURCE_KINDS}")
     folder = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(source).expanduser()
     if spec is not None and (data_dir / f"{spec.name}.pt").is_file():
         return  # a cache is there: the source is only read if that cache fails its check
@@ -169,6 +173,10 @@ def check_training(args) -> None:
 
 
 def check_file(path, what: str) -> None:
+    from common.storage import is_url
+
+    if is_url(path):
+        return  # a URL is checked by the batch job's own validation (serving.cli), which asks the store
     if path is not None and not Path(path).exists():
         raise CommandError(f"{path}: no such file or folder ({what})")
 

@@ -28,6 +28,7 @@ from nn_core.checkpoint import atomic_torch_save
 from nn_core.config import DataConfig
 from nn_core.datasets import IMAGES, DatasetSpec, FileSpec, get_spec, mirrors_for
 from common import idx, settings
+from common.storage import SOURCE_KINDS, STORE_SCHEMES  # torch-free: flows.options checks with them
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,8 @@ def verify_file(path: Path, spec: FileSpec, dataset: str) -> VerifiedFile:
 
 def parse_source(source: str | None) -> tuple[str, str | Path | tuple[str, ...] | None]:
     """('mirrors', None) for the official mirrors, ('mirrors', (url,)) for an HTTP(S) mirror,
-    ('local', path) for a folder or file:// URL holding the four files."""
+    ('local', path) for a folder or file:// URL holding the four files, ('store', url) for any other
+    fsspec URL prefix holding them (s3://bucket/mnist/; credentials from the store's standard chain)."""
     if source in (None, "", "mirrors", "official"):
         return "mirrors", None
     parsed = urlparse(str(source))
@@ -171,9 +173,27 @@ def parse_source(source: str | None) -> tuple[str, str | Path | tuple[str, ...] 
         return "mirrors", (str(source).rstrip("/") + "/",)
     if parsed.scheme == "file":
         return "local", Path(unquote(parsed.path))
+    if parsed.scheme in STORE_SCHEMES:  # an object-store prefix, through fsspec
+        return "store", str(source).rstrip("/")
     if parsed.scheme and len(parsed.scheme) > 1:
-        raise ValueError(f"data source {source!r}: expected a folder, a file:// URL or an http(s):// mirror")
+        raise ValueError(f"data source {source!r}: {SOURCE_KINDS}")
     return "local", Path(source).expanduser()
+
+
+def _find_in_store(prefix: str, spec: FileSpec, dest: Path) -> Path:
+    """The file (or its .gz) under an fsspec URL prefix, copied into `dest` in blocks; the SHA-256
+    check that follows is the same as for any source."""
+    from common import storage
+
+    try:
+        for name in (spec.filename, spec.filename + ".gz"):
+            url = storage.join(prefix, name)
+            if storage.exists(url):
+                return storage.fetch(url, dest / name)
+    except storage.StoreError as e:
+        raise SourceUnavailableError(f"data source: {e}") from e
+    raise SourceUnavailableError(f"{storage.shown(prefix)}/{spec.filename}(.gz): missing; expected it under "
+                                 "the data source prefix")
 
 
 def _find_local(folder: Path, spec: FileSpec) -> Path:
@@ -339,6 +359,8 @@ def _build(spec: DatasetSpec, source: str | None, data_dir: Path, target: Path) 
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
         if kind == "local":
             paths = {f.role: _find_local(Path(where), f) for f in spec.files}
+        elif kind == "store":
+            paths = {f.role: _find_in_store(str(where), f, Path(tmp)) for f in spec.files}
         else:
             mirrors = where or mirrors_for(spec)
             paths = {f.role: _download(f, mirrors, Path(tmp)) for f in spec.files}

@@ -25,15 +25,23 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """The `infer` options, added to `parser` (a top-level parser or a subcommand's): what to score
     (one input or an inbox) and where to, then every JobConfig setting (serving.config)."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", type=Path, default=None, help=_help("input"))
-    source.add_argument("--inbox", type=Path, default=None, metavar="DIR",
+    source.add_argument("--input", type=location, default=None, help=_help("input") + "; a path or a URL")
+    source.add_argument("--inbox", type=location, default=None, metavar="DIR|URL",
                         help="score every input in DIR (IDX or .npy files, image folders) not scored yet, exactly "
                              "once per content (a ledger in the --output folder); one predictions file + manifest each")
-    parser.add_argument("--output", type=Path, required=True, help=_help("output") + ". With --inbox: a folder")
+    parser.add_argument("--output", type=location, required=True,
+                        help=_help("output") + "; a path or a URL. With --inbox: a folder or a URL prefix")
     parser.add_argument("--rescore", action="store_true",
                         help="with --inbox: score inputs again that were scored before, with the current model")
     fields.add_arguments(parser, JobConfig)
     return parser
+
+
+def location(text: str) -> Path | str:
+    """A path, or a URL (s3://...) kept as text: Path would fold its '//'."""
+    from common.storage import is_url
+
+    return text if is_url(text) else Path(text)
 
 
 def _help(name: str) -> str:
@@ -46,9 +54,11 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def summary(result) -> dict[str, object]:
+    from common.storage import shown
+
     return {
-        "output": str(result.output),
-        "manifest": str(result.manifest),
+        "output": shown(result.output),
+        "manifest": shown(result.manifest),
         "model": result.model.uri,
         "model_version": result.model.version,
         "provider": result.provider,
@@ -65,20 +75,36 @@ def summary(result) -> dict[str, object]:
 def validate(args: argparse.Namespace) -> None:
     """Checks that need no model and no import of onnxruntime, torch or prefect: bad paths fail in
     milliseconds with one line (ServingError)."""
+    from common import storage
     from common.errors import InputError, OutputError
 
     if args.inbox is not None:
-        if not args.inbox.is_dir():
+        if storage.is_url(args.inbox):
+            storage.check_bucket(args.inbox)
+        elif not args.inbox.is_dir():
             raise InputError(f"{args.inbox}: no such inbox folder")
-        if args.output.exists() and not args.output.is_dir():
+        if not storage.is_url(args.output) and args.output.exists() and not args.output.is_dir():
             raise OutputError(f"{args.output}: with --inbox the output must be a folder, and this is a file")
         return
-    if not args.input.exists():
-        raise InputError(f"{args.input}: no such file or folder")
-    if args.labels is not None and not args.labels.is_file():
-        raise InputError(f"{args.labels}: no such labels file")
+    _check_exists(args.input, "no such file or folder")
+    if args.labels is not None:
+        _check_exists(args.labels, "no such labels file")
     if args.rescore:
         raise OutputError("--rescore: only with --inbox")
+
+
+def _check_exists(loc, missing: str) -> None:
+    """A named input is there: a path on this machine, or an object or prefix at a URL (whose store
+    answers: a missing bucket, no credentials, an unreachable endpoint are each one line)."""
+    from common import storage
+    from common.errors import InputError
+
+    if storage.is_url(loc):
+        storage.check_bucket(loc)
+        if not storage.exists(loc):
+            raise InputError(f"{storage.shown(loc)}: {missing}")
+    elif not Path(loc).exists():
+        raise InputError(f"{loc}: {missing}")
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

@@ -37,7 +37,7 @@ class JobConfig:
     labels: Path | None = setting(
         None, "IDX labels file or 1-D integer .npy of the true classes, one per input record in input order (a "
         "folder: one per image file, in path order); the output then has label and correct columns and the job "
-        "reports accuracy (default: none; a folder's own labels.csv)")
+        "reports accuracy (default: none; a folder's own labels.csv); a path or a URL", parse=str)
     device: Device = setting("auto", "auto: CUDA when a GPU is usable, else CPU; cuda: fail unless CUDA is actually "
                                      "used")
     on_error: OnError = setting("fail", "fail: stop at the first bad image or record; skip: skip bad images of a "
@@ -64,13 +64,16 @@ class JobConfig:
     progress: bool | None = setting(None, "a progress bar (default: only when stderr is a terminal)", internal=True)
 
     def __post_init__(self):
-        object.__setattr__(self, "input", Path(self.input))
-        object.__setattr__(self, "output", Path(self.output))
-        if self.labels is not None:
-            object.__setattr__(self, "labels", Path(self.labels))
+        from common.storage import is_url
+
+        # a URL (s3://bucket/key) stays text: Path would fold its '//' (common.storage)
+        for name in ("input", "output", "labels"):
+            value = getattr(self, name)
+            if value is not None and not is_url(value):
+                object.__setattr__(self, name, Path(value))
         check(self)
 
     def output_format(self) -> Format:
         if self.format is not None:
             return self.format
-        return "csv" if self.output.suffix.lower() == ".csv" else "parquet"
+        return "csv" if str(self.output).lower().endswith(".csv") else "parquet"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -115,10 +117,19 @@ def _centred(g: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def open_nofollow(path: Path) -> BinaryIO:
+    """`path` opened for reading, unbuffered, refusing a symbolic link (OSError ELOOP): a file of an
+    inbox or an image folder is never read through a link, even one swapped in after the listing."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return open(fd, "rb", buffering=0)
+
+
 def load_image(path: Path) -> tuple[np.ndarray, str]:
-    """(28x28 uint8 pixels, SHA-256 of the file) for one PNG or JPEG file; InputError otherwise."""
+    """(28x28 uint8 pixels, SHA-256 of the file) for one PNG or JPEG file; InputError otherwise (a
+    symbolic link included: see open_nofollow)."""
     try:
-        data = path.read_bytes()
+        with open_nofollow(path) as f:
+            data = f.read()
     except OSError as e:
         raise InputError(f"{path}: unreadable ({e.strerror or e})") from e
     digest = hashlib.sha256(data).hexdigest()

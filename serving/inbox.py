@@ -1,46 +1,62 @@
-"""Inbox mode: score every input of a folder that has not been scored yet, exactly once per content.
+"""Inbox mode: score every input of a folder or bucket prefix that has not been scored yet, exactly
+once per content, by any number of workers on any number of machines.
 
-    INBOX/                      OUTDIR/
-      batch-17.npy                batch-17.npy.<sha12>.parquet (+ .manifest.json)
-      scans/  (image folder)      scans.<sha12>.parquet (+ .manifest.json)
-      README.txt  (ignored)       ledger/<sha256>.json   one record per scored input content
-                                  ledger/<sha256>.lock   the claim while it is being scored
+    INBOX/ (a folder or s3://bucket/prefix/)   OUTDIR/ (a folder or a URL)
+      batch-17.npy                 batch-17.npy.<sha12>.parquet (+ .manifest.json)
+      scans/  (image folder)       scans.<sha12>.parquet (+ .manifest.json)
+      README.txt  (ignored)        ledger/<sha256>.json            one record per scored input content
+                                   ledger/<sha256>.claim-<k>       the leases taken on it, k = 0, 1, ...
 
 Inputs are the non-hidden entries of INBOX: IDX image files (gzipped or not), `.npy` arrays, and
-folders of images. Anything else is ignored and listed. Uploaders should write under a hidden name
-(a leading dot) and rename when complete, so a half-copied file is never taken for an input.
+folders of images. Anything else is ignored and listed. A symbolic link is never an input and never
+followed (whoever can write to the inbox could point it at /etc/shadow or another user's folder): it
+is listed under `links_not_followed`, and an entry swapped for a link after the listing is refused
+when it is opened (O_NOFOLLOW; links inside an image folder likewise, see serving.readers).
+Uploaders should write under a hidden name (a leading dot) and rename when complete, so a
+half-copied file is never taken for an input. An input in a bucket is copied to a private temporary
+folder in blocks (memory stays flat) and scored from there.
 
-Exactly once: an input is keyed by the SHA-256 of its content (a renamed or re-uploaded copy is not
-scored again). For each one the job takes an exclusive, non-blocking `flock` on its lock file, then
-looks for its ledger record: present -> already scored; absent -> scored into its own output name,
-the output and manifest renamed into place, and only then the ledger record written (atomically),
-before the lock is released. So:
-- two jobs at once never score the same input: the second finds it locked (skips it, the first is on
-  it) or finds its record;
-- a job killed mid-way releases its locks (the kernel drops them with the process) and wrote no
-  record: the next run scores the input again into the same name, replacing nothing but a stale
-  temporary file; a job killed between the output's rename and the record finds the finished output
-  (its manifest carries the digest) and records it instead of scoring it twice.
-`rescore` scores recorded inputs again with the current model (same output name, replaced
-atomically; the ledger keeps the history).
+The ledger is plain objects created with a conditional write (common.storage.create: S3's
+`If-None-Match: *`, a hard link on a local folder, both failing when the name exists), the same
+mechanism on a local folder and in a bucket, with no lock server and no shared file system:
+- a claim is a lease: worker W takes input D by creating `D.claim-<k+1>` where `D.claim-<k>` is the
+  newest claim and has expired (or k = -1). Creation is conditional, so of the workers that race
+  for one generation exactly one wins; the others skip D as busy. The holder renews the lease every
+  LEASE_SECONDS / 3 by creating the next generation itself; if that fails, another worker took the
+  input over (W stalled past its lease) and both may finish it: the record decides (below). A lease expires
+  LEASE_SECONDS after it was taken, or at once when its holder released it or is known dead (the
+  same host, boot and PID namespace, and its process gone: a job killed on this machine does not
+  hold its inputs for the lease's length). Expiry is judged by the clocks of the workers, which must
+  agree to well within the lease.
+- the record `D.json` is created conditionally, only after the output and its manifest are at
+  their destination: one record per input content, ever, whoever scored it.
+So: **exactly once** - the ledger record of an input, and the input's appearance in one run's
+`scored` list where the record was written; **at least once** - the scoring itself and the writing of
+its output: a worker that dies (or stalls past its lease) after writing the output but before the
+record has it written again by the next worker, under the same name (replaced whole, never half);
+a worker that finds a finished output whose manifest carries the input's digest records it instead
+of scoring it again.
+`rescore` scores recorded inputs again with the current model (same output name, replaced whole; the
+record is then rewritten under the claim, keeping the history).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterator
+import socket
+import tempfile
+import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import idx
-from common.atomic import atomic_path
+from common import idx, storage
 from common.errors import DriftAlert, InputError, OutputError
 from serving.job import JobConfig, JobResult, LoadedModel, load_model, run_job
 from serving.readers import content_digest
@@ -49,17 +65,19 @@ from serving.writers import manifest_path
 log = logging.getLogger(__name__)
 
 LEDGER = "ledger"
+LEASE_SECONDS = 600.0  # a claim's life without renewal; renewed every third of it while scoring
 
 
 @dataclass
 class InboxResult:
-    inbox: Path
-    output: Path
+    inbox: Path | str
+    output: Path | str
     scored: list[JobResult] = field(default_factory=list)
     already: list[dict[str, str]] = field(default_factory=list)  # recorded before (or a duplicate)
     busy: list[str] = field(default_factory=list)  # being scored by another job right now
     failed: list[dict[str, str]] = field(default_factory=list)  # bad input: recorded, not retried
     ignored: list[str] = field(default_factory=list)  # entries that are not inputs
+    links: list[str] = field(default_factory=list)  # symbolic links: never followed
 
     @property
     def drift_alerts(self) -> list[JobResult]:
@@ -67,13 +85,13 @@ class InboxResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "inbox": str(self.inbox), "output": str(self.output),
-            "scored": [{"input": str(r.input_path), "output": str(r.output), "records": r.records,
+            "inbox": storage.shown(self.inbox), "output": storage.shown(self.output),
+            "scored": [{"input": storage.shown(r.input_path), "output": storage.shown(r.output), "records": r.records,
                         "predicted": r.predicted, "accuracy": r.accuracy, "drift": r.drift.status,
                         "model_version": r.model.version, "mlflow_run_id": r.mlflow_run_id}
                        for r in self.scored],
             "already_scored": self.already, "in_progress_elsewhere": self.busy, "failed": self.failed,
-            "ignored": self.ignored,
+            "ignored": self.ignored, "links_not_followed": self.links,
         }
 
 
@@ -98,80 +116,177 @@ def is_input(path: Path) -> bool:
     return len(head) == 4 and int.from_bytes(head, "big") == idx.IMAGES_MAGIC
 
 
-def list_inbox(inbox: Path) -> tuple[list[Path], list[str]]:
-    """(inputs, ignored names), in name order; hidden entries are neither."""
+def list_inbox(inbox: Path) -> tuple[list[Path], list[str], list[str]]:
+    """(inputs, ignored names, symbolic links), in name order; hidden entries are none of them."""
     try:
         entries = sorted((e for e in inbox.iterdir() if not e.name.startswith(".")), key=lambda p: p.name)
     except OSError as e:
         raise InputError(f"{inbox}: unreadable inbox folder ({e.strerror or e})") from e
-    inputs = [p for p in entries if is_input(p)]
-    return inputs, [p.name for p in entries if p not in inputs]
+    links = [p.name for p in entries if p.is_symlink()]
+    inputs = [p for p in entries if p.name not in links and is_input(p)]
+    return inputs, [p.name for p in entries if p not in inputs and p.name not in links], links
 
 
-@contextlib.contextmanager
-def claim(lock: Path) -> Iterator[bool]:
-    """An exclusive claim on one input for this process: True when taken, False when another job
-    holds it. The kernel releases it when the process ends, however it ends."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+# --- the lease -------------------------------------------------------------------------------------
+
+
+def _boot_id() -> str:
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot: a pid reused later has another."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
-def _write_record(path: Path, record: dict[str, Any]) -> None:
-    with atomic_path(path, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _output_for(out_dir: Path, inp: Path, digest: str, fmt: str) -> Path:
-    return out_dir / f"{inp.name}.{digest[:12]}.{fmt}"
-
-
-def _finished_output(output: Path, digest: str) -> dict[str, Any] | None:
-    """The manifest of a finished scoring of `digest` at `output`, if one is there (a job killed after
-    its output's rename but before its ledger record)."""
-    m = manifest_path(output)
-    if not (output.is_file() and m.is_file()):
-        return None
+def _pid_ns() -> str:
     try:
-        manifest = json.loads(m.read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if manifest.get("input", {}).get("sha256") == digest else None
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def owner_identity() -> dict[str, str]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_ns(), "pid": str(pid),
+            "start": _start_ticks(pid), "token": uuid.uuid4().hex}
+
+
+def _known_dead(owner: dict[str, str]) -> bool:
+    """The holder ran on this machine, in this PID namespace, and its process is gone (or the pid
+    now belongs to a younger process). On any other machine nothing is known: the lease decides."""
+    me = owner_identity()
+    if not owner.get("pid") or any(owner.get(k) != me[k] or not me[k] for k in ("host", "boot", "pidns")):
+        return False
+    return _start_ticks(int(owner["pid"])) != owner.get("start")
+
+
+class Lease:
+    """A worker's claim on one input (see the module doc): `take()` once, then `release()`; `lost`
+    is set when another worker took the input over."""
+
+    def __init__(self, ledger: str, digest: str, seconds: float, owner: dict[str, str]):
+        self.prefix = storage.join(ledger, f"{digest}.claim-")
+        self.seconds, self.owner = seconds, owner
+        self.generation = -1
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _newest(self) -> tuple[int, dict[str, Any] | None]:
+        names = storage.glob(self.prefix)
+        gens = [int(n.rsplit("-", 1)[1]) for n in names if n.rsplit("-", 1)[1].isdigit()]
+        if not gens:
+            return -1, None
+        k = max(gens)
+        data = storage.read_bytes(f"{self.prefix}{k:06d}")
+        return k, json.loads(data) if data else None
+
+    def _create(self, k: int, expires: float) -> bool:
+        body = {"owner": self.owner, "expires": expires, "taken": time.time()}
+        return storage.create(f"{self.prefix}{k:06d}", json.dumps(body).encode())
+
+    def take(self) -> bool:
+        k, claim = self._newest()
+        if claim is not None and claim["expires"] > time.time() and not _known_dead(claim["owner"]):
+            return False
+        if not self._create(k + 1, time.time() + self.seconds):
+            return False  # another worker took this generation first
+        self.generation = k + 1
+        self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            if not self._create(self.generation + 1, time.time() + self.seconds):
+                self.lost.set()  # taken over: this worker must not record the input
+                return
+            self.generation += 1
+
+    def release(self) -> None:
+        """Stop renewing; the input is free at once for the next worker (a generation that expired
+        already), unless it was taken over."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if not self.lost.is_set():
+            try:
+                self._create(self.generation + 1, 0.0)
+            except storage.StoreError as e:  # the lease then runs out by itself
+                log.warning("inbox: could not release %s: %s", self.prefix, e)
+
+
+# --- the ledger ------------------------------------------------------------------------------------
+
+
+def _read_record(url: str) -> dict[str, Any] | None:
+    data = storage.read_bytes(url)
+    return json.loads(data) if data is not None else None
+
+
+def _encoded(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2) + "\n").encode()
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def _checked_folders(inbox: Path, out_dir: Path) -> tuple[Path, Path]:
-    inbox, out_dir = Path(inbox).expanduser().resolve(), Path(out_dir).expanduser().resolve()
-    if not inbox.is_dir():
-        raise InputError(f"{inbox}: no such inbox folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: the inbox's output must be a folder, and this is a file")
-    if out_dir == inbox or out_dir.is_relative_to(inbox):
-        raise OutputError(f"{out_dir}: inside the inbox {inbox}; its outputs would become inputs")
-    if inbox.is_relative_to(out_dir):
-        raise OutputError(f"{inbox}: the inbox lies inside the output folder {out_dir}")
-    return inbox, out_dir
+def _output_for(out_dir: str, name: str, digest: str, fmt: str) -> str:
+    return storage.join(out_dir, f"{name}.{digest[:12]}.{fmt}")
+
+
+def _finished_output(output: str, digest: str) -> dict[str, Any] | None:
+    """The manifest of a finished scoring of `digest` at `output`, if one is there (a job killed after
+    its output was in place but before its ledger record)."""
+    if storage.is_url(output):
+        data = storage.read_bytes(output + ".manifest.json")
+        if data is None or not storage.exists(output):
+            return None
+    else:
+        m = manifest_path(Path(output))
+        if not (Path(output).is_file() and m.is_file()):
+            return None
+        data = m.read_bytes()
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        return None
+    return manifest if manifest.get("input", {}).get("sha256") == digest else None
+
+
+def _checked_locations(inbox: Path | str, out_dir: Path | str) -> tuple[Path | str, str]:
+    """(the inbox: a resolved folder or a URL, the output: a folder path or a URL, as text)."""
+    if storage.is_url(inbox):
+        storage.check_bucket(str(inbox))  # a missing bucket is an error; an empty prefix an empty inbox
+        inbox = str(inbox).rstrip("/")
+    else:
+        inbox = storage.local_path(inbox).resolve()
+        if not inbox.is_dir():
+            raise InputError(f"{inbox}: no such inbox folder")
+    if storage.is_url(out_dir):
+        storage.check_bucket(str(out_dir))
+        out = str(out_dir).rstrip("/")
+        if isinstance(inbox, str) and (out == inbox or out.startswith(inbox + "/")):
+            raise OutputError(f"{storage.shown(out)}: inside the inbox {storage.shown(inbox)}; its outputs would "
+                              "become inputs")
+        return inbox, out
+    out_path = storage.local_path(out_dir).resolve()
+    if out_path.exists() and not out_path.is_dir():
+        raise OutputError(f"{out_path}: the inbox's output must be a folder, and this is a file")
+    if isinstance(inbox, Path):
+        if out_path == inbox or out_path.is_relative_to(inbox):
+            raise OutputError(f"{out_path}: inside the inbox {inbox}; its outputs would become inputs")
+        if inbox.is_relative_to(out_path):
+            raise OutputError(f"{inbox}: the inbox lies inside the output folder {out_path}")
+    return inbox, str(out_path)
 
 
 @dataclass
@@ -179,87 +294,155 @@ class _Scoring:
     """What an inbox run carries from one input to the next (the model is loaded once, when needed)."""
 
     job: JobConfig  # the settings; input and output are set per input
-    out_dir: Path
+    out_dir: str
     fmt: str
     rescore: bool
+    lease_seconds: float
     result: InboxResult
+    owner: dict[str, str] = field(default_factory=owner_identity)
     loaded: LoadedModel | None = None
 
+    def ledger(self, name: str) -> str:
+        return storage.join(storage.join(self.out_dir, LEDGER), name)
 
-def _score_claimed(s: _Scoring, inp: Path, digest: str, record_path: Path) -> None:
-    """One input whose ledger entry this job holds: skipped when it was scored, recovered when a
-    killed job had finished its output, else scored (or recorded as failed)."""
-    record = _read_record(record_path)
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str  # in the inbox
+    path: Path  # readable here: the inbox's own entry, or its copy from a bucket
+    source: str  # how it is shown: the path, or the URL
+
+
+def _score_claimed(s: _Scoring, e: _Entry, digest: str) -> None:
+    """One input this worker holds the lease on: skipped when it was scored, recovered when a killed
+    job had finished its output, else scored (or recorded as failed)."""
+    record_url = s.ledger(f"{digest}.json")
+    record = _read_record(record_url)
     if record is not None and not s.rescore:
-        s.result.already.append({"input": inp.name, "sha256": digest, "status": record["status"],
+        s.result.already.append({"input": e.name, "sha256": digest, "status": record["status"],
                                  "output": record.get("output") or ""})
         return
     # a rescoring replaces the recorded output, whichever name the content has now
-    output = Path(record["output"]) if record and record.get("output") else _output_for(s.out_dir, inp, digest, s.fmt)
+    output = record["output"] if record and record.get("output") else _output_for(s.out_dir, e.name, digest, s.fmt)
     history = (record or {}).get("history", [])
     finished = _finished_output(output, digest) if record is None else None
     if finished is not None:  # scored by a job that died before recording it
-        _write_record(record_path, _record(inp, digest, "scored", output, finished, history))
-        s.result.already.append({"input": inp.name, "sha256": digest, "status": "recovered", "output": str(output)})
+        _put_record(s, e, digest, record_url, _record(e.name, digest, "scored", output, finished, history), record)
+        s.result.already.append({"input": e.name, "sha256": digest, "status": "recovered", "output": output})
         return
     try:
+        if e.path.is_symlink():  # swapped for a link since the listing: not followed (the module doc)
+            raise InputError(f"{e.path}: a symbolic link (since the inbox was listed); links are not followed")
         if s.loaded is None:
             s.loaded = load_model(s.job)
-        res = run_job(dataclasses.replace(s.job, input=inp, output=output), s.loaded)
-    except InputError as e:
-        _write_record(record_path, {"sha256": digest, "input": inp.name, "status": "failed",
-                                    "error": str(e), "finished": _now(), "history": history})
-        s.result.failed.append({"input": inp.name, "sha256": digest, "error": str(e)})
-        log.warning("inbox: %s", e)
+        res = run_job(dataclasses.replace(s.job, input=e.path, output=output), s.loaded,
+                      source=e.source if storage.is_url(e.source) else None)
+    except InputError as err:
+        failed = {"sha256": digest, "input": e.name, "status": "failed", "error": str(err), "finished": _now(),
+                  "history": history}
+        _put_record(s, e, digest, record_url, failed, record)
+        s.result.failed.append({"input": e.name, "sha256": digest, "error": str(err)})
+        log.warning("inbox: %s", err)
         return
-    manifest = json.loads(res.manifest.read_text())
-    _write_record(record_path, _record(inp, digest, "scored", output, manifest, history))
-    s.result.scored.append(res)
+    if _put_record(s, e, digest, record_url, _record(e.name, digest, "scored", output, res.manifest_data, history),
+                   record):
+        s.result.scored.append(res)
 
 
-def run_inbox(inbox: Path, out_dir: Path, template: JobConfig, rescore: bool = False) -> InboxResult:
-    """Score every not-yet-scored input of `inbox` into `out_dir` (see the module doc). `template`
-    holds the job settings; its input and output are set per input. Bad inputs are recorded as failed
-    (not retried until their content changes) and do not stop the others; with
-    `template.fail_on_drift`, any drift alert raises DriftAlert at the end, after every input."""
-    inbox, out_dir = _checked_folders(inbox, out_dir)
-    inputs, ignored = list_inbox(inbox)
-    result = InboxResult(inbox, out_dir, ignored=ignored)
-    fmt = template.format or "parquet"
-    s = _Scoring(dataclasses.replace(template, fail_on_drift=False, overwrite=True, format=fmt), out_dir, fmt,
-                 rescore, result)
-    ledger, seen = out_dir / LEDGER, {}
-    for inp in inputs:
+def _put_record(s: _Scoring, e: _Entry, digest: str, url: str, new: dict[str, Any],
+                old: dict[str, Any] | None) -> bool:
+    """The ledger record written: created once (conditionally), or rewritten by a rescoring. False
+    when another worker recorded the input first (it took the lease over): its record stands."""
+    if old is not None:
+        storage.write_bytes(url, _encoded(new))
+        return True
+    if storage.create(url, _encoded(new)):
+        return True
+    s.result.already.append({"input": e.name, "sha256": digest, "status": "recorded by another worker"})
+    return False
+
+
+def _entries(inbox: Path | str, result: InboxResult, spool: Path) -> list[_Entry]:
+    """The inbox's inputs, in name order. A bucket's entries are copied into `spool` first (one
+    download: the digest and the scoring read the copy)."""
+    if isinstance(inbox, Path):
+        inputs, result.ignored, result.links = list_inbox(inbox)
+        return [_Entry(p.name, p, str(p)) for p in inputs]
+    out = []
+    for item in storage.listing(inbox):
+        if item["name"].startswith("."):
+            continue
+        url = storage.join(inbox, item["name"])
         try:
-            digest = content_digest(inp)
-        except OSError as e:
-            result.failed.append({"input": inp.name, "error": f"{inp}: unreadable ({e.strerror or e})"})
+            local = storage.fetch(url, spool / item["name"])
+        except storage.StoreError as err:  # deleted since the listing, or unreadable: the next run retries it
+            result.failed.append({"input": item["name"], "error": str(err)})
             continue
-        if digest in seen:
-            result.already.append({"input": inp.name, "sha256": digest, "same_as": seen[digest]})
-            continue
-        seen[digest] = inp.name
-        with claim(ledger / f"{digest}.lock") as mine:
-            if mine:
-                _score_claimed(s, inp, digest, ledger / f"{digest}.json")
-            else:
-                result.busy.append(inp.name)
+        if is_input(local):
+            out.append(_Entry(item["name"], local, url))
+        else:
+            result.ignored.append(item["name"])
+    return out
+
+
+def run_inbox(inbox: Path | str, out_dir: Path | str, template: JobConfig, rescore: bool = False,
+              lease_seconds: float = LEASE_SECONDS) -> InboxResult:
+    """Score every not-yet-scored input of `inbox` into `out_dir` (see the module doc); each may be a
+    folder or a URL. `template` holds the job settings; its input and output are set per input. Bad
+    inputs are recorded as failed (not retried until their content changes) and do not stop the
+    others; with `template.fail_on_drift`, any drift alert raises DriftAlert at the end."""
+    inbox, out = _checked_locations(inbox, out_dir)
+    result = InboxResult(inbox, out)
+    fmt = template.format or "parquet"
+    s = _Scoring(dataclasses.replace(template, fail_on_drift=False, overwrite=True, format=fmt), out, fmt,
+                 rescore, lease_seconds, result)
+    with tempfile.TemporaryDirectory(prefix="mnistops-inbox-") as spool:
+        seen: dict[str, str] = {}
+        for e in _entries(inbox, result, Path(spool)):
+            _one(s, e, seen)
     log.info("inbox %s: %d scored, %d already scored, %d in progress elsewhere, %d failed, %d ignored",
-             inbox, len(result.scored), len(result.already), len(result.busy), len(result.failed),
+             storage.shown(inbox), len(result.scored), len(result.already), len(result.busy), len(result.failed),
              len(result.ignored))
     if template.fail_on_drift and result.drift_alerts:
-        names = ", ".join(r.input_path.name for r in result.drift_alerts)
-        raise DriftAlert(f"{inbox}: drift alert on {len(result.drift_alerts)} input(s): {names} "
+        names = ", ".join(Path(str(r.input_path)).name for r in result.drift_alerts)
+        raise DriftAlert(f"{storage.shown(inbox)}: drift alert on {len(result.drift_alerts)} input(s): {names} "
                          "(predictions written; see their manifests)", result)
     return result
 
 
-def _record(inp: Path, digest: str, status: str, output: Path, manifest: dict[str, Any],
+def _one(s: _Scoring, e: _Entry, seen: dict[str, str]) -> None:
+    try:
+        digest = content_digest(e.path)
+    except OSError as err:
+        s.result.failed.append({"input": e.name, "error": f"{e.source}: unreadable ({err.strerror or err})"})
+        return
+    if digest in seen:
+        s.result.already.append({"input": e.name, "sha256": digest, "same_as": seen[digest]})
+        return
+    seen[digest] = e.name
+    record = _read_record(s.ledger(f"{digest}.json"))
+    if record is not None and not s.rescore:  # the common case of a rerun: no lease needed to skip it
+        s.result.already.append({"input": e.name, "sha256": digest, "status": record["status"],
+                                 "output": record.get("output") or ""})
+        return
+    lease = Lease(storage.join(s.out_dir, LEDGER), digest, s.lease_seconds, s.owner)
+    if not lease.take():
+        s.result.busy.append(e.name)
+        return
+    try:
+        _score_claimed(s, e, digest)
+    finally:
+        lease.release()
+    if lease.lost.is_set():
+        log.warning("inbox: %s was taken over by another worker while this one scored it", e.name)
+
+
+def _record(name: str, digest: str, status: str, output: str, manifest: dict[str, Any],
             history: list[dict[str, Any]]) -> dict[str, Any]:
     entry = {
-        "output": str(output), "manifest": str(manifest_path(output)),
+        "output": output, "manifest": output + ".manifest.json",
         "model": manifest.get("model", {}).get("uri"), "model_version": manifest.get("model", {}).get("version"),
         "drift": (manifest.get("drift") or {}).get("status"), "records": manifest.get("counts", {}).get("records"),
         "finished": manifest.get("finished") or _now(), "mlflow_run_id": manifest.get("mlflow_run_id"),
     }
-    return {"sha256": digest, "input": inp.name, "status": status, **entry, "history": [*history, entry]}
+    return {"sha256": digest, "input": name, "status": status, **entry, "history": [*history, entry]}

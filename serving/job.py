@@ -35,6 +35,7 @@ from tqdm import tqdm
 from serving import drift
 from serving.config import JobConfig
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
+from common import storage
 from common.errors import DriftAlert, InputError, OutputError
 from common.experiments import ensure_experiment
 from serving.model_source import ModelRef, is_remote, resolve_model
@@ -80,7 +81,8 @@ class JobResult:
     labels_digest: str | None
     mlflow_run_id: str | None
     drift: drift.DriftReport
-    input_path: Path | None = None
+    input_path: Path | str | None = None
+    manifest_data: dict[str, Any] | None = None  # what the manifest file holds
 
 
 # --- reading ahead -------------------------------------------------------------------------------
@@ -320,16 +322,16 @@ def _predict_chunks(session: ort.InferenceSession, reader: ImageReader, labels: 
 
 def _manifest(
     cfg: JobConfig, model: ModelRef, prov: str, reader: ImageReader, labels: LabelReader | None,
-    result: JobResult, started: dt.datetime, columns: list[str],
+    result: JobResult, started: dt.datetime, columns: list[str], shown: "_Shown",
 ) -> dict[str, Any]:
     return {
         "manifest_version": MANIFEST_VERSION,
-        "output": {"path": str(result.output), "format": cfg.output_format(), "rows": result.predicted,
-                   "columns": columns, "all_probabilities": cfg.all_probabilities},
+        "output": {"path": shown.output or str(result.output), "format": cfg.output_format(),
+                   "rows": result.predicted, "columns": columns, "all_probabilities": cfg.all_probabilities},
         "model": {**model.to_dict(), "onnxruntime": ort.__version__},
-        "input": {"path": str(cfg.input), "kind": reader.kind, "records": reader.count,
+        "input": {"path": shown.input or str(cfg.input), "kind": reader.kind, "records": reader.count,
                   "sha256": result.input_digest, **reader.details},
-        "labels": None if labels is None else {"path": str(labels.path), "sha256": labels.digest},
+        "labels": None if labels is None else {"path": shown.labels or str(labels.path), "sha256": labels.digest},
         "provider": prov,
         "device": cfg.device,
         "batch_size": cfg.batch_size,
@@ -391,8 +393,18 @@ def _labels_for(cfg: JobConfig, reader: ImageReader) -> LabelReader | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Shown:
+    """How the job's locations are named in its manifest when they are not the local paths it read
+    and wrote (a URL, redacted, whose object was copied here)."""
+
+    input: str | None = None
+    labels: str | None = None
+    output: str | None = None
+
+
 def _write_outputs(cfg: JobConfig, loaded: LoadedModel, reader: ImageReader, labels: LabelReader | None,
-                   tracking: _Tracking | None, started: dt.datetime) -> JobResult:
+                   tracking: _Tracking | None, started: dt.datetime, shown: _Shown) -> JobResult:
     """Predict into the output's temp file and write the manifest beside it, both complete on disk
     before either is renamed into place."""
     monitor = drift.DriftMonitor(loaded.reference, loaded.reference_source or "") if loaded.reference else None
@@ -414,8 +426,10 @@ def _write_outputs(cfg: JobConfig, loaded: LoadedModel, reader: ImageReader, lab
             drift=monitor.report() if monitor is not None else drift.unavailable(loaded.reference_missing),
             input_path=cfg.input,
         )
-        manifest_tmp = write_json_temp(result.manifest, _manifest(cfg, loaded.ref, loaded.provider, reader, labels,
-                                                                  result, started, writer.schema.names))
+        data = _manifest(cfg, loaded.ref, loaded.provider, reader, labels, result, started, writer.schema.names,
+                         shown)
+        result = dataclasses.replace(result, manifest_data=data)
+        manifest_tmp = write_json_temp(result.manifest, data)
         try:
             writer.commit()
             os.replace(manifest_tmp, result.manifest)
@@ -424,10 +438,20 @@ def _write_outputs(cfg: JobConfig, loaded: LoadedModel, reader: ImageReader, lab
     return result
 
 
-def run_job(cfg: JobConfig, loaded: LoadedModel | None = None) -> JobResult:
+def run_job(cfg: JobConfig, loaded: LoadedModel | None = None, *, source: str | None = None) -> JobResult:
     """Read -> predict -> write. On any error nothing is left at `cfg.output` or beside it (an
     existing output of an earlier job stays as it was). With `fail_on_drift`, a drift alert raises
-    DriftAlert after the output and its manifest are in place (they are the evidence)."""
+    DriftAlert after the output and its manifest are in place (they are the evidence). Input,
+    labels and output may be URLs (common.storage); `source` names a local input's origin (an inbox
+    entry copied from a bucket) in the manifest."""
+    if any(storage.is_url(x) for x in (cfg.input, cfg.labels, cfg.output)):
+        result = _run_at_urls(cfg, loaded, source)
+    else:
+        result = _run_local(cfg, loaded, _Shown(input=source))
+    return dataclasses.replace(result, input_path=source) if source else result
+
+
+def _run_local(cfg: JobConfig, loaded: LoadedModel | None, shown: _Shown) -> JobResult:
     wall0 = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc)
     cfg = _check(cfg)
@@ -444,7 +468,7 @@ def run_job(cfg: JobConfig, loaded: LoadedModel | None = None) -> JobResult:
         tracking = _Tracking(cfg, loaded.ref, loaded.provider, reader) if cfg.track else None
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(cfg.output)
-        result = _write_outputs(cfg, loaded, reader, labels, tracking, started)
+        result = _write_outputs(cfg, loaded, reader, labels, tracking, started, shown)
         if tracking is not None:
             tracking.finish(result, result.manifest)
     except BaseException as e:
@@ -461,6 +485,60 @@ def run_job(cfg: JobConfig, loaded: LoadedModel | None = None) -> JobResult:
         raise DriftAlert(f"{cfg.input}: drift alert: {result.drift.reason} (predictions written to "
                          f"{result.output}; manifest {result.manifest})", result)
     return result
+
+
+def _check_url_output(cfg: JobConfig) -> None:
+    """Never clobber, for an output URL: not an input, not inside an input prefix, replaced only
+    with `overwrite`; its bucket reachable (before anything is read)."""
+    out = str(cfg.output)
+    for inp in (cfg.input, cfg.labels):
+        if inp is not None and storage.is_url(inp):
+            if out == str(inp) or out.startswith(str(inp).rstrip("/") + "/"):
+                raise OutputError(f"{storage.shown(out)}: refusing to write over or inside the input "
+                                  f"{storage.shown(str(inp))}; choose another --output")
+    storage.check_bucket(out)
+    if not cfg.overwrite:
+        for p in (out, out + ".manifest.json"):
+            if storage.exists(p):
+                raise OutputError(f"{storage.shown(p)}: already exists; pass --overwrite to replace it")
+
+
+def _run_at_urls(cfg: JobConfig, loaded: LoadedModel | None, source: str | None) -> JobResult:
+    """The job with URLs: inputs copied to a private temporary folder in blocks, the outputs written
+    there and uploaded when complete (the output first, then its manifest: a manifest at the
+    destination means its output is there)."""
+    out_url = str(cfg.output) if storage.is_url(cfg.output) else None
+    if out_url:
+        _check_url_output(cfg)
+    with tempfile.TemporaryDirectory(prefix="mnistops-job-") as tmp:
+        local = Path(tmp)
+
+        def here(loc, name: str):
+            if loc is None or not storage.is_url(loc):
+                return loc
+            return storage.fetch(str(loc), local / name / str(loc).rstrip("/").rsplit("/", 1)[-1])
+
+        shown = _Shown(input=storage.shown(str(cfg.input)) if storage.is_url(cfg.input) else source,
+                       labels=storage.shown(str(cfg.labels)) if storage.is_url(cfg.labels) else None,
+                       output=storage.shown(out_url) if out_url else None)
+        job = dataclasses.replace(cfg, input=here(cfg.input, "input"), labels=here(cfg.labels, "labels"),
+                                  output=local / "output" / out_url.rsplit("/", 1)[-1] if out_url else cfg.output)
+        try:
+            result = _run_local(job, loaded, shown)
+        except DriftAlert as alert:  # the outputs are written: they go to their destination too
+            if out_url:
+                _upload(alert.result, out_url)
+                alert.result = dataclasses.replace(alert.result, output=out_url, manifest=out_url + ".manifest.json")
+            raise
+        if out_url:
+            _upload(result, out_url)
+            result = dataclasses.replace(result, output=out_url, manifest=out_url + ".manifest.json")
+    return dataclasses.replace(result, input_path=cfg.input)
+
+
+def _upload(result: JobResult, out_url: str) -> None:
+    storage.upload(Path(result.output), out_url)
+    storage.upload(Path(result.manifest), out_url + ".manifest.json")
 
 
 __all__ = ["EXPERIMENT", "InputError", "JobConfig", "JobResult", "LoadedModel", "load_model", "read_ahead", "run_job"]

@@ -16,6 +16,12 @@ as 0..255 pixel values. Values are rounded to the nearest integer.
 
 Folder images are converted "the MNIST way" (see `serving.images.mnist_pixels`).
 
+Inputs are untrusted: inside an image folder a symbolic link (to a file or a folder) is never
+followed; it is not a record and is listed in the manifest's `links` (a link could point anywhere:
+/etc/shadow, another user's folder). Every file of a folder is opened with O_NOFOLLOW, so a file
+swapped for a link after the listing is refused as unreadable rather than followed. A path the user
+names (`--input`, `--labels`) may itself be a link: the user chose it.
+
 With `on_error="skip"`, bad images in a folder and bad records of a float array (NaN/inf or out of
 range) are skipped and listed in `reader.skipped`; everything else (wrong shape or dtype, truncated
 files, an empty input) always fails, because no record of such an input can be trusted.
@@ -39,7 +45,7 @@ import numpy as np
 from common import idx
 from serving.config import OnError
 from common.errors import InputError
-from serving.images import IMAGE_SHAPE, load_image
+from serving.images import IMAGE_SHAPE, load_image, open_nofollow
 
 PIXELS = 28 * 28
 _BLOCK = 1 << 20  # bytes per read when hashing a whole file
@@ -134,7 +140,7 @@ def _read_into(f: BinaryIO, buf: memoryview) -> int:
 
 
 def _open_hashed(path: Path, h: "hashlib._Hash") -> tuple[BinaryIO, _HashingReader]:
-    raw = _HashingReader(open(path, "rb", buffering=0), h)
+    raw = _HashingReader(open_nofollow(path), h)
     return (gzip.GzipFile(fileobj=raw, mode="rb") if idx.is_gzip(path) else raw), raw  # type: ignore[return-value]
 
 
@@ -248,7 +254,7 @@ class NpyReader(ImageReader):
                 self._hash_file()
             return
         h = self._hash if hashed else hashlib.sha256()
-        with open(self.path, "rb", buffering=0) as f:
+        with open_nofollow(self.path) as f:
             h.update(f.read(self.offset))
             for start in range(0, self.count, batch_size):
                 n = min(batch_size, self.count - start)
@@ -262,7 +268,7 @@ class NpyReader(ImageReader):
                 h.update(block)
 
     def _hash_file(self) -> None:
-        with open(self.path, "rb", buffering=0) as f:
+        with open_nofollow(self.path) as f:
             while block := f.read(_BLOCK):
                 self._hash.update(block)
 
@@ -328,16 +334,17 @@ def _is_image_file(path: Path, name: str) -> bool:
     if name.lower().endswith(IMAGE_SUFFIXES):
         return True
     try:
-        with open(path, "rb") as f:
+        with open_nofollow(path) as f:
             head = f.read(8)
     except OSError:
         return True  # unreadable: reported as a bad record, not silently ignored
     return head.startswith(_IMAGE_MAGIC)
 
 
-def _walk(root: Path) -> list[tuple[str, int]]:
+def _walk(root: Path, links: list[str] | None = None) -> list[tuple[str, int]]:
     """(path relative to root with '/', size) of every non-hidden file under root, sorted by path.
-    Hidden files and folders (a leading dot: .DS_Store, .git, upload temp files) are not inputs."""
+    Hidden files and folders (a leading dot: .DS_Store, .git, upload temp files) are not inputs.
+    Symbolic links are not followed: their relative paths go to `links` (sorted), nothing else."""
     out: list[tuple[str, int]] = []
     stack = [""]
     while stack:
@@ -347,10 +354,15 @@ def _walk(root: Path) -> list[tuple[str, int]]:
                 if e.name.startswith("."):
                     continue
                 r = f"{rel}/{e.name}" if rel else e.name
-                if e.is_dir():
+                if e.is_symlink():
+                    if links is not None:
+                        links.append(r)
+                elif e.is_dir(follow_symlinks=False):
                     stack.append(r)
-                elif e.is_file():
-                    out.append((r, e.stat().st_size))
+                elif e.is_file(follow_symlinks=False):
+                    out.append((r, e.stat(follow_symlinks=False).st_size))
+    if links is not None:
+        links.sort()
     return sorted(out)
 
 
@@ -372,7 +384,7 @@ def folder_digest(path: Path) -> str:
 
 def content_digest(path: Path) -> str:
     """SHA-256 of an input: of the file's bytes, or of a folder's listing (see FolderReader)."""
-    return folder_digest(path) if path.is_dir() else _file_sha256(path)
+    return folder_digest(path) if path.is_dir() and not path.is_symlink() else _file_sha256(path)
 
 
 def _read_labels_csv(path: Path, names: list[str]) -> np.ndarray:
@@ -381,8 +393,9 @@ def _read_labels_csv(path: Path, names: list[str]) -> np.ndarray:
 
     index = {n: i for i, n in enumerate(names)}
     y = np.full(len(names), -1, dtype=np.int64)
+    first: dict[str, int] = {}  # name -> the line that labelled it
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with io.TextIOWrapper(io.BufferedReader(open_nofollow(path)), newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{path}: unreadable labels file ({e})") from e
@@ -398,6 +411,10 @@ def _read_labels_csv(path: Path, names: list[str]) -> np.ndarray:
             raise InputError(f"{path}: line {line}: {name!r} is not an image file of the folder")
         if not (label.isdigit() and 0 <= int(label) <= 9):
             raise InputError(f"{path}: line {line}: label {label!r} for {name}, expected 0..9")
+        if name in first:  # which of two labels is true cannot be told: neither is taken
+            raise InputError(f"{path}: line {line}: {name!r} is named again (first on line {first[name]}); "
+                             "expected one line per image")
+        first[name] = line
         y[index[name]] = int(label)
     missing = np.flatnonzero(y < 0)
     if len(missing):
@@ -427,8 +444,9 @@ class FolderReader(ImageReader):
     id_kind = "file"
 
     def __init__(self, path: Path, on_error: OnError = "fail", workers: int | None = None):
+        self.links: list[str] = []
         try:
-            files = _walk(path)
+            files = _walk(path, self.links)
         except OSError as e:
             raise InputError(f"{path}: unreadable folder ({e.strerror or e})") from e
         records: list[tuple[str, int]] = []
@@ -446,6 +464,10 @@ class FolderReader(ImageReader):
         super().__init__(path, len(self.names), on_error)
         if self.ignored:
             self.details["ignored"] = self.ignored
+        if self.links:
+            self.details["links"] = self.links  # not followed (see the module doc)
+        if LABELS_CSV in self.links:
+            raise InputError(f"{path / LABELS_CSV}: a symbolic link; the labels must be a file in the folder")
         self._hexes: dict[str, str] = {}
         self.labels_csv = path / LABELS_CSV if (path / LABELS_CSV).is_file() else None
         self.labels: np.ndarray | None = (
@@ -569,7 +591,7 @@ class LabelReader:
 
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    with open_nofollow(path) as f:
         while block := f.read(_BLOCK):
             h.update(block)
     return h.hexdigest()

@@ -9,14 +9,23 @@ Columns, each saying what it is: `id` (record index, or for a folder the file's 
 `prediction` (the predicted class), `probability` (of that class), `ood_score` (how unlike the
 training data the record is, when the model has a drift reference; see `serving.drift`), with true
 labels `label` and `correct` (prediction == label), and with `all_probabilities` `prob_0` .. `prob_9`.
+
+CSV cells are untrusted text (an image's file name is whatever the uploader chose): a text cell that a
+spreadsheet would evaluate as a formula (it begins with `=`, `+`, `-`, `@`, a tab or a carriage
+return, e.g. `=HYPERLINK(...)`) is written with a leading single quote, and every text cell is
+quoted, as OWASP recommends against CSV injection. Parquet keeps the names as they are (no
+spreadsheet evaluates Parquet).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,9 +36,17 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from common.errors import OutputError
 from serving.defaults import FORMATS, Format  # noqa: F401 (re-exported)
 
 ROW_GROUP_ROWS = 65_536
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what Excel, LibreOffice and Sheets evaluate
+
+
+def csv_safe(cells: list[str]) -> list[str]:
+    """Text cells made inert for a spreadsheet (OWASP's CSV-injection rule): a leading `'`
+    before a cell that would be read as a formula; the CSV writer quotes every text cell."""
+    return [f"'{c}" if c.startswith(FORMULA_STARTS) else c for c in cells]
 
 
 def manifest_path(output: Path) -> Path:
@@ -63,6 +80,19 @@ def remove_stale_temps(target: Path) -> list[Path]:
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """An OSError while writing `target` (a full disk: ENOSPC; a file-size limit: EFBIG; a read-only
+    file system) as one OutputError naming it: pyarrow's own messages name no file."""
+    try:
+        yield
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        if e.errno is None and "No space left" in str(e):  # pyarrow keeps the errno in its text only
+            why = os.strerror(errno.ENOSPC)
+        raise OutputError(f"{target}: could not be written ({why}); nothing was left there") from e
 
 
 def _fsync(path: Path) -> None:
@@ -125,13 +155,22 @@ class PredictionWriter:
         self._writer: pq.ParquetWriter | pa_csv.CSVWriter | None
         self._pending: list[Batch] = []
         self._pending_rows = 0
-        if fmt == "parquet":
+        try:
+            with writing(path):
+                self._open()
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def _open(self) -> None:
+        if self.fmt == "parquet":
             # Dictionary encoding only for the small-valued columns; probabilities hardly repeat.
             self._writer = pq.ParquetWriter(
                 self.tmp, self.schema, compression="snappy",
                 use_dictionary=[c for c in ("prediction", "label") if c in self.schema.names],
             )
         else:
+            # pyarrow's default quoting ("needed") quotes every text cell, numbers bare
             self._writer = pa_csv.CSVWriter(str(self.tmp), self.schema)
 
     def write(self, batch: Batch) -> None:
@@ -147,7 +186,8 @@ class PredictionWriter:
         self._pending_rows += len(batch.prediction)
         self.rows += len(batch.prediction)
         if self._pending_rows >= ROW_GROUP_ROWS:
-            self._flush()
+            with writing(self.path):
+                self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
@@ -159,10 +199,13 @@ class PredictionWriter:
             return np.concatenate([getattr(b, name) for b in parts])
 
         id_type = self.cols.id_type
+        if pa.types.is_string(id_type):
+            names = [i for b in parts for i in b.ids]
+            ids = pa.array(csv_safe(names) if self.fmt == "csv" else names, type=id_type)
+        else:
+            ids = pa.array(cat("ids"), type=id_type)
         columns: list[Any] = [
-            pa.array([i for b in parts for i in b.ids], type=id_type)
-            if pa.types.is_string(id_type)
-            else pa.array(cat("ids"), type=id_type),
+            ids,
             pa.array(cat("prediction"), type=pa.int64()),
             pa.array(cat("probability"), type=pa.float32()),
         ]
@@ -179,15 +222,17 @@ class PredictionWriter:
     def close(self) -> None:
         """Finish the temp file and put it on disk; `commit()` then only renames."""
         assert self._writer is not None, "close twice"
-        self._flush()
-        self._writer.close()
-        self._writer = None
-        _fsync(self.tmp)  # the data is on disk before the name says it is complete
+        with writing(self.path):
+            self._flush()
+            self._writer.close()
+            self._writer = None
+            _fsync(self.tmp)  # the data is on disk before the name says it is complete
 
     def commit(self) -> Path:
         if self._writer is not None:
             self.close()
-        os.replace(self.tmp, self.path)
+        with writing(self.path):
+            os.replace(self.tmp, self.path)
         self._committed = True
         return self.path
 
@@ -197,7 +242,10 @@ class PredictionWriter:
             return
         try:
             if self._writer is not None:
-                self._writer.close()
+                # the file is dropped anyway; a second failure (the disk is still full) must not
+                # replace the error that says which output could not be written
+                with contextlib.suppress(OSError):
+                    self._writer.close()
         finally:
             self._writer = None
             self.tmp.unlink(missing_ok=True)
@@ -215,7 +263,7 @@ def write_json_temp(path: Path, obj: dict[str, Any]) -> Path:
     """`obj` as JSON in a temp file beside `path`, on disk; the caller renames it into place."""
     tmp = temp_path(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with writing(path), open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
             f.flush()

@@ -1,0 +1,119 @@
+"""A loopback S3 server for tests: moto's server mode (`moto_server`, the emulator s3fs's own CI uses),
+a real HTTP endpoint on 127.0.0.1 spoken to exactly as S3 is, through the standard settings
+(AWS_ENDPOINT_URL and the AWS credential variables). No request is mocked in-process.
+
+Import the fixture into a test module: `from s3_server import s3  # noqa: F401`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# The test keys moto accepts (any pair does); a test that needs "no credentials" drops them.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+ISOLATED = {  # nothing from the machine's own AWS set-up: no profile files, no instance metadata
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials", "AWS_CONFIG_FILE": "/nonexistent/config",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    process: subprocess.Popen
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a process that uses this server through the standard chain."""
+        return {**os.environ, **ISOLATED, **CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint, **extra}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+                            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+
+    def bucket(self) -> str:
+        """A new, empty bucket of this test's own."""
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def uploads(self, bucket: str) -> list[str]:
+        """Multipart uploads begun and neither completed nor aborted."""
+        return [u["Key"] for u in self.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def start_server(env: dict[str, str] | None = None, timeout: float = 60.0) -> S3Server:
+    """`moto_server` on a free loopback port, once it answers HTTP."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        raise RuntimeError("moto_server not installed: pip install 'moto[server]' (the test extra)")
+    port = _free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+            return S3Server(endpoint, proc)
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_server(proc)
+                log.seek(0)
+                raise RuntimeError(f"moto_server did not start: {log.read().decode(errors='replace')[-2000:]}")
+            time.sleep(0.1)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """One loopback S3 server for the session; this process's environment points at it too (for
+    fsspec and boto3 calls made by the tests themselves), and is restored afterwards."""
+    server = start_server()
+    saved = {k: os.environ.get(k) for k in (*CREDENTIALS, *ISOLATED, "AWS_ENDPOINT_URL")}
+    os.environ.update({**ISOLATED, **CREDENTIALS, "AWS_ENDPOINT_URL": server.endpoint})
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        stop_server(server.process)
