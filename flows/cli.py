@@ -222,11 +222,35 @@ def cmd_promote(args) -> int:
     return EXIT_OK if decision.accepted else EXIT_REJECTED
 
 
+def _check_ui(args) -> None:
+    """The UI's address can be bound, asked before anything starts (the home's store included):
+    uvicorn reports a taken port in a log line and then exits 0, after the server's start-up."""
+    import socket
+
+    from common.servers import tracking_server
+
+    if tracking_server():
+        return  # nothing is served here
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        with socket.create_server((args.host, args.port), family=family):  # SO_REUSEADDR, as uvicorn binds
+            pass
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise CommandError(f"--port {args.port}: {args.host}:{args.port} cannot be bound ({why}); "
+                           "choose another --port") from None
+
+
 def cmd_ui(args) -> int:
+    from common.servers import redact_url, tracking_server
     from flows import lifeline
     from flows.settings import configure
 
     cfg = configure()
+    if server := tracking_server():  # answers (checked at start-up) and serves its own UI
+        print(f"MLFLOW_TRACKING_URI is a tracking server: its UI is {redact_url(server).rstrip('/')}/ "
+              "(mnistops ui serves a local store only)")
+        return EXIT_OK
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking_uri,
            "--host", args.host, "--port", str(args.port), "--workers", "1"]
     if os.environ.get("MNISTOPS_ARTIFACT_ROOT"):
@@ -235,9 +259,10 @@ def cmd_ui(args) -> int:
     # Tied to this process: the server and its workers stop with it, however it ends (SIGKILL too).
     with lifeline.tied(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as proc:
         code = proc.wait()
-    if code != 0:
-        raise CommandError(f"the MLflow UI server exited with code {code} (is port {args.port} in use?)")
-    return EXIT_OK
+    # The server never ends by itself (Ctrl-C or SIGTERM end the wait above with an exception), and
+    # it exits 0 when the port was taken after the check: whatever its code, this is a failure.
+    raise CommandError(f"--port {args.port}: the MLflow UI server on {args.host}:{args.port} stopped by itself "
+                       f"(exit code {code}; its last lines above say why)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _training_commands(command)
     _registry_commands(command)
-    p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address")
+    p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address; "
+                              "with MLFLOW_TRACKING_URI=http(s)://..., print where that server's UI is", _check_ui)
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=PORT, default=5000, help="port")
 
@@ -391,6 +417,29 @@ def _on_signal(signum, frame):
     raise Stopped(signum)
 
 
+# The commands that talk to MLflow, and those that use a configured Prefect API (run, sweep and serve
+# start a temporary one when none is configured; infer and promote use one only when it is).
+_MLFLOW_COMMANDS = {"train", "run", "sweep", "serve", "models", "promote", "infer", "ui"}
+_PREFECT_COMMANDS = {"run", "sweep", "serve", "infer", "promote"}
+
+
+def _check_servers(args) -> None:
+    """A configured server that does not answer is one line naming its setting, within seconds
+    (common/servers.py), before anything is started or written; MLflow's own retries are bounded
+    for the rest of the command."""
+    from common.servers import check_mlflow, check_reachable
+    from flows import prefect_api
+
+    uses_mlflow = args.command in _MLFLOW_COMMANDS
+    if args.command == "infer":  # a local .onnx file, not tracked, needs no MLflow
+        uses_mlflow = args.track or "://" in args.model or args.model.startswith(("models:", "runs:"))
+    if uses_mlflow:
+        check_mlflow()
+    url = prefect_api.configured_url() if args.command in _PREFECT_COMMANDS else None
+    if url:
+        check_reachable(url, "PREFECT_API_URL", "the Prefect API")
+
+
 @contextlib.contextmanager
 def _started(args, debug: bool):
     """What every command needs before it runs: its arguments checked, the home's settings and
@@ -405,6 +454,7 @@ def _started(args, debug: bool):
         with loading():
             if args.check is not None:
                 args.check(args)
+            _check_servers(args)  # before the home is made: nothing is written for a server that is down
             cfg = configure()
             configure_logging(debug)
             if args.prefect_api:

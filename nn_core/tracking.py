@@ -11,6 +11,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from common.experiments import NOTE_TAG, ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
+from common.servers import redact_url  # noqa: F401 (re-exported: one rule for every URL shown)
 from common.settings import mlflow_client
 
 TRAINING_ID_TAG = "mnistops.training_id"
@@ -103,18 +104,6 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     if status != "FINISHED" and client().get_run(run_id).info.status == "FINISHED":
         return
     client().set_terminated(run_id, status=status)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its user:password part: credentials never go into params, tags or artifacts."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def flatten(prefix: str, d: dict) -> dict[str, object]:
