@@ -32,7 +32,8 @@ from flows.options import (  # noqa: F401 (CommandError, Stopped, UsageError: re
     pipeline_parameters,
     train_args,
 )
-from nn_core.config import DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
+from nn_core.config import (DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig,
+                            default_experiment)
 from common.fields import add_arguments, from_args
 from common.settings import create_sqlite_store
 from common.errors import (  # noqa: F401 (the one table, re-exported for the commands and tests)
@@ -70,7 +71,8 @@ def cmd_train(args) -> int:
 
     data, launch = data_config(args), from_args(LaunchSpec, args)
     prepared = prepare_dataset(data)
-    tracking_cfg = TrackingConfig(training_id=launch.rdzv_id or new_training_id(), experiment=args.experiment)
+    tracking_cfg = TrackingConfig(training_id=launch.rdzv_id or new_training_id(),
+                                  experiment=args.experiment or default_experiment(data.dataset))
     job = new_job(prepared, configure().runs_dir, from_args(MLPConfig, args), from_args(TrainConfig, args),
                   tracking_cfg, data.data_source)
     result = launch_training(job, launch)
@@ -117,22 +119,40 @@ def _unfinished_training(training_id: str | None) -> tuple[str, dict]:
         raise CommandError(f"{folder / 'job.json'}: unreadable ({e})") from None
 
 
+def _job_data(training_id: str, job: dict, data: DataConfig) -> DataConfig:
+    """The data of a recorded training: its dataset and cache folder from its cache file's path
+    (nn_core.data.cache_path names the file after the dataset), its source as it recorded it."""
+    from dataclasses import replace
+    from typing import get_args
+
+    from nn_core.config import Dataset
+
+    source = job.get("data_source") or data.data_source
+    if not job.get("data_path"):
+        return replace(data, data_source=source)
+    path = Path(job["data_path"])
+    if path.stem not in get_args(Dataset):
+        raise CommandError(f"{_home() / 'runs' / training_id / 'job.json'}: data_path {path} names no known dataset "
+                           f"(expected one of {', '.join(get_args(Dataset))} as the file's name)")
+    return replace(data, dataset=path.stem, data_dir=str(path.parent), data_source=source)
+
+
 def _check_run(args) -> None:
     if args.resume is not None:
-        args.resume = _unfinished_training(None if args.resume == "latest" else args.resume)
+        args.resume = training_id, job = _unfinished_training(None if args.resume == "latest" else args.resume)
+        # The resumed training's dataset, not the options' (whose default is mnist): checked as such.
+        data = _job_data(training_id, job, DataConfig(args.dataset, args.data_source, args.data_dir))
+        args.dataset, args.data_source, args.data_dir = data.dataset, data.data_source, data.data_dir
     check_training(args)
 
 
 def _resumed(params: dict, resume: tuple[str, dict]) -> dict:
     """The pipeline's parameters with the killed training's own settings (its checkpoint continues
-    exactly that training), read back from its job.json."""
-    from dataclasses import replace
-
+    exactly that training), read back from its job.json: dataset, model, training, experiment."""
     training_id, job = resume
-    data = params["data"]
     return {**params, "training_id": training_id, "model": MLPConfig.from_dict(job["model"]),
             "train": TrainConfig(**job["train"]), "experiment": job["tracking"]["experiment"],
-            "data": replace(data, data_source=job.get("data_source") or data.data_source)}
+            "data": _job_data(training_id, job, params["data"])}
 
 
 def cmd_run(args) -> int:
@@ -145,8 +165,8 @@ def cmd_run(args) -> int:
     params = pipeline_parameters(args)
     if args.resume is not None:
         params = _resumed(params, args.resume)
-        print(f"resuming training {args.resume[0]} from its checkpoint", flush=True)
-    _while_prefect_boots(params["experiment"])
+        print(f"resuming training {args.resume[0]} ({params['data'].dataset}) from its checkpoint", flush=True)
+    _while_prefect_boots(params["experiment"] or default_experiment(params["data"].dataset))
     prefect_api.wait_ready()
     with ownership.owned_flow_runs():
         outcome = training_pipeline(**params)
@@ -181,23 +201,56 @@ def _while_prefect_boots(experiment: str) -> None:
         warm_up()
 
 
-def cmd_models(args) -> int:
-    from nn_core import tracking
+def _registered_names(c) -> list[str]:
+    names, token = [], None
+    while True:
+        page = c.search_registered_models(max_results=100, page_token=token)
+        names += [m.name for m in page]
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def _print_versions(c, name: str) -> None:
     from nn_core.registry import bound_task, champion
 
-    c = tracking.client()
-    name = from_args(GateConfig, args).model_for(args.dataset)
     versions = sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    try:
+        task = bound_task(name)
+    except ValueError as e:  # a model this project did not register: listed, its binding named as unknown
+        task = f"no task ({e})"
+    print(f"{name}: bound to {task}")
     if not versions:
-        print(f"no registered versions of {name!r} in {tracking.mlflow.get_tracking_uri()}")
-        return EXIT_OK
+        print("  no versions")
+        return
     best = champion(name)
-    print(f"{name}: bound to {bound_task(name)}")
     print(f"{'version':>7}  {'champion':8}  {'val_acc':>7}  {'test_acc':>8}  {'promotion':9}  run_id")
     for v in versions:
         t = v.tags
         print(f"{v.version:>7}  {'*' if str(v.version) == best else '':8}  {t.get('val_accuracy', '-')[:7]:>7}  "
               f"{t.get('test_accuracy', '-')[:8]:>8}  {t.get('promotion', '-'):9}  {v.run_id}")
+
+
+def cmd_models(args) -> int:
+    """Every registered model with its versions; only the one named by --dataset or --model-name."""
+    from nn_core import tracking
+
+    c = tracking.client()
+    store = tracking.redact_url(tracking.mlflow.get_tracking_uri())
+    if args.dataset or args.model_name:
+        names = [from_args(GateConfig, args).model_for(args.dataset or "mnist")]
+        if not c.search_registered_models(f"name = '{names[0]}'"):
+            print(f"no registered model {names[0]!r} in {store}")
+            return EXIT_OK
+    else:
+        names = _registered_names(c)
+        if not names:
+            print(f"no registered models in {store}")
+            return EXIT_OK
+    for i, name in enumerate(names):
+        if i:
+            print()
+        _print_versions(c, name)
     return EXIT_OK
 
 
@@ -310,13 +363,16 @@ def _training_commands(command) -> None:
     p.add_argument("--no-inference", action="store_true", help="skip the batch inference over the test set")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="TRAINING_ID",
                    help="continue a killed training from its checkpoint into the same MLflow run, then gate it "
-                        "(its own settings; default: the latest unfinished training in MNISTOPS_HOME)")
+                        "as a candidate of its dataset's model; its dataset (and cache), model, training "
+                        "settings and experiment are the training's own, whatever the options say (default: "
+                        "the latest unfinished training in MNISTOPS_HOME)")
     p.set_defaults(prefect_api=True, reap=True)
 
 
 def _registry_commands(command) -> None:
     p = command("models", cmd_models, "registered versions, their metrics and the champion")
-    add_arguments(p, DataConfig, only=["dataset"], helps={"dataset": "the task whose registered model to list"})
+    add_arguments(p, DataConfig, only=["dataset"], defaults={"dataset": None},
+                  helps={"dataset": "list only this task's registered model (default: every registered model)"})
     add_arguments(p, GateConfig, only=["model_name"])
 
     p = command("promote", cmd_promote, "move the champion alias to VERSION through the gate's checks, on the "

@@ -32,6 +32,11 @@ def default_model_name(dataset: str) -> str:
     return f"{dataset}-mlp"
 
 
+def default_experiment(dataset: str) -> str:
+    """Each task's training runs have an experiment of their own, named like its registered model."""
+    return f"{dataset}-mlp"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Dataset = setting("mnist", "which dataset")
