@@ -189,8 +189,7 @@ def hyperparameter_sweep(
         experiment: MLflow experiment of the parent and trial runs (default: DATASET-mlp, the task's own).
     """
     settings.configure()
-    experiment = experiment or default_experiment(data.dataset)
-    points = grid.points()
+    points, experiment = grid.points(), experiment or default_experiment(data.dataset)
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     with untagged_task_runs():
