@@ -473,10 +473,12 @@ def _on_signal(signum, frame):
     raise Stopped(signum)
 
 
-# The commands that talk to MLflow, and those that use a configured Prefect API (run, sweep and serve
-# start a temporary one when none is configured; infer and promote use one only when it is).
+# The commands that talk to MLflow, and those that use a configured Prefect API: run, sweep and serve
+# the one configured anywhere (else they start a temporary one); infer and promote one only when
+# PREFECT_API_URL is in the environment (flows/commands.py, flows/promotion.py).
 _MLFLOW_COMMANDS = {"train", "run", "sweep", "serve", "models", "promote", "infer", "ui"}
-_PREFECT_COMMANDS = {"run", "sweep", "serve", "infer", "promote"}
+_PREFECT_COMMANDS = {"run", "sweep", "serve"}
+_PREFECT_IF_SET = {"infer", "promote"}
 
 
 def _check_servers(args) -> None:
@@ -491,7 +493,8 @@ def _check_servers(args) -> None:
         uses_mlflow = args.track or "://" in args.model or args.model.startswith(("models:", "runs:"))
     if uses_mlflow:
         check_mlflow()
-    url = prefect_api.configured_url() if args.command in _PREFECT_COMMANDS else None
+    url = (prefect_api.configured_url() if args.command in _PREFECT_COMMANDS
+           else os.environ.get("PREFECT_API_URL") if args.command in _PREFECT_IF_SET else None)
     if url:
         check_reachable(url, "PREFECT_API_URL", "the Prefect API")
 
