@@ -121,12 +121,11 @@ def test_a_server_that_comes_up_within_seconds_is_waited_for():
         servers[0].server_close()
 
 
-def test_only_not_found_reads_as_a_missing_model(tmp_path, mlflow_store, monkeypatch):
+def test_only_not_found_reads_as_a_missing_model(tmp_path, mlflow_store):
     """On a store that answers, an absent model or alias is "not found"; on a server that does not
     (the start-up check skipped, MLflow's bounded retries giving up) it is "cannot be reached"."""
     from mlflow import MlflowClient
 
-    from common.servers import ServerUnreachable, bound_mlflow_retries
     from serving.model_source import ModelSourceError, resolve_model
 
     MlflowClient().create_registered_model("other-mlp")
@@ -137,16 +136,21 @@ def test_only_not_found_reads_as_a_missing_model(tmp_path, mlflow_store, monkeyp
             resolve_model(uri, tmp_path)
         assert f"{uri}: not found" in str(e.value) and words in str(e.value)
 
+    # In a process of its own under the 60 s timeout: MLflow's unbounded retries would take ~250 s.
     port = free_port()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.delenv(key, raising=False)
-    bound_mlflow_retries()
-    import mlflow
-
-    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
-    with pytest.raises(ServerUnreachable, match=f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: .*cannot be reached"):
-        resolve_model("models:/mnist-mlp@champion", tmp_path)
+    lookup = ("from pathlib import Path\n"
+              "from common.servers import bound_mlflow_retries\n"
+              "from serving.model_source import resolve_model\n"
+              "bound_mlflow_retries()\n"
+              "try:\n"
+              "    resolve_model('models:/mnist-mlp@champion', Path('.'))\n"
+              "except Exception as e:\n"
+              "    print(type(e).__name__, e)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+    r = subprocess.run([sys.executable, "-c", lookup], env={**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+                       cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.stdout.startswith(f"ServerUnreachable MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: the MLflow tracking "
+                               "server cannot be reached (looking up models:/mnist-mlp@champion)"), r.stdout + r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
