@@ -59,11 +59,24 @@ def _why(e: BaseException) -> str:
     return text.lower() if text else type(e).__name__
 
 
-def _answers(url: str, timeout: float) -> str | None:
+def tls_context(insecure_env: str, ca_env: str):
+    """The TLS the client itself will use, from its own settings (MLflow's MLFLOW_TRACKING_INSECURE_TLS
+    and MLFLOW_TRACKING_SERVER_CERT_PATH, Prefect's PREFECT_API_TLS_INSECURE_SKIP_VERIFY and
+    PREFECT_API_SSL_CERT_FILE): a server it trusts is not reported as unreachable."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=os.environ.get(ca_env) or None)
+    if os.environ.get(insecure_env, "").lower() in ("1", "true", "yes"):  # what the user asked the client to do
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _answers(url: str, timeout: float, context=None) -> str | None:
     """None when something answers HTTP at `url`; else why not. Any answer below 500 counts, a 401
     or a 404 too: the server is there, and the command's own requests decide the rest."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout):
+        with urllib.request.urlopen(url, timeout=timeout, context=context if url.startswith("https") else None):
             return None
     except urllib.error.HTTPError as e:
         return None if e.code < 500 else f"it answers HTTP {e.code}"
@@ -71,7 +84,8 @@ def _answers(url: str, timeout: float) -> str | None:
         return _why(e)
 
 
-def check_reachable(url: str, setting: str, what: str, health: str = "health", wait_s: float = WAIT_S) -> None:
+def check_reachable(url: str, setting: str, what: str, health: str = "health", wait_s: float = WAIT_S,
+                    context=None) -> None:
     """Raise ServerUnreachable unless the server at `url` answers within `wait_s` (asked again
     after 0.5, 1, 2, 4 s: a blip is waited out)."""
     shown = redact_url(url)
@@ -80,7 +94,7 @@ def check_reachable(url: str, setting: str, what: str, health: str = "health", w
     deadline, delay, tries = start + wait_s, 0.5, 0
     while True:
         left = deadline - time.monotonic()
-        why, tries = _answers(probe, max(0.5, min(CONNECT_TIMEOUT_S, left))), tries + 1
+        why, tries = _answers(probe, max(0.5, min(CONNECT_TIMEOUT_S, left)), context), tries + 1
         if why is None:
             return
         if time.monotonic() + delay > deadline:
@@ -102,4 +116,5 @@ def check_mlflow(wait_s: float = WAIT_S) -> None:
     bound_mlflow_retries()
     uri = tracking_server()
     if uri is not None:
-        check_reachable(uri, "MLFLOW_TRACKING_URI", "the MLflow tracking server", wait_s=wait_s)
+        check_reachable(uri, "MLFLOW_TRACKING_URI", "the MLflow tracking server", wait_s=wait_s,
+                        context=tls_context("MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH"))

@@ -485,7 +485,7 @@ def _check_servers(args) -> None:
     """A configured server that does not answer is one line naming its setting, within seconds
     (common/servers.py), before anything is started or written; MLflow's own retries are bounded
     for the rest of the command."""
-    from common.servers import check_mlflow, check_reachable
+    from common.servers import check_mlflow, check_reachable, tls_context
     from flows import prefect_api
 
     uses_mlflow = args.command in _MLFLOW_COMMANDS
@@ -496,7 +496,8 @@ def _check_servers(args) -> None:
     url = (prefect_api.configured_url() if args.command in _PREFECT_COMMANDS
            else os.environ.get("PREFECT_API_URL") if args.command in _PREFECT_IF_SET else None)
     if url:
-        check_reachable(url, "PREFECT_API_URL", "the Prefect API")
+        check_reachable(url, "PREFECT_API_URL", "the Prefect API",
+                        context=tls_context("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "PREFECT_API_SSL_CERT_FILE"))
 
 
 @contextlib.contextmanager
