@@ -32,7 +32,8 @@ from flows.options import (  # noqa: F401 (CommandError, Stopped, UsageError: re
     pipeline_parameters,
     train_args,
 )
-from nn_core.config import DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
+from nn_core.config import (DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig,
+                            default_experiment)
 from common.fields import add_arguments, from_args
 from common import settings
 from common.settings import create_sqlite_store
@@ -71,7 +72,8 @@ def cmd_train(args) -> int:
 
     data, launch = data_config(args), from_args(LaunchSpec, args)
     prepared = prepare_dataset(data)
-    tracking_cfg = TrackingConfig(training_id=launch.rdzv_id or new_training_id(), experiment=args.experiment)
+    tracking_cfg = TrackingConfig(training_id=launch.rdzv_id or new_training_id(),
+                                  experiment=args.experiment or default_experiment(data.dataset))
     job = new_job(prepared, configure().runs_dir, from_args(MLPConfig, args), from_args(TrainConfig, args),
                   tracking_cfg, data.data_source)
     result = launch_training(job, launch)
@@ -118,22 +120,40 @@ def _unfinished_training(training_id: str | None) -> tuple[str, dict]:
         raise CommandError(f"{folder / 'job.json'}: unreadable ({e})") from None
 
 
+def _job_data(training_id: str, job: dict, data: DataConfig) -> DataConfig:
+    """The data of a recorded training: its dataset and cache folder from its cache file's path
+    (nn_core.data.cache_path names the file after the dataset), its source as it recorded it."""
+    from dataclasses import replace
+    from typing import get_args
+
+    from nn_core.config import Dataset
+
+    source = job.get("data_source") or data.data_source
+    if not job.get("data_path"):
+        return replace(data, data_source=source)
+    path = Path(job["data_path"])
+    if path.stem not in get_args(Dataset):
+        raise CommandError(f"{_home() / 'runs' / training_id / 'job.json'}: data_path {path} names no known dataset "
+                           f"(expected one of {', '.join(get_args(Dataset))} as the file's name)")
+    return replace(data, dataset=path.stem, data_dir=str(path.parent), data_source=source)
+
+
 def _check_run(args) -> None:
     if args.resume is not None:
-        args.resume = _unfinished_training(None if args.resume == "latest" else args.resume)
+        args.resume = training_id, job = _unfinished_training(None if args.resume == "latest" else args.resume)
+        # The resumed training's dataset, not the options' (whose default is mnist): checked as such.
+        data = _job_data(training_id, job, DataConfig(args.dataset, args.data_source, args.data_dir))
+        args.dataset, args.data_source, args.data_dir = data.dataset, data.data_source, data.data_dir
     check_training(args)
 
 
 def _resumed(params: dict, resume: tuple[str, dict]) -> dict:
     """The pipeline's parameters with the killed training's own settings (its checkpoint continues
-    exactly that training), read back from its job.json."""
-    from dataclasses import replace
-
+    exactly that training), read back from its job.json: dataset, model, training, experiment."""
     training_id, job = resume
-    data = params["data"]
     return {**params, "training_id": training_id, "model": MLPConfig.from_dict(job["model"]),
             "train": TrainConfig(**job["train"]), "experiment": job["tracking"]["experiment"],
-            "data": replace(data, data_source=job.get("data_source") or data.data_source)}
+            "data": _job_data(training_id, job, params["data"])}
 
 
 def cmd_run(args) -> int:
@@ -146,8 +166,8 @@ def cmd_run(args) -> int:
     params = pipeline_parameters(args)
     if args.resume is not None:
         params = _resumed(params, args.resume)
-        print(f"resuming training {args.resume[0]} from its checkpoint", flush=True)
-    _while_prefect_boots(params["experiment"])
+        print(f"resuming training {args.resume[0]} ({params['data'].dataset}) from its checkpoint", flush=True)
+    _while_prefect_boots(params["experiment"] or default_experiment(params["data"].dataset))
     prefect_api.wait_ready()
     with ownership.owned_flow_runs():
         outcome = training_pipeline(**params)
@@ -182,23 +202,56 @@ def _while_prefect_boots(experiment: str) -> None:
         warm_up()
 
 
-def cmd_models(args) -> int:
-    from nn_core import tracking
+def _registered_names(c) -> list[str]:
+    names, token = [], None
+    while True:
+        page = c.search_registered_models(max_results=100, page_token=token)
+        names += [m.name for m in page]
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def _print_versions(c, name: str) -> None:
     from nn_core.registry import bound_task, champion
 
-    c = tracking.client()
-    name = from_args(GateConfig, args).model_for(args.dataset)
     versions = sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    try:
+        task = bound_task(name)
+    except ValueError as e:  # a model this project did not register: listed, its binding named as unknown
+        task = f"no task ({e})"
+    print(f"{name}: bound to {task}")
     if not versions:
-        print(f"no registered versions of {name!r} in {tracking.mlflow.get_tracking_uri()}")
-        return EXIT_OK
+        print("  no versions")
+        return
     best = champion(name)
-    print(f"{name}: bound to {bound_task(name)}")
     print(f"{'version':>7}  {'champion':8}  {'val_acc':>7}  {'test_acc':>8}  {'promotion':9}  run_id")
     for v in versions:
         t = v.tags
         print(f"{v.version:>7}  {'*' if str(v.version) == best else '':8}  {t.get('val_accuracy', '-')[:7]:>7}  "
               f"{t.get('test_accuracy', '-')[:8]:>8}  {t.get('promotion', '-'):9}  {v.run_id}")
+
+
+def cmd_models(args) -> int:
+    """Every registered model with its versions; only the one named by --dataset or --model-name."""
+    from nn_core import tracking
+
+    c = tracking.client()
+    store = tracking.redact_url(tracking.mlflow.get_tracking_uri())
+    if args.dataset or args.model_name:
+        names = [from_args(GateConfig, args).model_for(args.dataset or "mnist")]
+        if not c.search_registered_models(f"name = '{names[0]}'"):
+            print(f"no registered model {names[0]!r} in {store}")
+            return EXIT_OK
+    else:
+        names = _registered_names(c)
+        if not names:
+            print(f"no registered models in {store}")
+            return EXIT_OK
+    for i, name in enumerate(names):
+        if i:
+            print()
+        _print_versions(c, name)
     return EXIT_OK
 
 
@@ -223,11 +276,35 @@ def cmd_promote(args) -> int:
     return EXIT_OK if decision.accepted else EXIT_REJECTED
 
 
+def _check_ui(args) -> None:
+    """The UI's address can be bound, asked before anything starts (the home's store included):
+    uvicorn reports a taken port in a log line and then exits 0, after the server's start-up."""
+    import socket
+
+    from common.servers import tracking_server
+
+    if tracking_server():
+        return  # nothing is served here
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        with socket.create_server((args.host, args.port), family=family):  # SO_REUSEADDR, as uvicorn binds
+            pass
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise CommandError(f"--port {args.port}: {args.host}:{args.port} cannot be bound ({why}); "
+                           "choose another --port") from None
+
+
 def cmd_ui(args) -> int:
+    from common.servers import redact_url, tracking_server
     from flows import lifeline
     from flows.settings import configure
 
     cfg = configure()
+    if server := tracking_server():  # answers (checked at start-up) and serves its own UI
+        print(f"MLFLOW_TRACKING_URI is a tracking server: its UI is {redact_url(server).rstrip('/')}/ "
+              "(mnistops ui serves a local store only)")
+        return EXIT_OK
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking_uri,
            "--host", args.host, "--port", str(args.port), "--workers", "1"]
     if artifact_root := settings.env("MNISTOPS_ARTIFACT_ROOT"):
@@ -236,9 +313,10 @@ def cmd_ui(args) -> int:
     # Tied to this process: the server and its workers stop with it, however it ends (SIGKILL too).
     with lifeline.tied(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as proc:
         code = proc.wait()
-    if code != 0:
-        raise CommandError(f"the MLflow UI server exited with code {code} (is port {args.port} in use?)")
-    return EXIT_OK
+    # The server never ends by itself (Ctrl-C or SIGTERM end the wait above with an exception), and
+    # it exits 0 when the port was taken after the check: whatever its code, this is a failure.
+    raise CommandError(f"--port {args.port}: the MLflow UI server on {args.host}:{args.port} stopped by itself "
+                       f"(exit code {code}; its last lines above say why)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _training_commands(command)
     _registry_commands(command)
-    p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address")
+    p = command("ui", cmd_ui, "start the MLflow UI over the embedded store (127.0.0.1) and print its address; "
+                              "with MLFLOW_TRACKING_URI=http(s)://..., print where that server's UI is", _check_ui)
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=PORT, default=5000, help="port")
 
@@ -285,13 +364,16 @@ def _training_commands(command) -> None:
     p.add_argument("--no-inference", action="store_true", help="skip the batch inference over the test set")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="TRAINING_ID",
                    help="continue a killed training from its checkpoint into the same MLflow run, then gate it "
-                        "(its own settings; default: the latest unfinished training in MNISTOPS_HOME)")
+                        "as a candidate of its dataset's model; its dataset (and cache), model, training "
+                        "settings and experiment are the training's own, whatever the options say (default: "
+                        "the latest unfinished training in MNISTOPS_HOME)")
     p.set_defaults(prefect_api=True, reap=True)
 
 
 def _registry_commands(command) -> None:
     p = command("models", cmd_models, "registered versions, their metrics and the champion")
-    add_arguments(p, DataConfig, only=["dataset"], helps={"dataset": "the task whose registered model to list"})
+    add_arguments(p, DataConfig, only=["dataset"], defaults={"dataset": None},
+                  helps={"dataset": "list only this task's registered model (default: every registered model)"})
     add_arguments(p, GateConfig, only=["model_name"])
 
     p = command("promote", cmd_promote, "move the champion alias to VERSION through the gate's checks, on the "
@@ -392,6 +474,33 @@ def _on_signal(signum, frame):
     raise Stopped(signum)
 
 
+# The commands that talk to MLflow, and those that use a configured Prefect API: run, sweep and serve
+# the one configured anywhere (else they start a temporary one); infer and promote one only when
+# PREFECT_API_URL is in the environment (flows/commands.py, flows/promotion.py).
+_MLFLOW_COMMANDS = {"train", "run", "sweep", "serve", "models", "promote", "infer", "ui"}
+_PREFECT_COMMANDS = {"run", "sweep", "serve"}
+_PREFECT_IF_SET = {"infer", "promote"}
+
+
+def _check_servers(args) -> None:
+    """A configured server that does not answer is one line naming its setting, within seconds
+    (common/servers.py), before anything is started or written; MLflow's own retries are bounded
+    for the rest of the command."""
+    from common.servers import check_mlflow, check_reachable, tls_context
+    from flows import prefect_api
+
+    uses_mlflow = args.command in _MLFLOW_COMMANDS
+    if args.command == "infer":  # a local .onnx file, not tracked, needs no MLflow
+        uses_mlflow = args.track or "://" in args.model or args.model.startswith(("models:", "runs:"))
+    if uses_mlflow:
+        check_mlflow()
+    url = (prefect_api.configured_url() if args.command in _PREFECT_COMMANDS
+           else os.environ.get("PREFECT_API_URL") if args.command in _PREFECT_IF_SET else None)
+    if url:
+        check_reachable(url, "PREFECT_API_URL", "the Prefect API",
+                        context=tls_context("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "PREFECT_API_SSL_CERT_FILE"))
+
+
 @contextlib.contextmanager
 def _started(args, debug: bool):
     """What every command needs before it runs: its arguments checked, the home's settings and
@@ -406,6 +515,7 @@ def _started(args, debug: bool):
         with loading():
             if args.check is not None:
                 args.check(args)
+            _check_servers(args)  # before the home is made: nothing is written for a server that is down
             cfg = configure()
             configure_logging(debug)
             if args.prefect_api:

@@ -22,12 +22,12 @@ from serving.inbox import InboxResult, run_inbox
 from serving.job import JobResult, run_job
 
 
-@task(name="batch-job", cache_policy=NO_CACHE)
+@task(name="batch-job", cache_policy=NO_CACHE, task_run_name="batch-job {cfg.input.name}")
 def batch_job(cfg: JobConfig) -> JobResult:
     return run_job(cfg)
 
 
-@task(name="inbox", cache_policy=NO_CACHE)
+@task(name="inbox", cache_policy=NO_CACHE, task_run_name="inbox {inbox}")
 def inbox_job(inbox: str, output: str, cfg: JobConfig, rescore: bool) -> InboxResult:
     return run_inbox(Path(inbox), Path(output), cfg, rescore=rescore)
 

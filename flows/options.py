@@ -66,7 +66,8 @@ def train_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> Non
     g = p.add_argument_group("model and training")
     add_arguments(g, MLPConfig, exclude=exclude)
     add_arguments(g, TrainConfig, exclude=exclude)
-    add_arguments(p.add_argument_group("tracking"), TrackingConfig)
+    add_arguments(p.add_argument_group("tracking"), TrackingConfig, defaults={"experiment": None},
+                  helps={"experiment": "MLflow experiment (default: DATASET-mlp, the task's own)"})
     add_arguments(p.add_argument_group("launch (torch elastic)"), LaunchSpec, exclude=MULTI_NODE)
 
 

@@ -16,7 +16,7 @@ from flows.ownership import untagged_task_runs
 from flows.training import PipelineResult, obtain_data, publish, refuse_other_task, release, train_job, train_model
 from nn_core import metrics as M
 from nn_core import tracking
-from nn_core.config import DEFAULT_EXPERIMENT, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrainConfig
+from nn_core.config import DataConfig, GateConfig, LaunchSpec, MLPConfig, TrainConfig, default_experiment
 from nn_core.distributed import cuda_device_count
 from nn_core.launch import TrainResult
 from nn_core.sweep import SweepPoint, SweepSpec, assign_devices
@@ -114,7 +114,7 @@ def _start_parent(spec: SweepSpec, points: list[SweepPoint], concurrency: int, d
     """The sweep's parent run with its grid as params: (run id, its MLflow UI address)."""
     c = tracking.client()
     parent = c.create_run(tracking.ensure_experiment(experiment, description=tracking.TRAINING_EXPERIMENT_DESCRIPTION),
-                          run_name=f"sweep-{len(points)}-configs",
+                          run_name=f"{prepared.name}-sweep-{len(points)}-configs",
                           tags={**mlflow_context_tags("hyperparameter-sweep"), "mnistops.kind": "sweep",
                                 "dataset_digest": prepared.digest})
     parent_id = parent.info.run_id
@@ -172,7 +172,7 @@ def hyperparameter_sweep(
     train: TrainConfig = TrainConfig(),
     launch: LaunchSpec = LaunchSpec(),
     gate: GateConfig = GateConfig(),
-    experiment: str = DEFAULT_EXPERIMENT,
+    experiment: str | None = None,
 ) -> SweepResult:
     """Train every config of a grid as a nested MLflow run, compare them, gate the best one.
 
@@ -186,10 +186,10 @@ def hyperparameter_sweep(
             epochs replace its own.
         launch: How each config's DDP workers start (with several GPUs, each config gets its share).
         gate: The registered model the best config competes for, and what it takes to become champion.
-        experiment: MLflow experiment of the parent and trial runs.
+        experiment: MLflow experiment of the parent and trial runs (default: DATASET-mlp, the task's own).
     """
     settings.configure()
-    points = grid.points()
+    points, experiment = grid.points(), experiment or default_experiment(data.dataset)
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     with untagged_task_runs():

@@ -16,7 +16,8 @@ from flows import settings
 from flows.observability import forward_worker_logs, link_mlflow_run, mlflow_context_tags, prefect_note
 from flows.ownership import untagged_task_runs
 from nn_core import tracking
-from nn_core.config import DEFAULT_EXPERIMENT, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
+from nn_core.config import (DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig,
+                            default_experiment)
 from nn_core.data import PreparedDataset, SourceUnavailableError, cache_path, default_data_dir, prepare_dataset
 from nn_core.datasets import fingerprint, get_spec
 from nn_core.launch import TrainResult, launch_training, new_job, new_training_id
@@ -81,6 +82,7 @@ def _data_cache_key(context, parameters) -> str | None:
 
 @task(
     name="prepare-data",
+    task_run_name="prepare-data {data.dataset}",
     retries=3,
     retry_delay_seconds=[2, 5, 15],
     retry_condition_fn=_retry_on_network_errors,
@@ -112,7 +114,7 @@ def train_model(job: TrainJob, launch: LaunchSpec) -> TrainResult:
     return result
 
 
-@task(name="export-and-parity", cache_policy=NO_CACHE)
+@task(name="export-and-parity", cache_policy=NO_CACHE, task_run_name="export-and-parity {prepared.name}")
 def export_task(result: TrainResult, prepared: PreparedDataset) -> ExportResult:
     exported = export_and_check(result, prepared.cache_path)
     get_run_logger().info("ONNX parity: %s (max |diff| %.2g)", exported.parity.reason, exported.parity.max_abs_diff)
@@ -133,13 +135,13 @@ def _retry_registry_errors(task, task_run, state) -> bool:
 # Both are idempotent, so a registry hiccup is retried like any other I/O: a retried register finds
 # the version it made, a retried gate the decision it recorded (or finishes a promotion cut short).
 @task(name="register", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_retry_registry_errors,
-      cache_policy=NO_CACHE)
+      cache_policy=NO_CACHE, task_run_name="register {model_name}")
 def register_task(result: TrainResult, exported: ExportResult, prepared: PreparedDataset, model_name: str) -> str:
     return register(result, exported, prepared.cache_path, model_name)
 
 
 @task(name="gate", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_retry_registry_errors,
-      cache_policy=NO_CACHE)
+      cache_policy=NO_CACHE, task_run_name="gate {model_name} version {version}")
 def gate_task(result: TrainResult, exported: ExportResult, version: str, prepared: PreparedDataset,
               model_name: str, gate: GateConfig) -> GateDecision:
     from flows.promotion import promotion_lock
@@ -240,7 +242,7 @@ def training_pipeline(
     train: TrainConfig = TrainConfig(),
     launch: LaunchSpec = LaunchSpec(),
     gate: GateConfig = GateConfig(),
-    experiment: str = DEFAULT_EXPERIMENT,
+    experiment: str | None = None,
     training_id: str | None = None,
 ) -> PipelineResult:
     """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion.
@@ -251,12 +253,13 @@ def training_pipeline(
         train: Epochs, batch size, Adam's learning rate and weight decay, schedule, seed.
         launch: How the DDP workers start: processes, restarts, device.
         gate: The registered model a candidate competes for, and what it takes to become its champion.
-        experiment: MLflow experiment of the training runs.
+        experiment: MLflow experiment of the training runs (default: DATASET-mlp, the task's own).
         training_id: The id of a killed training to resume from its checkpoint, into the same MLflow run
             (`mnistops run --resume`); default: a new training.
     """
     settings.configure()
     model_name = gate.model_for(data.dataset)
+    experiment = experiment or default_experiment(data.dataset)
     with untagged_task_runs():
         prepared = obtain_data(data)
         refuse_other_task(model_name, prepared)

@@ -33,6 +33,11 @@ def default_model_name(dataset: str) -> str:
     return f"{dataset}-mlp"
 
 
+def default_experiment(dataset: str) -> str:
+    """Each task's training runs have an experiment of their own, named like its registered model."""
+    return f"{dataset}-mlp"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     __pydantic_config__ = FORM  # Prefect's form: see common.fields

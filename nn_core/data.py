@@ -283,11 +283,10 @@ def read_cache(path: Path, spec: DatasetSpec | None = None) -> dict:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise IntegrityError(f"{path}: cached dataset unreadable ({type(e).__name__}: {e}); delete it to rebuild") from e
+        raise IntegrityError(f"{path}: cached dataset unreadable ({type(e).__name__}: {e})") from e
     try:
         if payload["format"] != CACHE_FORMAT:
-            raise IntegrityError(f"{path}: cache format {payload['format']}, expected {CACHE_FORMAT}; "
-                                 "delete it to rebuild from the source")
+            raise IntegrityError(f"{path}: cache format {payload['format']}, expected {CACHE_FORMAT}")
         tensors, stored = payload["tensors"], payload["file_sha256"]
         actual = {role: _file_sha256(role, tensors[role]) for role in sorted(tensors)}
         digest_ok = dataset_digest(stored) == payload["digest"]
@@ -297,7 +296,7 @@ def read_cache(path: Path, spec: DatasetSpec | None = None) -> dict:
     if changed or set(actual) != set(stored) or not digest_ok:
         raise IntegrityError(
             f"{path}: cached dataset fails its checksum ({', '.join(changed) or 'digest'} changed since it "
-            "was written); delete it to rebuild from the source"
+            "was written)"
         )
     if spec is not None:
         pinned = {f.role: f.sha256 for f in spec.files}
@@ -308,7 +307,10 @@ def read_cache(path: Path, spec: DatasetSpec | None = None) -> dict:
 
 def load_splits(path: Path, device: torch.device | str = "cpu") -> Splits:
     """The train/val/test splits from a cache file, on `device`. Deterministic: no shuffling here."""
-    payload = read_cache(path)
+    try:
+        payload = read_cache(path)
+    except IntegrityError as e:  # what to do about it is said here; prepare() says what it does instead
+        raise IntegrityError(f"{e}; `mnistops prepare-data` rebuilds it from the source") from e
     t = payload["tensors"]
     n = payload["train_size"]
     splits = Splits(

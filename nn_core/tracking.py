@@ -11,13 +11,16 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from common.experiments import NOTE_TAG, ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
+from common.servers import redact_url  # noqa: F401 (re-exported: one rule for every URL shown)
 from common.settings import mlflow_client
 from common.storage import redact_url  # noqa: F401 (moved to common: serving redacts URLs too)
 
 TRAINING_ID_TAG = "mnistops.training_id"
+# One experiment per task, named after it (mnist-mlp, fashion-mnist-mlp: nn_core.config.default_experiment),
+# so the description names no dataset: the experiment's name and each run's dataset inputs do.
 TRAINING_EXPERIMENT_DESCRIPTION = (
-    "Training runs of the MNIST multilayer perceptron (raw 28x28 pixels in, 10 classes out), one run per "
-    "training; a sweep's trials are nested under its parent run. Metrics by section: train/ and val/ per "
+    "Training runs of the multilayer perceptron of the task this experiment is named after (raw 28x28 pixels "
+    "in, 10 classes out), one run per training; a sweep's trials are nested under its parent run. Metrics by section: train/ and val/ per "
     "epoch, train_step/ per optimizer step, test/, parity/ (ONNX vs PyTorch) and time/ once per run, system/ "
     "from MLflow's monitor. The registered ONNX model and its gate decision are on the run's Models tab.")
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call

@@ -266,7 +266,10 @@ class RunLogger:
 
 def default_run_name(job: TrainJob) -> str:
     t = job.train
-    return f"mlp{'x'.join(map(str, job.model.hidden))}-lr{t.lr:g}-bs{t.batch_size}-e{t.epochs}-s{t.seed}"
+    # The dataset first (the cache file is named after it: nn_core.data.cache_path), so that runs of
+    # different tasks with the same settings tell apart.
+    return (f"{Path(job.data_path).stem}-mlp{'x'.join(map(str, job.model.hidden))}-lr{t.lr:g}-bs{t.batch_size}"
+            f"-e{t.epochs}-s{t.seed}")
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:

@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         validate(args)
+        if args.track or "://" in args.model or args.model.startswith(("models:", "runs:")):
+            from common.servers import check_mlflow
+
+            check_mlflow()  # a tracking server that does not answer: one line within seconds
         configure_store()
         s = run(args)
     except ServingError as e:

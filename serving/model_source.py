@@ -75,6 +75,41 @@ def _download(artifact_uri: str, dst_dir: Path, uri: str) -> Path:
     return local_path if local_path.is_file() else _find_onnx(local_path, uri)
 
 
+def _registry_error(uri: str, registry: str, e: Exception) -> ModelSourceError:
+    """Only "not found" means absent: a server that cannot be reached (MLflow's retries gave up) or
+    any other registry failure is reported as what it is, never as a missing model."""
+    from common.servers import ServerUnreachable, redact_url, tracking_server
+
+    if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+        return ModelSourceError(f"{uri}: not found in the model registry at {redact_url(registry)} ({e.message})")
+    chain, x = [], e
+    while x is not None and x not in chain:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    server = tracking_server()
+    if server and any(isinstance(x, ConnectionError) or type(x).__name__ in ("ConnectionError", "ConnectTimeout")
+                      for x in chain):
+        return ServerUnreachable(f"MLFLOW_TRACKING_URI={redact_url(server)}: the MLflow tracking server cannot be "
+                                 f"reached (looking up {uri})")
+    first = next((line.strip() for line in str(getattr(e, "message", e)).splitlines() if line.strip()), "")
+    return ModelSourceError(f"{uri}: the model registry at {redact_url(registry)} failed ({first})")
+
+
+def _lookup(client, name: str, alias: str | None, version: str | None):
+    """The model version; RESOURCE_DOES_NOT_EXIST (an MlflowException) when the model, the version
+    or the alias is not there. A missing alias is looked up in the model's alias map: MLflow raises
+    INVALID_PARAMETER_VALUE for it, the code of other failures too."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    if version is not None:
+        return client.get_model_version(name, version)
+    rm = client.get_registered_model(name)
+    if alias not in (rm.aliases or {}):
+        raise MlflowException(f"registered model {name!r} has no alias {alias!r}", error_code=RESOURCE_DOES_NOT_EXIST)
+    return client.get_model_version(name, str(rm.aliases[alias]))
+
+
 def _from_registry(uri: str, dst_dir: Path) -> ModelRef:
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -87,15 +122,9 @@ def _from_registry(uri: str, dst_dir: Path) -> ModelRef:
     name = m["name"]
     client = mlflow_client()
     try:
-        mv = (
-            client.get_model_version_by_alias(name, m["alias"])
-            if m["alias"]
-            else client.get_model_version(name, m["version"])
-        )
+        mv = _lookup(client, name, m["alias"], m["version"])
     except MlflowException as e:
-        raise ModelSourceError(
-            f"{uri}: not found in the model registry at {mlflow.get_registry_uri()} ({e.message})"
-        ) from e
+        raise _registry_error(uri, mlflow.get_registry_uri(), e) from e
     # Download the version the alias pointed at just now, not the alias again: if the alias moves
     # in between, the job still records the version it actually ran.
     path = _download(f"models:/{name}/{mv.version}", dst_dir, uri)
