@@ -1,5 +1,5 @@
 """The DDP worker process's entry point, as torch's elastic agent starts it (a binary entrypoint:
-`python -P -c BOOTSTRAP ...`, see nn_core.launch.worker_command).
+`python -P -u -c BOOTSTRAP ...`, see nn_core.launch.worker_command).
 
 Its first act, before it imports torch or anything else of ours, is to make sure it dies with the
 launcher: Linux's parent-death signal (SIGKILL), then a check that the launcher is still its parent

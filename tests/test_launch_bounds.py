@@ -140,3 +140,41 @@ def test_flows_refuse_parameters_beyond_the_machine(tmp_path, monkeypatch, prefe
     with pytest.raises(BeyondMachine, match="^--batch-size 1000000000: larger than mnist's training split"):
         hyperparameter_sweep(grid=SweepSpec(batch_size=(256, 10**9)), data=data)
     assert not (tmp_path / "home" / "runs").exists() and not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker's tie to its launcher (nn_core.worker.die_with_parent), with real processes and no torch:
+# a launcher that dies takes the worker with it; a worker whose launcher is already gone exits.
+
+_LAUNCHER = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import sys, time; from nn_core.worker import die_with_parent; "
+                          "die_with_parent(int(sys.argv[1])); print('armed', flush=True); time.sleep(600)",
+                          str(os.getpid())], stdout=subprocess.PIPE, text=True)
+print(child.pid, child.stdout.readline().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_dies_with_its_launcher_and_refuses_a_dead_one(tmp_path):
+    import psutil
+
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        pid, armed = launcher.stdout.readline().split()
+        assert armed == "armed"
+        worker = psutil.Process(int(pid))
+        launcher.kill()  # SIGKILL: no handler, no clean-up of its own
+        launcher.wait()
+        worker.wait(timeout=30)  # its parent-death signal killed it
+    finally:
+        launcher.kill()
+        if worker is not None and worker.is_running():
+            worker.kill()
+    # Launched by a parent other than the one it was told to die with (that one died before the
+    # signal could be armed): it exits at once instead of training for nobody.
+    r = subprocess.run([sys.executable, "-c", "import os; from nn_core.worker import die_with_parent; "
+                        "die_with_parent(os.getppid() + 1); print('not reached')"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "not reached" not in r.stdout
