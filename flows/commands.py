@@ -123,15 +123,14 @@ def _serve(deps) -> None:
 
 
 def _check_sweep(args) -> None:
-    from flows.options import CommandError, check_data
-    from nn_core.sweep import load_spec
+    from flows.options import CommandError, check_data, check_machine
 
     check_data(args)
-    if args.config is not None:
-        try:
-            load_spec(args.config)  # parsed again by cmd_sweep; this read is cheap and torch-free
-        except ValueError as e:
-            raise CommandError(str(e)) from None
+    try:
+        grid = _grid(args)  # built again by cmd_sweep; this read is cheap and torch-free
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    check_machine(args, list(grid.batch_size), trainings=min(args.concurrency, len(grid.points())))
 
 
 def _check_serve(args) -> None:

@@ -85,10 +85,13 @@ def tied(cmd: list[str], env: dict | None = None, **popen_kwargs) -> Iterator[su
 
 
 def stop_worker_children(timeout: float = GRACE_S) -> list[int]:
-    """SIGTERM this process's DDP workers (multiprocessing spawn children) and wait for them. The
+    """SIGTERM this process's DDP workers (children running nn_core.worker) and wait for them. The
     workers of a launch on the main thread are stopped by torch's agent itself; those of launches on
-    other threads (a sweep's concurrent trainings) are not, and would keep the interpreter alive."""
-    me, pids = os.getpid(), []
+    other threads (a sweep's concurrent trainings) are not, and would keep the interpreter alive
+    (they are in sessions of their own, so no terminal's signal reaches them either)."""
+    from nn_core.worker import WORKER_MODULE
+
+    me, pids, mark = os.getpid(), [], WORKER_MODULE.encode()
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
             continue
@@ -99,7 +102,7 @@ def stop_worker_children(timeout: float = GRACE_S) -> list[int]:
                 cmdline = f.read()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == me and b"multiprocessing.spawn" in cmdline:
+        if ppid == me and mark in cmdline:
             pids.append(int(entry))
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):

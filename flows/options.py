@@ -171,6 +171,20 @@ def check_training(args) -> None:
     if args.device == "cpu" and args.batch_size % args.nproc:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by --nproc {args.nproc} "
                          "(the global batch is split evenly across processes)")
+    check_machine(args, [args.batch_size])
+
+
+def check_machine(args, batch_sizes: list[int], trainings: int = 1) -> None:
+    """The request within this machine (nn_core.machine): --nproc (per node) x `trainings` at once
+    within the usable cores and the memory available, each batch size within the dataset's training
+    split. Before torch is imported, a machine with no NVIDIA device is known to train on the CPU;
+    elsewhere the launch checks the workers again once torch has counted the GPUs."""
+    from nn_core.machine import BeyondMachine, check_request, this_machine
+
+    try:
+        check_request(args.nproc, args.device, batch_sizes, args.dataset, this_machine(), trainings)
+    except BeyondMachine as e:
+        raise UsageError(str(e)) from None
 
 
 def check_file(path, what: str) -> None:

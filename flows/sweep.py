@@ -18,7 +18,7 @@ from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.config import DataConfig, GateConfig, LaunchSpec, MLPConfig, TrainConfig, default_experiment
 from nn_core.distributed import cuda_device_count
-from nn_core.launch import TrainResult
+from nn_core.launch import TrainResult, check_launch
 from nn_core.sweep import SweepPoint, SweepSpec, assign_devices
 
 
@@ -163,6 +163,14 @@ def _publish_comparison(parent_id: str, parent_url: str, trials: list[dict], bes
                              f"MLflow parent run: [{parent_id}]({parent_url})\n", description=f"best: {best['name']}")
 
 
+def _check_request(grid: SweepSpec, concurrency: int, data: DataConfig, launch: LaunchSpec) -> None:
+    """Before anything starts: a concurrency below 1, or trials at once beyond this machine's cores or
+    memory (nn_core.machine), or a batch size beyond the training split, is one line and no worker."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    check_launch(launch, grid.batch_size, data.dataset, trainings=min(concurrency, len(grid.points())))
+
+
 @flow(name="hyperparameter-sweep", log_prints=True)
 def hyperparameter_sweep(
     grid: SweepSpec = SweepSpec(),
@@ -188,10 +196,9 @@ def hyperparameter_sweep(
         gate: The registered model the best config competes for, and what it takes to become champion.
         experiment: MLflow experiment of the parent and trial runs (default: DATASET-mlp, the task's own).
     """
+    _check_request(grid, concurrency, data, launch)
     settings.configure()
     points, experiment = grid.points(), experiment or default_experiment(data.dataset)
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     with untagged_task_runs():
         model_name = gate.model_for(data.dataset)
         prepared = obtain_data(data)

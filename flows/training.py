@@ -20,7 +20,7 @@ from nn_core.config import (DataConfig, GateConfig, LaunchSpec, MLPConfig, Track
                             default_experiment)
 from nn_core.data import PreparedDataset, SourceUnavailableError, cache_path, default_data_dir, prepare_dataset
 from nn_core.datasets import fingerprint, get_spec
-from nn_core.launch import TrainResult, launch_training, new_job, new_training_id
+from nn_core.launch import TrainResult, check_launch, launch_training, new_job, new_training_id
 from nn_core.registry import GateDecision, Task, TaskMismatchError, check_task
 from nn_core.release import ExportResult, export_and_check, gate_and_record, register
 from nn_core.train import TrainJob
@@ -257,6 +257,7 @@ def training_pipeline(
         training_id: The id of a killed training to resume from its checkpoint, into the same MLflow run
             (`mnistops run --resume`); default: a new training.
     """
+    check_launch(launch, [train.batch_size], data.dataset)  # before anything starts: one line, no workers
     settings.configure()
     model_name = gate.model_for(data.dataset)
     experiment = experiment or default_experiment(data.dataset)

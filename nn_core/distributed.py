@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -100,3 +101,42 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=env.device if env.device.type == "cuda" else None)
     return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the stores listen. A TCPStore server binds every interface whatever host it is given, and it
+# has no authentication; torch's supported way to choose the address is `master_listen_fd`, a socket
+# bound beforehand. So the launcher (nn_core.launch) hosts the rendezvous store itself on such a socket (and tells the
+# c10d backend it is not the host: it connects as a client), and a one-node training's rank 0 hosts
+# the workers' store the same way on the loopback (init_process_group's own TCPStore is
+# multi-tenant, so it shares that server instead of binding another).
+
+
+def bound_socket(host: str, port: int) -> socket.socket | None:
+    """A socket bound to HOST:PORT, or None when this machine cannot bind that address (it is
+    another machine's, or another process on this one already hosts the store)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            return sock
+        except OSError:
+            sock.close()
+    return None
+
+
+def host_store(sock: socket.socket):
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    host, port = sock.getsockname()[:2]
+    store = TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                     master_listen_fd=sock.fileno(), timeout=timedelta(seconds=60))
+    sock.detach()  # the store's server owns the descriptor now
+    return store

@@ -7,11 +7,11 @@ import json
 import logging
 import os
 import signal
-import socket
+import sys
 import threading
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,8 +22,10 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from nn_core import reaping, tracking
 from nn_core.config import LaunchSpec, MLPConfig, TrackingConfig, TrainConfig
-from nn_core.distributed import cuda_device_count
-from nn_core.train import RESULT_NAME, STOPPING, TrainJob, default_run_name, worker_main
+from nn_core.distributed import bound_socket, cuda_device_count, host_store
+from nn_core.machine import check_request, this_machine, usable_cores
+from nn_core.train import RESULT_NAME, STOPPING, TrainJob, default_run_name
+from nn_core.worker import WORKER_MODULE
 from common import settings
 from common.atomic import atomic_path
 
@@ -84,13 +86,23 @@ def plan_workers(spec: LaunchSpec, gpu_count: int, cores: int) -> tuple[int, int
 
 
 def _processes_and_threads(spec: LaunchSpec) -> tuple[int, int | None, str]:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return plan_workers(spec, cuda_device_count(spec.device), cores)
+    return plan_workers(spec, cuda_device_count(spec.device), usable_cores())
+
+
+def check_launch(spec: LaunchSpec, batch_sizes: Iterable[int] = (), dataset: str | None = None,
+                 trainings: int = 1) -> None:
+    """nn_core.machine.check_request with this machine's figures, its GPUs as torch counts them:
+    BeyondMachine (a usage error) for more workers than the cores or memory allow, or a batch larger
+    than `dataset`'s training split. `trainings`: how many such launches run at once (a sweep's)."""
+    machine = this_machine(gpus=cuda_device_count(spec.device))
+    check_request(spec.nproc, spec.device, batch_sizes, dataset, machine, trainings, spec.devices)
 
 
 def launch_training(job: TrainJob, spec: LaunchSpec) -> TrainResult | None:
     """Run the DDP training; the result on the node that hosts rank 0, None on the other nodes.
-    A one-process CPU training with no restarts runs in this process (train_in_process)."""
+    A one-process CPU training with no restarts runs in this process (train_in_process). A request
+    beyond this machine (nn_core.machine) is refused before anything is written or started."""
+    check_launch(spec)
     nproc, threads, device = _processes_and_threads(spec)
     if job.train.batch_size % (nproc * spec.nnodes):
         raise ValueError(f"batch size {job.train.batch_size} is not divisible by the {nproc * spec.nnodes} "
@@ -136,10 +148,13 @@ def _elastic_launch(job: TrainJob, spec: LaunchSpec, nproc: int, device: str) ->
                 rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
                 # One node: the workers' own store and MASTER_ADDR are on the loopback too.
                 local_addr="127.0.0.1" if spec.nnodes == 1 else None,
-                max_restarts=spec.max_restarts, monitor_interval=spec.monitor_interval, start_method="spawn",
+                max_restarts=spec.max_restarts, monitor_interval=spec.monitor_interval,
                 logs_specs=_logs_specs(spec.log_dir),
             )
-            return elastic_launch(config, local_worker if spec.nnodes == 1 else worker_main)(job)
+            # A binary entrypoint: torch's agent starts each worker with subprocess.Popen (its own
+            # session, no multiprocessing resource tracker), and nn_core.worker arms the parent-death
+            # signal before the worker imports torch.
+            return elastic_launch(config, sys.executable)(*worker_command(job, spec.nnodes == 1))
     except SignalException:  # stopped from outside: the workers are down, the run is resumable
         _mark_ended(job, "KILLED")
         raise
@@ -210,42 +225,7 @@ def train_in_process(job: TrainJob) -> TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Where the stores listen. A TCPStore server binds every interface whatever host it is given, and it
-# has no authentication; torch's supported way to choose the address is `master_listen_fd`, a socket
-# bound beforehand. So the launcher hosts the rendezvous store itself on such a socket (and tells the
-# c10d backend it is not the host: it connects as a client), and a one-node training's rank 0 hosts
-# the workers' store the same way on the loopback (init_process_group's own TCPStore is
-# multi-tenant, so it shares that server instead of binding another).
-
-
-def _bound_socket(host: str, port: int) -> socket.socket | None:
-    """A socket bound to HOST:PORT, or None when this machine cannot bind that address (it is
-    another machine's, or another process on this one already hosts the store)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return None
-    for family, type_, proto, _, addr in infos:
-        sock = socket.socket(family, type_, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            return sock
-        except OSError:
-            sock.close()
-    return None
-
-
-def _host_store(sock: socket.socket):
-    from datetime import timedelta
-
-    from torch.distributed import TCPStore
-
-    host, port = sock.getsockname()[:2]
-    store = TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False,
-                     master_listen_fd=sock.fileno(), timeout=timedelta(seconds=60))
-    sock.detach()  # the store's server owns the descriptor now
-    return store
+# Where the rendezvous store listens (nn_core.distributed.host_store says why it is hosted here).
 
 
 @contextlib.contextmanager
@@ -257,11 +237,11 @@ def rendezvous_store(spec: LaunchSpec) -> Iterator[tuple[str, dict]]:
     else:
         host, _, port_text = spec.rdzv_endpoint.rpartition(":")
         host, port = host.strip("[]"), int(port_text)
-    sock = _bound_socket(host, port)
+    sock = bound_socket(host, port)
     store = None
     if sock is not None:
         try:
-            store = _host_store(sock)
+            store = host_store(sock)
         except (RuntimeError, OSError):  # another node's launcher on this machine got there first
             sock.close()
     if store is None:  # another machine (or process) hosts it: connect as a client
@@ -273,19 +253,19 @@ def rendezvous_store(spec: LaunchSpec) -> Iterator[tuple[str, dict]]:
         del store
 
 
-def local_worker(job: TrainJob):
-    """A one-node worker: its communication stays on the loopback (the workers' store bound to
-    127.0.0.1 by rank 0, gloo's and NCCL's sockets on `lo`), then the usual worker."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    store = None
-    if os.environ.get("RANK") == "0" and os.environ.get("MASTER_ADDR") == "127.0.0.1":
-        sock = _bound_socket("127.0.0.1", int(os.environ["MASTER_PORT"]))
-        store = _host_store(sock) if sock is not None else None
-    try:
-        return worker_main(job)
-    finally:
-        del store
+def worker_command(job: TrainJob, one_node: bool) -> tuple[str, ...]:
+    """The arguments after the interpreter of every worker of this launch: no current folder on its
+    path (-P), unbuffered output (-u, as torchrun's), this launcher's own copy of the project first
+    on its path (installed, on PYTHONPATH or a checkout: the workers run the code the launcher runs,
+    as multiprocessing's spawn did by handing its sys.path over), then nn_core.worker.main with this
+    process's pid (the parent it must die with) and the job, on the command line rather than in a
+    file a concurrent launch or another node could rewrite."""
+    root = str(Path(sys.modules[WORKER_MODULE].__file__).resolve().parents[1])
+    bootstrap = f"import sys; sys.path.insert(0, sys.argv.pop(1)); from {WORKER_MODULE} import main; main(sys.argv[1:])"
+    from dataclasses import asdict
+
+    return ("-P", "-u", "-c", bootstrap, root, str(os.getpid()), "local" if one_node else "multi-node",
+            json.dumps(asdict(job)))
 
 
 JOB_NAME = "job.json"

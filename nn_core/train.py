@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nn_core import metrics as M
@@ -562,26 +561,9 @@ def save_checkpoint(path: Path, st: TrainState, cfg: TrainConfig, run_id: str | 
     )
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker if its launcher dies, even by SIGKILL: no orphaned trainers."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
-@record
 def worker_main(job: TrainJob) -> dict | None:
-    """Entry point of each process that the elastic launcher starts (module level: it is pickled).
-    @record writes the exception to torchelastic's error file, so the launcher reports the
-    workers' real error rather than a bare exit code."""
-    _die_with_parent()
+    """What each process that the elastic launcher starts runs, once nn_core.worker has tied it to
+    its launcher (the parent-death signal is armed before this module is even imported)."""
     if job.threads:
         torch.set_num_threads(job.threads)
     with ddp_context(job.device, job.devices) as env:

@@ -8,7 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -19,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from nn_core import metrics as M
 from nn_core.launch import LaunchSpec, TrainingError, launch_training
 from nn_core.train import TrackingConfig, TrainJob
+from nn_core.worker import WORKER_MODULE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -44,7 +47,7 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, w
 def _worker_of_rank(pid: int, rank: int) -> psutil.Process:
     """The DDP worker with global rank `rank` (one node: its local rank), found by the log files torch
     redirected its output to (<log_dir>/<run>/attempt_<n>/<rank>/stdout.log), not by child order."""
-    workers = [p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    workers = [p for p in psutil.Process(pid).children(recursive=True) if WORKER_MODULE in " ".join(p.cmdline())]
     assert len(workers) == 2, workers
     (worker,) = [p for p in workers if any(Path(f.path).parent.name == str(rank) and Path(f.path).name == "stdout.log"
                                             for f in p.open_files())]
@@ -73,6 +76,69 @@ def test_killed_worker_restarts_resumes_and_the_model_is_promoted(tmp_path, mnis
         assert MlflowClient().get_model_version_by_alias("mnist-mlp", "champion").run_id == runs[0].info.run_id
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def _workers_of(pid: int) -> list[psutil.Process]:
+    """The workers of `mnistops train` (which starts no other process), however torch's agent started
+    them (a function under multiprocessing's spawn, or a binary): its children, less the resource
+    tracker that multiprocessing adds."""
+    workers = []
+    for child in psutil.Process(pid).children():
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
+
+
+def _living(procs) -> list[psutil.Process]:
+    """Those still running (a zombie is dead, only waiting for whoever adopted it to reap it)."""
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [p for p in procs if alive(p)]
+
+
+def _carrying(mark: str) -> list[psutil.Process]:
+    """Every process of this user whose environment carries `mark`: the command's descendants,
+    wherever they were re-parented, started before or after the tree was read."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("MNISTOPS_TEST_MARK") == mark:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def test_sigkill_while_workers_start_leaves_nothing(tmp_path, mnist, mnist_source):
+    """SIGKILL of `mnistops train --nproc 2` right after it says it is launching, while its workers are
+    still importing torch: none of its workers, no resource tracker, nothing it started is left."""
+    mark = uuid.uuid4().hex
+    env = _env(tmp_path, mnist, MNISTOPS_DATA_SOURCE=str(mnist_source), MNISTOPS_TEST_MARK=mark)
+    proc = subprocess.Popen(_mnistops("train", "--nproc", "2", "--epochs", "30", "--device", "cpu"), env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: [lines.append(line) for line in proc.stdout], daemon=True).start()
+    tree: list[psutil.Process] = []
+    try:
+        _wait_for(lambda: any("launching 2 cpu worker(s)" in line for line in lines), 240, proc, "the launching line")
+        _wait_for(lambda: len(_workers_of(proc.pid)) == 2, 60, proc, "both workers started")
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert not any("epoch 1/" in line for line in lines)  # killed during start-up, not training
+        psutil.wait_procs(tree, timeout=15)
+        left = _living(tree + _carrying(mark))
+        assert not left, f"left running after the command was killed: {[(p.pid, p.cmdline()) for p in left]}"
+    finally:
+        proc.kill()
+        for p in _living(tree + _carrying(mark)):
+            p.kill()
 
 
 def _checkpoint_epoch(home: Path) -> int:

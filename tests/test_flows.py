@@ -223,7 +223,7 @@ def _workers(pid: int) -> list[psutil.Process]:
     out = []
     for p in _tree(pid):
         try:
-            if "spawn_main" in " ".join(p.cmdline()):
+            if "nn_core.worker" in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.Error:
             pass

@@ -118,7 +118,7 @@ def test_sigkill_of_run_leaves_nothing_and_resume_finishes_the_same_run(tmp_path
         ckpt = _wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 300, proc, "the first checkpoint")[0]
         started = _tree(proc.pid)
         kinds = " ".join(" ".join(p.cmdline()) for p in started)
-        assert "prefect.server.api.server" in kinds and "spawn_main" in kinds  # our API server, a DDP worker
+        assert "prefect.server.api.server" in kinds and "nn_core.worker" in kinds  # our API server, a DDP worker
         proc.send_signal(signal.SIGKILL)  # an OOM kill, a closed laptop: no chance to clean up
         proc.wait(10)
         _assert_all_gone(started, "after SIGKILL of `mnistops run`")
@@ -280,7 +280,7 @@ def test_sigterm_stops_a_sweep_with_concurrent_trainings(tmp_path, mnist, mnist_
         _wait_for(lambda: len(list(home.glob("runs/*/checkpoint.pt"))) == 2, 400, proc, "both trainings' checkpoints")
         started = _tree(proc.pid)
         # One trial trains in this process (one process group per process), the other in a worker.
-        assert sum("spawn_main" in " ".join(p.cmdline()) for p in started) == 1
+        assert sum("nn_core.worker" in " ".join(p.cmdline()) for p in started) == 1
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
         assert proc.returncode == EXIT_SIGTERM, out

@@ -173,7 +173,7 @@ def test_a_killed_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path, 
         while not list((tmp_path / "home" / "runs").glob("*/checkpoint.pt")):
             assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
             time.sleep(0.05)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "nn_core.worker" in " ".join(p.cmdline())]
         assert len(workers) == 2
         workers[1].send_signal(signal.SIGKILL)  # rank 1, mid-epoch
         out, _ = proc.communicate(timeout=240)
