@@ -16,9 +16,9 @@ import os
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit, urlunsplit
-
+from common import settings
 from common.errors import ServingError
+from common.storage import redact_url
 
 WAIT_S = 10.0  # how long a server that does not answer is waited for: a restart, not an outage
 CONNECT_TIMEOUT_S = 3.0
@@ -38,16 +38,6 @@ class ServerUnreachable(ServingError, ConnectionError):
     credentials). Exit code 1, like any other error."""
 
 
-def redact_url(url: str) -> str:
-    """The URL without its user:password part: credentials never go into messages, params or tags."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def bound_mlflow_retries() -> None:
     for key, value in MLFLOW_RETRY_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -65,8 +55,8 @@ def tls_context(insecure_env: str, ca_env: str):
     PREFECT_API_SSL_CERT_FILE): a server it trusts is not reported as unreachable."""
     import ssl
 
-    context = ssl.create_default_context(cafile=os.environ.get(ca_env) or None)
-    if os.environ.get(insecure_env, "").lower() in ("1", "true", "yes"):  # what the user asked the client to do
+    context = ssl.create_default_context(cafile=settings.env(ca_env) or None)
+    if (settings.env(insecure_env) or "").lower() in ("1", "true", "yes"):  # what the user asked the client to do
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
@@ -106,7 +96,7 @@ def check_reachable(url: str, setting: str, what: str, health: str = "health", w
 
 def tracking_server() -> str | None:
     """MLFLOW_TRACKING_URI when it names an HTTP server (a database or a folder needs no check)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = settings.env("MLFLOW_TRACKING_URI", "")
     return uri if uri.startswith(("http://", "https://")) else None
 
 

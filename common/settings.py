@@ -42,6 +42,10 @@ ENVIRONMENT = {
     "PREFECT_LOCAL_STORAGE_PATH": "where Prefect keeps task results (default MNISTOPS_HOME/prefect-results)",
     "XDG_CACHE_HOME": "the user's cache folder: the dataset cache is XDG_CACHE_HOME/mnistops",
     "USER": "the user recorded on runs",
+    "MLFLOW_TRACKING_INSECURE_TLS": "MLflow's client: true to skip TLS verification (the start-up check follows it)",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH": "MLflow's client: the CA bundle of an https server",
+    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": "Prefect's client: true to skip TLS verification",
+    "PREFECT_API_SSL_CERT_FILE": "Prefect's client: the CA bundle of an https API",
     "_MNISTOPS_PREFECT_STORAGE": "internal: remembers that the storage path above was chosen by mnistops",
 }
 

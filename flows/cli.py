@@ -296,7 +296,8 @@ def _check_ui(args) -> None:
 
 
 def cmd_ui(args) -> int:
-    from common.servers import redact_url, tracking_server
+    from common.servers import tracking_server
+    from common.storage import redact_url
     from flows import lifeline
     from flows.settings import configure
 

@@ -11,7 +11,6 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from common.experiments import NOTE_TAG, ensure_experiment  # noqa: F401 (re-exported: one helper for both sides)
-from common.servers import redact_url  # noqa: F401 (re-exported: one rule for every URL shown)
 from common.settings import mlflow_client
 from common.storage import redact_url  # noqa: F401 (moved to common: serving redacts URLs too)
 
