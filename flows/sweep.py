@@ -3,6 +3,7 @@ run, a comparison, then the best config's model through the same export, parity 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,10 +13,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import settings
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
+from flows.options import Stopped
 from flows.ownership import untagged_task_runs
 from flows.training import PipelineResult, obtain_data, publish, refuse_other_task, release, train_job, train_model
 from nn_core import metrics as M
-from nn_core import tracking
+from nn_core import reaping, tracking
 from nn_core.config import DEFAULT_EXPERIMENT, DataConfig, GateConfig, LaunchSpec, MLPConfig, TrainConfig
 from nn_core.distributed import cuda_device_count
 from nn_core.launch import TrainResult
@@ -116,7 +118,9 @@ def _start_parent(spec: SweepSpec, points: list[SweepPoint], concurrency: int, d
     parent = c.create_run(tracking.ensure_experiment(experiment, description=tracking.TRAINING_EXPERIMENT_DESCRIPTION),
                           run_name=f"sweep-{len(points)}-configs",
                           tags={**mlflow_context_tags("hyperparameter-sweep"), "mnistops.kind": "sweep",
-                                "dataset_digest": prepared.digest})
+                                "dataset_digest": prepared.digest,
+                                # if this process dies mid-sweep, the next command marks the run KILLED
+                                reaping.OWNER_TAG: reaping.owner_id(os.getpid())})
     parent_id = parent.info.run_id
     tracking.log_params(parent_id, {"configs": len(points), "concurrency": concurrency, "seed": train.seed,
                                     "dataset": data.dataset, "schedule": train.schedule, **_grid_params(spec)})
@@ -161,6 +165,18 @@ def _publish_comparison(parent_id: str, parent_url: str, trials: list[dict], bes
             c.log_artifact(parent_id, str(f))
     create_markdown_artifact(key="sweep-comparison", markdown=f"# Sweep: {len(trials)} configs\n\n{linked}\n\n"
                              f"MLflow parent run: [{parent_id}]({parent_url})\n", description=f"best: {best['name']}")
+
+
+def _end_interrupted_or_failed(parent_id: str, error: BaseException) -> None:
+    """A sweep stopped by a signal ends KILLED like its trials (resumable, not broken), with the
+    reason; any other error ends it FAILED."""
+    from nn_core.train import STOPPING
+
+    if STOPPING.is_set() or isinstance(error, (KeyboardInterrupt, Stopped)):
+        tracking.log_tags(parent_id, {reaping.KILLED_REASON_TAG: f"interrupted: {error or type(error).__name__}"})
+        tracking.end_run(parent_id, "KILLED")
+    else:
+        tracking.end_run(parent_id, "FAILED")
 
 
 @flow(name="hyperparameter-sweep", log_prints=True)
@@ -210,7 +226,7 @@ def hyperparameter_sweep(
                                           "promotion": "accepted" if outcome.promoted else "rejected"})
             tracking.set_note(parent_id, _sweep_note(grid, trials, trials[best_i], outcome) + " " + prefect_note())
             tracking.end_run(parent_id, "FINISHED")
-        except BaseException:
-            tracking.end_run(parent_id, "FAILED")
+        except BaseException as e:
+            _end_interrupted_or_failed(parent_id, e)
             raise
         return SweepResult(parent_run_id=parent_id, trials=trials, best=trials[best_i], release=outcome)
