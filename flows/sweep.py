@@ -4,6 +4,7 @@ run, a comparison, then the best config's model through the same export, parity 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +14,6 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import settings
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
-from flows.options import Stopped
 from flows.ownership import untagged_task_runs
 from flows.training import PipelineResult, obtain_data, publish, refuse_other_task, release, train_job, train_model
 from nn_core import metrics as M
@@ -167,13 +167,29 @@ def _publish_comparison(parent_id: str, parent_url: str, trials: list[dict], bes
                              f"MLflow parent run: [{parent_id}]({parent_url})\n", description=f"best: {best['name']}")
 
 
+def _interruption(error: BaseException) -> str | None:
+    """The signal that stopped the sweep, if one did: an exception in the chain that is no Exception
+    (Ctrl-C, our Stopped, Prefect's TerminationSignal, which its engine raises in place of ours while a
+    flow runs), or the command's stop flag when a trial's failure got here first."""
+    from nn_core.train import STOPPING
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return "SIGINT"
+        if not isinstance(seen, Exception):
+            sig = getattr(seen, "signum", None) or getattr(seen, "signal", None)
+            return signal.Signals(sig).name if isinstance(sig, int) else type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return "a signal" if STOPPING.is_set() else None
+
+
 def _end_interrupted_or_failed(parent_id: str, error: BaseException) -> None:
     """A sweep stopped by a signal ends KILLED like its trials (resumable, not broken), with the
     reason; any other error ends it FAILED."""
-    from nn_core.train import STOPPING
-
-    if STOPPING.is_set() or isinstance(error, (KeyboardInterrupt, Stopped)):
-        tracking.log_tags(parent_id, {reaping.KILLED_REASON_TAG: f"interrupted: {error or type(error).__name__}"})
+    what = _interruption(error)
+    if what is not None:
+        tracking.log_tags(parent_id, {reaping.KILLED_REASON_TAG: f"interrupted by {what} before the sweep finished"})
         tracking.end_run(parent_id, "KILLED")
     else:
         tracking.end_run(parent_id, "FAILED")
