@@ -19,9 +19,12 @@ def cmd_infer(args) -> int:
     try:
         serving_cli.validate(args)
         if env("PREFECT_API_URL"):
+            from flows import ownership
             from flows.inference import batch_inference
 
-            s = batch_inference(serving_cli.config_from_args(args), inbox=args.inbox is not None, rescore=args.rescore)
+            with ownership.owned_flow_runs():
+                s = batch_inference(serving_cli.config_from_args(args), inbox=args.inbox is not None,
+                                    rescore=args.rescore)
         else:
             s = serving_cli.run(args)
     except ServingError as e:
@@ -152,6 +155,7 @@ def add(command) -> None:
                                     "atomically, with a drift check (a Prefect flow when PREFECT_API_URL is set)",
                 check_infer)
     add_infer_arguments(p)
+    p.set_defaults(reap=True)  # a killed job's run is marked KILLED by the next job (flows.ownership)
 
     p = command("sweep", cmd_sweep, "hyperparameter sweep: nested MLflow runs, a comparison, the best config gated",
                 _check_sweep)

@@ -7,6 +7,7 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.inference import batch_inference
+from flows.ownership import FLOW_TAGS
 from flows.settings import INFERENCE_CRON, TRAINING_CRON  # noqa: F401 (the defaults, re-exported)
 from flows.training import training_pipeline
 
@@ -22,11 +23,11 @@ def deployments(training_cron: str, inference_cron: str, training_parameters: di
                 inference_parameters: dict) -> list[RunnerDeployment]:
     return [
         training_pipeline.to_deployment(name=TRAINING_DEPLOYMENT, cron=training_cron,
-                                        parameters=training_parameters, tags=["mnistops", "training"],
+                                        parameters=training_parameters, tags=list(FLOW_TAGS[training_pipeline.name]),
                                         concurrency_limit=CONCURRENCY_LIMIT,
                                         description="Nightly: data -> DDP training -> ONNX -> gate -> champion"),
         batch_inference.to_deployment(name=INFERENCE_DEPLOYMENT, cron=inference_cron,
-                                      parameters=inference_parameters, tags=["mnistops", "inference"],
+                                      parameters=inference_parameters, tags=list(FLOW_TAGS[batch_inference.name]),
                                       concurrency_limit=CONCURRENCY_LIMIT,
                                       description="Hourly: the champion over the configured input"),
     ]

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import settings
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
+from flows.ownership import untagged_task_runs
 from nn_core import tracking
 from common.atomic import atomic_path
 from serving.cli import summary
@@ -84,27 +85,43 @@ def _score_one(job: JobConfig) -> tuple[dict, list[JobResult], JobResult]:
     return summary(result), [result], result
 
 
+def _inbox_folder(inbox: Path) -> None:
+    """A deployment's inbox (relative to MNISTOPS_HOME on its worker) is made by its first run: a
+    fresh home has none, and an hourly run failing until someone makes it by hand helps nobody."""
+    if not inbox.exists():
+        inbox.mkdir(parents=True, exist_ok=True)
+        get_run_logger().warning("inbox %s did not exist: made it (empty); inputs put there are scored by "
+                                 "the next run", inbox.resolve())
+
+
 @flow(name="batch-inference", log_prints=True)
 def batch_inference(job: JobConfig, inbox: bool = False, rescore: bool = False) -> dict:
     """Predict every image of `job.input` with `job.model` (or, with `inbox`, every new input of the
     folder `job.input`); write predictions and manifests atomically, with a drift check. With
-    `job.fail_on_drift` an alert fails the flow run (after the outputs and the artifact are written).
+    `job.fail_on_drift` an alert fails the flow run (after the outputs, the MLflow runs and the
+    artifact with the drift table are written).
 
     Args:
         job: What to score (input, labels), with which model, where to (output: a .parquet or .csv
             file, or a folder, made if need be, that gets one timestamped file per run), and how
             (batching, device, drift check, tracking).
-        inbox: `job.input` is an inbox folder: each input in it (IDX, .npy, image folder) is scored
-            once per content, one predictions file each in the folder `job.output` (with the ledger).
+        inbox: `job.input` is an inbox folder (made when missing): each input in it (IDX, .npy, image
+            folder) is scored once per content, one predictions file each in the folder `job.output`
+            (with the ledger).
         rescore: With `inbox`: score inputs again that were scored before, with the current model.
     """
     settings.configure()
-    if job.track:
-        tracking.ensure_experiment(job.experiment, description=INFERENCE_DESCRIPTION)
-    s, scored, res = _score_inbox(job, rescore) if inbox else _score_one(job)
-    for r in scored:
-        if r.mlflow_run_id:
-            _tag_job_run(r)
+    with untagged_task_runs():
+        if job.track:
+            tracking.ensure_experiment(job.experiment, description=INFERENCE_DESCRIPTION)
+        if inbox:
+            _inbox_folder(Path(job.input))
+        # The tasks never raise on drift: the flow does, once every record of the alert is written.
+        scoring = dataclasses.replace(job, fail_on_drift=False)
+        s, scored, res = _score_inbox(scoring, rescore) if inbox else _score_one(scoring)
+        for r in scored:
+            if r.mlflow_run_id:
+                _tag_job_run(r)
     logger = get_run_logger()
     logger.info("batch inference: %s", s)
     alerts = [r for r in scored if r.drift.alert]
@@ -112,7 +129,8 @@ def batch_inference(job: JobConfig, inbox: bool = False, rescore: bool = False) 
         logger.warning("drift alert on %s: %s", r.input_path, r.drift.reason)
     if job.fail_on_drift and alerts:
         raise DriftAlert(f"drift alert on {len(alerts)} input(s): "
-                         + "; ".join(f"{r.input_path}: {r.drift.reason}" for r in alerts), res)
+                         + "; ".join(f"{r.input_path}: {r.drift.reason}" for r in alerts)
+                         + " (the drift table is the flow run's batch-inference artifact)", res)
     if inbox and res.failed:  # each bad input fails one run (it is not retried)
         raise InputError(f"{len(res.failed)} input(s) of {job.input} failed: "
                          + "; ".join(f["error"] for f in res.failed))
@@ -124,9 +142,10 @@ def _tag_job_run(result: JobResult) -> None:
     run_id = result.mlflow_run_id
     tracking.log_tags(run_id, mlflow_context_tags("batch-inference"))
     accuracy = "" if result.accuracy is None else f", accuracy {result.accuracy:.2%}"
+    drift = f" Drift: **{result.drift.status}** ({result.drift.reason})." if result.drift.alert else ""
     tracking.set_note(run_id, f"Batch inference of {result.predicted} of {result.records} records with "
                               f"{result.model.uri} (version {result.model.version or 'local file'}) on {result.provider}"
-                              f"{accuracy}; {len(result.skipped)} skipped. {prefect_note()}".strip())
+                              f"{accuracy}; {len(result.skipped)} skipped.{drift} {prefect_note()}".strip())
     url = settings.run_url(tracking.client().get_run(run_id).info.experiment_id, run_id)
     link_mlflow_run(url, "mlflow-batch-run", f"MLflow run {run_id} (batch inference)")
 

@@ -3,6 +3,8 @@ run, a comparison, then the best config's model through the same export, parity 
 
 from __future__ import annotations
 
+import os
+import signal
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +17,7 @@ from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_no
 from flows.ownership import untagged_task_runs
 from flows.training import PipelineResult, obtain_data, publish, refuse_other_task, release, train_job, train_model
 from nn_core import metrics as M
-from nn_core import tracking
+from nn_core import reaping, tracking
 from nn_core.config import DataConfig, GateConfig, LaunchSpec, MLPConfig, TrainConfig, default_experiment
 from nn_core.distributed import cuda_device_count
 from nn_core.launch import TrainResult, check_launch
@@ -116,7 +118,9 @@ def _start_parent(spec: SweepSpec, points: list[SweepPoint], concurrency: int, d
     parent = c.create_run(tracking.ensure_experiment(experiment, description=tracking.TRAINING_EXPERIMENT_DESCRIPTION),
                           run_name=f"{prepared.name}-sweep-{len(points)}-configs",
                           tags={**mlflow_context_tags("hyperparameter-sweep"), "mnistops.kind": "sweep",
-                                "dataset_digest": prepared.digest})
+                                "dataset_digest": prepared.digest,
+                                # if this process dies mid-sweep, the next command marks the run KILLED
+                                reaping.OWNER_TAG: reaping.owner_id(os.getpid())})
     parent_id = parent.info.run_id
     tracking.log_params(parent_id, {"configs": len(points), "concurrency": concurrency, "seed": train.seed,
                                     "dataset": data.dataset, "schedule": train.schedule, **_grid_params(spec)})
@@ -171,6 +175,34 @@ def _check_request(grid: SweepSpec, concurrency: int, data: DataConfig, launch: 
     check_launch(launch, grid.batch_size, data.dataset, trainings=min(concurrency, len(grid.points())))
 
 
+def _interruption(error: BaseException) -> str | None:
+    """The signal that stopped the sweep, if one did: an exception in the chain that is no Exception
+    (Ctrl-C, our Stopped, Prefect's TerminationSignal, which its engine raises in place of ours while a
+    flow runs), or the command's stop flag when a trial's failure got here first."""
+    from nn_core.train import STOPPING
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return "SIGINT"
+        if not isinstance(seen, Exception):
+            sig = getattr(seen, "signum", None) or getattr(seen, "signal", None)
+            return signal.Signals(sig).name if isinstance(sig, int) else type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return "a signal" if STOPPING.is_set() else None
+
+
+def _end_interrupted_or_failed(parent_id: str, error: BaseException) -> None:
+    """A sweep stopped by a signal ends KILLED like its trials (resumable, not broken), with the
+    reason; any other error ends it FAILED."""
+    what = _interruption(error)
+    if what is not None:
+        tracking.log_tags(parent_id, {reaping.KILLED_REASON_TAG: f"interrupted by {what} before the sweep finished"})
+        tracking.end_run(parent_id, "KILLED")
+    else:
+        tracking.end_run(parent_id, "FAILED")
+
+
 @flow(name="hyperparameter-sweep", log_prints=True)
 def hyperparameter_sweep(
     grid: SweepSpec = SweepSpec(),
@@ -217,7 +249,7 @@ def hyperparameter_sweep(
                                           "promotion": "accepted" if outcome.promoted else "rejected"})
             tracking.set_note(parent_id, _sweep_note(grid, trials, trials[best_i], outcome) + " " + prefect_note())
             tracking.end_run(parent_id, "FINISHED")
-        except BaseException:
-            tracking.end_run(parent_id, "FAILED")
+        except BaseException as e:
+            _end_interrupted_or_failed(parent_id, e)
             raise
         return SweepResult(parent_run_id=parent_id, trials=trials, best=trials[best_i], release=outcome)

@@ -37,7 +37,8 @@ from serving.config import JobConfig
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
 from common import storage
 from common.errors import DriftAlert, InputError, OutputError
-from common.experiments import ensure_experiment
+from common.experiments import ensure_experiment, run_context_tags
+from common.owner import KILLED_REASON_TAG, OWNER_TAG, owner_id
 from serving.model_source import ModelRef, is_remote, resolve_model
 from serving.readers import Chunk, ImageReader, LabelReader, Skipped, open_images, open_labels
 from serving.session import (
@@ -136,6 +137,20 @@ def read_ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
 # --- MLflow ----------------------------------------------------------------------------------------
 
 
+def run_name(input_path: Path) -> str:
+    """`infer-<folder>/<input>`: two jobs on files of one name in different folders (two inboxes'
+    `t10k-images-idx3-ubyte.gz`) are told apart in the runs table."""
+    return f"infer-{input_path.parent.name}/{input_path.name}" if input_path.parent.name else f"infer-{input_path.name}"
+
+
+def _source_name() -> str:
+    """MLflow's "Source" of a job's run: the command that started it."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name == "mnistops" or argv0.endswith(("flows/cli.py", "flows.cli")):
+        return "mnistops infer"
+    return "python -m serving" if argv0.endswith(("serving/__main__.py", "serving")) else "batch-inference"
+
+
 class _Tracking:
     """One MLflow run per job, through MlflowClient with an explicit run id (no active-run state)."""
 
@@ -145,12 +160,15 @@ class _Tracking:
         self.client = mlflow_client()
         exp_id = ensure_experiment(cfg.experiment, self.client)
         tags = {
+            **run_context_tags(_source_name(), "LOCAL"),  # a flow run says JOB and links itself later
+            # The process that must end this run; if it dies first, the next command marks it KILLED.
+            OWNER_TAG: owner_id(os.getpid()),
             "mnistops.job": "inference",
             "provider": provider_used,
             "model_uri": model.uri,
             "model_version": model.version or "",
         }
-        run = self.client.create_run(exp_id, run_name=f"infer-{cfg.input.name}", tags=tags)
+        run = self.client.create_run(exp_id, run_name=run_name(cfg.input), tags=tags)
         self.run_id: str = run.info.run_id
         params = {
             "model_uri": model.uri,
@@ -200,9 +218,14 @@ class _Tracking:
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, error: BaseException) -> None:
+        """FAILED with the error; KILLED with the reason when a signal or Ctrl-C stopped the job (what
+        reaches here as a BaseException that is no Exception: KeyboardInterrupt, SystemExit, the
+        command line's Stopped), as a killed job's run is marked by the next command."""
+        killed = not isinstance(error, Exception)
+        text = f"{type(error).__name__}: {error}"[:5000]
         try:
-            self.client.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-            self.client.set_terminated(self.run_id, "FAILED")
+            self.client.set_tag(self.run_id, KILLED_REASON_TAG if killed else "error", text)
+            self.client.set_terminated(self.run_id, "KILLED" if killed else "FAILED")
         except Exception:  # noqa: BLE001  # the job's own error is the one to report
             log.exception("could not mark MLflow run %s as failed", self.run_id)
 

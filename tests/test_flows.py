@@ -199,6 +199,27 @@ def test_batch_inference_flow(prefect_api, home, mnist, tmp_path):
     assert "10000 / 10000 / 0" in md and s["output"] in md
 
 
+def test_an_inbox_flow_makes_its_missing_inbox_and_names_its_owner(prefect_api, tmp_path, mlflow_store):
+    """A deployment's first run on a fresh home: the inbox is made, nothing to score, Completed (no
+    model is loaded for nothing). The flow run carries its deployment's tags and its owner as a label."""
+    from prefect.client.orchestration import get_client
+
+    from common.owner import OWNER_TAG, Owner
+    from flows.inference import batch_inference
+    from serving_fixtures import save_model
+
+    save_model(tmp_path / "m.onnx")
+    inbox = tmp_path / "fresh-home" / "inbox"
+    job = JobConfig(input=inbox, output=tmp_path / "fresh-home" / "scored", model=str(tmp_path / "m.onnx"))
+    state = batch_inference(job, inbox=True, return_state=True)
+    assert state.is_completed(), state
+    assert inbox.is_dir() and state.result()["scored"] == []
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    assert sorted(flow_run.tags) == ["inference", "mnistops"]
+    assert Owner.parse(flow_run.labels[OWNER_TAG]).pid == os.getpid()
+
+
 # ---------------------------------------------------------------------------------------------
 # `mnistops serve` against a real Prefect server: deployments, schedules, and cancellation
 

@@ -1,7 +1,9 @@
 """The deployments of infra/prefect.yaml on a process work pool, for real: a Prefect server, the
 commands of infra/README.md (`prefect work-pool create`, `prefect --no-prompt deploy --all`,
-`prefect worker start`), each deployment run once by the worker, and what each run must leave behind:
-a Completed flow run, the MLflow run, the registered version, the predictions file.
+`prefect worker start`) on a fresh MNISTOPS_HOME, the hourly inference run first (as its first hour
+would, before any inbox or champion exists), then each deployment once by the worker, and what each
+run must leave behind: a Completed flow run, the MLflow run, the registered version, the predictions
+file.
 
 The server keeps its state in SQLite (the PostgreSQL path of the same server is tests/test_infra_servers.py;
 here the subject is the deployments, and SQLite starts faster). The worker gets MNISTOPS_HOME only
@@ -137,10 +139,15 @@ def test_deployments_run_on_a_process_work_pool(tmp_path, mnist, mnist_source):
                                                      f"{log.read_text()[-6000:]}")
                     return fr
 
+                # The first hour on a fresh home, before anything else ran: no inbox, no champion. The
+                # run makes the inbox, finds nothing to score and completes (it needs no model then).
+                inbox = home / declared["inference-hourly"]["parameters"]["job"]["input"]
+                assert not inbox.exists()
+                run("inference-hourly")
+                assert inbox.is_dir() and not any(inbox.iterdir())
                 # Small parameters: one epoch passes a 0.5 gate, so the version becomes the champion.
                 run("training-nightly", {"train": {"epochs": 1}, "gate": {"threshold": 0.5}})
                 # New data arrives in the inbox, where the deployment's relative path points.
-                inbox = home / declared["inference-hourly"]["parameters"]["job"]["input"]
                 export_test_split("mnist", str(mnist.cache_path.parent), inbox)
                 run("inference-hourly")  # its own parameters, as the schedule would run it
                 run("hyperparameter-sweep", {"grid": {"hidden": [[32]], "lr": [3e-3], "batch_size": [256],

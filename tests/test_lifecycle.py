@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.cli import EXIT_REJECTED, EXIT_SIGTERM
 from nn_core import metrics as M
+from common.owner import Owner
 from nn_core.reaping import KILLED_REASON_TAG, OWNER_TAG
 
 pytestmark = [pytest.mark.slow]
@@ -82,11 +83,18 @@ def _prefect_rows(home: Path, sql: str) -> list[tuple]:
         db.close()
 
 
-def _flow_runs(home: Path) -> list[tuple[str, str, list[str]]]:
-    """(flow name, state, tags) of every flow run in this home."""
-    rows = _prefect_rows(home, "select f.name, r.state_type, r.tags from flow_run r join flow f on f.id = r.flow_id "
-                               "order by r.created")
-    return [(name, state, json.loads(tags)) for name, state, tags in rows]
+def _flow_runs(home: Path) -> list[tuple[str, str, list[str], dict]]:
+    """(flow name, state, tags, labels) of every flow run in this home."""
+    rows = _prefect_rows(home, "select f.name, r.state_type, r.tags, r.labels from flow_run r "
+                               "join flow f on f.id = r.flow_id order by r.created")
+    return [(name, state, json.loads(tags), json.loads(labels or "{}")) for name, state, tags, labels in rows]
+
+
+def _owned_like_a_deployment_run(tags: list[str], labels: dict, pid: int | None) -> bool:
+    """A command's flow run carries its deployment's tags, and its owner as a label, not a tag chip."""
+    owner = Owner.parse(labels.get(OWNER_TAG, ""))
+    return (sorted(tags) == ["mnistops", "training"] and owner is not None
+            and (pid is None or owner.pid == pid) and not any(t.startswith("mnistops-owner:") for t in tags))
 
 
 def _task_run_tags(home: Path) -> dict[str, list[str]]:
@@ -145,7 +153,7 @@ def test_sigkill_of_run_leaves_nothing_and_resume_finishes_the_same_run(tmp_path
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     steps = [m.step for m in _mlflow(home).get_metric_history(run.info.run_id, M.VAL_ACCURACY)]
     assert sorted(steps) == [1, 2, 3, 4]  # each epoch once: the ones before the kill are not repeated
-    states = [(name, state) for name, state, _ in _flow_runs(home)]
+    states = [(name, state) for name, state, _, _ in _flow_runs(home)]
     assert states == [("training-pipeline", "CRASHED"), ("training-pipeline", "COMPLETED")]
 
     # The same weights as a training that was never interrupted.
@@ -178,8 +186,8 @@ def test_sigterm_stops_run_cancels_its_flow_run_and_leaves_nothing(tmp_path, mni
         _cleanup(proc)
     (run,) = _runs(home)
     assert run.info.status == "KILLED"
-    ((name, state, tags),) = _flow_runs(home)
-    assert state == "CANCELLED" and any(t.startswith("mnistops-owner:") for t in tags)
+    ((name, state, tags, labels),) = _flow_runs(home)
+    assert state == "CANCELLED" and _owned_like_a_deployment_run(tags, labels, proc.pid), (tags, labels)
     # Only the flow run is the owner's: a tagged task run would ask the API for a concurrency slot.
     task_tags = _task_run_tags(home)
     assert task_tags and not any(t.startswith("mnistops-owner:") for tags in task_tags.values() for t in tags), task_tags
@@ -198,8 +206,8 @@ def test_rejected_first_candidate_exits_3_and_skips_the_batch_job(tmp_path, mnis
 
 
 def test_a_run_on_the_temporary_api_keeps_only_the_bookkeeping_it_needs(tmp_path, mnist, mnist_source):
-    """The owner tag names the flow run, not its task runs (a tagged task run asks the API for a
-    concurrency slot before it starts), and nothing sends heartbeats to an API that ends with the
+    """The owner labels the flow run, and no task run carries it as a tag (a tagged task run asks the
+    API for a concurrency slot before it starts), and nothing sends heartbeats to an API that ends with the
     command: the state changes are recorded, no heartbeat is."""
     r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--no-inference"],
                        env=_env(tmp_path, MNISTOPS_DATA_DIR=str(mnist.cache_path.parent),
@@ -207,9 +215,9 @@ def test_a_run_on_the_temporary_api_keeps_only_the_bookkeeping_it_needs(tmp_path
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode in (0, EXIT_REJECTED), r.stdout + r.stderr
     home = tmp_path / "home"
-    ((name, state, tags),) = _flow_runs(home)
+    ((name, state, tags, labels),) = _flow_runs(home)
     assert (name, state) == ("training-pipeline", "COMPLETED")
-    assert any(t.startswith("mnistops-owner:") for t in tags)
+    assert _owned_like_a_deployment_run(tags, labels, None), (tags, labels)
     task_tags = _task_run_tags(home)
     # Task run names: "<task>-<3 hex>", or "train <run name>"
     tasks = {n.split(" ")[0] if " " in n else n.rsplit("-", 1)[0] for n in task_tags}
@@ -288,11 +296,14 @@ def test_sigterm_stops_a_sweep_with_concurrent_trainings(tmp_path, mnist, mnist_
         _assert_all_gone(started, "after SIGTERM of `mnistops sweep`")
     finally:
         _cleanup(proc)
-    assert all(state == "CANCELLED" for _, state, _ in _flow_runs(home))
+    assert all(state == "CANCELLED" for _, state, _, _ in _flow_runs(home))
     # Both trials stopped between epochs, the in-process one too, and are resumable (KILLED, not FAILED).
     trials = [r for r in _runs(home) if r.data.tags.get("mnistops.kind") == "training"]
     assert sorted(r.info.status for r in trials) == ["KILLED", "KILLED"]
     assert all(len(_mlflow(home).get_metric_history(r.info.run_id, M.VAL_ACCURACY)) < 50 for r in trials)
+    # The sweep's own run says the same: stopped, not broken.
+    (parent,) = [r for r in _runs(home) if r.data.tags.get("mnistops.kind") == "sweep"]
+    assert parent.info.status == "KILLED" and "interrupted" in parent.data.tags[KILLED_REASON_TAG]
 
 
 def test_two_commands_booting_a_new_home_at_once_both_get_an_api(tmp_path):
