@@ -40,6 +40,37 @@ def test_gate_rule(acc, parity, champ, cfg, accepted, why):
     assert ok is accepted and why in reason
 
 
+def _record(version: int, promotion: str, at: int | None = None):
+    """A version as the registry returns it (MLflow's own entity), with the tags a decision leaves."""
+    from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+    tags = {"promotion": promotion, **({} if at is None else {"promotion.at": str(at)})}
+    return ModelVersion("m", str(version), 0, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
+
+
+@pytest.mark.parametrize(
+    "records, alias, champion",
+    [
+        ([], None, None),
+        ([(1, "rejected", 5), (2, "pending", None), (3, "failed", 9)], None, None),
+        ([(1, "accepted", 5), (2, "accepted", 7), (3, "rejected", 9)], "1", "2"),  # the latest accepted decision
+        ([(1, "accepted", 9), (2, "accepted", 7)], "2", "1"),  # a rollback: an older version decided last
+        ([(1, "accepted", None), (2, "accepted", None)], "1", "1"),  # decisions before `promotion.at`: the alias
+        ([(1, "accepted", None), (2, "accepted", 3)], "1", "2"),  # any ordered decision is later
+        ([(1, "accepted", 4), (2, "accepted", 4)], "1", "1"),  # a tie (no shared lock): the alias stays
+    ],
+)
+def test_the_champion_rule(records, alias, champion):
+    assert registry.rule_champion([_record(*r) for r in records], alias) == champion
+
+
+def test_the_model_card_tables_are_aligned_text():
+    from nn_core.card import _table
+
+    block = _table(["class", "validation"], [["0", "98.00%"], ["10", "9.50%"]]).splitlines()
+    assert block == ["```text", "class  validation", "-----  ----------", "    0      98.00%", "   10       9.50%", "```"]
+
+
 def test_gate_config_is_validated():
     with pytest.raises(ValueError, match="threshold"):
         GateConfig(threshold=96)
