@@ -1,0 +1,39 @@
+"""One racer of tests/test_champion_race.py: a real process that runs `mnistops promote` once per
+round, all racers released at the same instant by a file, so that their gates overlap.
+
+    python promote_racer.py FOLDER INDEX '[[version, ...] per round]' [extra mnistops args...]
+
+The heavy imports happen before the first round (a race between imports would not be a race between
+gates). Round r starts when FOLDER/go-r exists; the exit code goes to FOLDER/done-r-INDEX.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlflow  # noqa: F401
+import onnxruntime  # noqa: F401
+import prefect.client.orchestration  # noqa: F401 (what a gate on a Prefect limit imports)
+import prefect.concurrency.sync  # noqa: F401
+
+import flows.cli
+import flows.promotion  # noqa: F401
+import nn_core.data  # noqa: F401
+import nn_core.registry  # noqa: F401
+
+
+def main() -> None:
+    folder, index, schedule, extra = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
+    (folder / f"ready-{index}").touch()
+    for r, versions in enumerate(schedule):
+        while not (folder / f"go-{r}").exists():
+            time.sleep(0.005)
+        code = flows.cli.main(["promote", str(versions[int(index)]), *extra])
+        (folder / f"done-{r}-{index}").write_text(str(code))
+
+
+if __name__ == "__main__":
+    main()
