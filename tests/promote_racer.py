@@ -1,10 +1,11 @@
 """One racer of tests/test_champion_race.py: a real process that runs `mnistops promote` once per
 round, all racers released at the same instant by a file, so that their gates overlap.
 
-    python promote_racer.py FOLDER INDEX '[[version, ...] per round]' [extra mnistops args...]
+    python promote_racer.py FOLDER INDEX ROUNDS [extra mnistops args...]
 
 The heavy imports happen before the first round (a race between imports would not be a race between
-gates). Round r starts when FOLDER/go-r exists; the exit code goes to FOLDER/done-r-INDEX.
+gates). Round r starts when FOLDER/go-r exists (a JSON list: the version each racer promotes); the
+exit code goes to FOLDER/done-r-INDEX.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ import nn_core.registry  # noqa: F401
 
 
 def main() -> None:
-    folder, index, schedule, extra = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
+    folder, index, rounds, extra = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
     (folder / f"ready-{index}").touch()
-    for r, versions in enumerate(schedule):
+    for r in range(rounds):
         while not (folder / f"go-{r}").exists():
             time.sleep(0.005)
-        code = flows.cli.main(["promote", str(versions[int(index)]), *extra])
-        (folder / f"done-{r}-{index}").write_text(str(code))
+        versions = json.loads((folder / f"go-{r}").read_text())
+        code = flows.cli.main(["promote", str(versions[index]), *extra])
+        done = folder / f".done-{r}-{index}"
+        done.write_text(str(code))
+        done.rename(folder / f"done-{r}-{index}")  # whole: the test reads it as soon as it appears
 
 
 if __name__ == "__main__":

@@ -105,19 +105,17 @@ def _chain_holds(before: str | None, decided: dict[str, dict]) -> str | None:
 def test_promotions_race_on_one_store(home, versions, mnist, tmp_path):
     from servers import prefect_server
 
-    rng = random.Random(21)
-    schedule = [rng.sample(versions, RACERS) for _ in range(ROUNDS)]
     with prefect_server(f"sqlite+aiosqlite:///{tmp_path}/prefect.db", home=tmp_path / "prefect") as api:
         # Racers 0 and 1 gate as `run`/`sweep`/`serve` do: on the command's own temporary API.
         temporary = {"PREFECT_API_URL": api, "MNISTOPS_TEMPORARY_PREFECT_API": api}
         logs = [open(tmp_path / f"racer-{i}.log", "wb") for i in range(RACERS)]  # noqa: SIM115
         procs = [subprocess.Popen(
-            [sys.executable, str(TESTS / "promote_racer.py"), str(tmp_path), str(i), json.dumps(schedule),
+            [sys.executable, str(TESTS / "promote_racer.py"), str(tmp_path), str(i), str(ROUNDS),
              "--threshold", "0.5"],
             env=_env(home, mnist, **(temporary if i < 2 else {})), stdout=logs[i], stderr=subprocess.STDOUT)
             for i in range(RACERS)]
         try:
-            _run_rounds(procs, schedule, tmp_path)
+            _run_rounds(procs, versions, tmp_path)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -131,16 +129,20 @@ def _logs(folder: Path) -> str:
     return "\n".join(p.read_text()[-2000:] for p in sorted(folder.glob("racer-*.log")))
 
 
-def _run_rounds(procs, schedule, folder: Path) -> None:
-    deadline = time.monotonic() + 600
+def _run_rounds(procs, versions: list[str], folder: Path) -> None:
+    deadline = time.monotonic() + 900
     while not all((folder / f"ready-{i}").exists() for i in range(RACERS)):
         assert all(p.poll() is None for p in procs), _logs(folder)
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    c = tracking.client()
-    for r, round_versions in enumerate(schedule):
+    c, rng = tracking.client(), random.Random(21)
+    for r in range(ROUNDS):
         before = registry.champion(NAME)
-        (folder / f"go-{r}").touch()
+        # Each racer promotes another version, none the champion: every decision is a comparison.
+        round_versions = rng.sample([v for v in versions if v != before], RACERS)
+        go = folder / f".go-{r}"
+        go.write_text(json.dumps(round_versions))
+        go.rename(folder / f"go-{r}")  # whole, at once: the racers start together
         while not all((folder / f"done-{r}-{i}").exists() for i in range(RACERS)):
             assert all(p.poll() is None for p in procs), _logs(folder)
             assert time.monotonic() < deadline
