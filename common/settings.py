@@ -46,6 +46,7 @@ ENVIRONMENT = {
     "MLFLOW_TRACKING_SERVER_CERT_PATH": "MLflow's client: the CA bundle of an https server",
     "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": "Prefect's client: true to skip TLS verification",
     "PREFECT_API_SSL_CERT_FILE": "Prefect's client: the CA bundle of an https API",
+    "MNISTOPS_TEMPORARY_PREFECT_API": "internal: the URL of the command's own temporary Prefect API (never a lock's home)",
     "_MNISTOPS_PREFECT_STORAGE": "internal: remembers that the storage path above was chosen by mnistops",
 }
 

@@ -213,23 +213,29 @@ def _registered_names(c) -> list[str]:
 
 
 def _print_versions(c, name: str) -> None:
-    from nn_core.registry import bound_task, champion
+    from nn_core import metrics as M
+    from nn_core import registry
 
     versions = sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     try:
-        task = bound_task(name)
+        task = registry.bound_task(name)
     except ValueError as e:  # a model this project did not register: listed, its binding named as unknown
         task = f"no task ({e})"
     print(f"{name}: bound to {task}")
     if not versions:
         print("  no versions")
         return
-    best = champion(name)
+    best = registry.champion(name)
+    # Left without a decision by a killed command: the next gate or `promote` completes or fails them.
+    cut_short = {str(v.version) for v in registry.abandoned_versions(name)}
     print(f"{'version':>7}  {'champion':8}  {'val_acc':>7}  {'test_acc':>8}  {'promotion':9}  run_id")
     for v in versions:
-        t = v.tags
-        print(f"{v.version:>7}  {'*' if str(v.version) == best else '':8}  {t.get('val_accuracy', '-')[:7]:>7}  "
-              f"{t.get('test_accuracy', '-')[:8]:>8}  {t.get('promotion', '-'):9}  {v.run_id}")
+        t = v.tags or {}
+        metrics = c.get_run(v.run_id).data.metrics if v.run_id else {}
+        val = t.get(registry.VAL_ACC) or (f"{metrics[M.VAL_ACCURACY]:.6f}" if M.VAL_ACCURACY in metrics else "-")
+        test = f"{metrics[M.TEST_ACCURACY]:.6f}" if M.TEST_ACCURACY in metrics else "-"
+        print(f"{v.version:>7}  {'*' if str(v.version) == best else '':8}  {val[:7]:>7}  {test[:8]:>8}  "
+              f"{'cut short' if str(v.version) in cut_short else t.get(registry.PROMOTION, '-'):9}  {v.run_id}")
 
 
 def cmd_models(args) -> int:
@@ -257,10 +263,13 @@ def cmd_models(args) -> int:
 
 def cmd_promote(args) -> int:
     """The gate by hand, on the registered model's own task: its dataset comes from the registered
-    model, never from --dataset (which may only name it); --force overrides figures, never the task."""
+    model, never from --dataset (which may only name it), and each version's from its run's record;
+    --force overrides the threshold and the margin, never the task or parity. A version a killed
+    command left without a decision is completed or marked failed first, and that is the answer."""
     from flows.promotion import promotion_lock
     from nn_core.data import load_splits, prepare_dataset
     from nn_core.registry import Task, TaskMismatchError, bound_task, gate
+    from nn_core.release import complete_unfinished
 
     cfg = from_args(GateConfig, args)
     name = cfg.model_for(args.dataset or "mnist")
@@ -269,6 +278,16 @@ def cmd_promote(args) -> int:
         raise TaskMismatchError(f"registered model {name!r} is bound to {task}; --dataset {args.dataset} "
                                 "names another task (its split is never used for this model)")
     prepared = prepare_dataset(DataConfig(task.dataset, data_source_of(args), args.data_dir))
+    completed = complete_unfinished(name, prepared.cache_path, cfg, lock=promotion_lock)
+    for version, (line, _) in completed.items():
+        if version != str(args.version):
+            print(f"{name} version {version}: {line}")
+    if str(args.version) in completed:
+        line, decision = completed[str(args.version)]
+        if decision is None:
+            raise CommandError(f"{name} version {args.version}: {line}")
+        print(f"{name} version {args.version}: {line}")
+        return EXIT_OK if decision.accepted else EXIT_REJECTED
     s = load_splits(prepared.cache_path)
     decision = gate(name, str(args.version), s.val_images.numpy(), s.val_labels.numpy(), cfg, force=args.force,
                     task=Task(s.name, s.digest), lock=promotion_lock, decide_again=True)
@@ -381,7 +400,8 @@ def _registry_commands(command) -> None:
                                         "registered model's own validation split", check_data)
     p.add_argument("version", type=POSITIVE, help="registered model version")
     p.add_argument("--force", action="store_true",
-                   help="move the alias even when the figures fail the checks (never across datasets)")
+                   help="move the alias even when the accuracy is below the threshold or worse than the "
+                        "champion by more than the margin (never across datasets, never without parity)")
     data_args(p, defaults={"dataset": None},
               helps={"dataset": "names the task: the default model name is DATASET-mlp (mnist-mlp without it); "
                                 "the split is always the registered model's own dataset's"})

@@ -123,6 +123,9 @@ def start(home: Path) -> TemporaryApi | None:
         proc = lifeline.spawn(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     _current = TemporaryApi(url=f"http://127.0.0.1:{port}/api", proc=proc, log=log, home=home, migrating=migrating)
     os.environ["PREFECT_API_URL"] = _current.url
+    # Marks this API as the command's own (inherited by its flow-run processes): flows/promotion.py
+    # never takes a promotion lock on it, since no other command shares it.
+    os.environ["MNISTOPS_TEMPORARY_PREFECT_API"] = _current.url
     # Stopped at exit, after Prefect's own exit handlers (registered later, run earlier) have sent
     # their last logs and events to it: stopped before them, they retry for minutes.
     atexit.register(stop)
@@ -192,3 +195,5 @@ def stop() -> None:
         api.migrating.close()
     if settings.env("PREFECT_API_URL") == api.url:
         del os.environ["PREFECT_API_URL"]
+    if settings.env("MNISTOPS_TEMPORARY_PREFECT_API") == api.url:
+        del os.environ["MNISTOPS_TEMPORARY_PREFECT_API"]

@@ -1,8 +1,17 @@
-"""Which lock serialises the promotions of one registered model.
+"""Which lock serialises the promotions of one registered model, chosen from what the user
+configured, never from a command's own temporary Prefect API (which no other command shares).
 
-With a Prefect server (PREFECT_API_URL set), pipelines on many hosts share it: a Prefect global
-concurrency limit of 1 keyed by the registered model, created on first use. Without one (Prefect's
-temporary per-process API), the pipelines can only be on this machine: nn_core's file lock.
+- A SQLite store (the embedded default): a file lock beside the store (nn_core.registry.lock_path).
+  Every command on that store takes it, whatever its Prefect API: `run`, `sweep` and `serve` (whose
+  temporary API is theirs alone), their deployments' flow runs, `promote`.
+- An MLflow server with a Prefect server the user configured (PREFECT_API_URL, not the temporary
+  one): a Prefect global concurrency limit of 1 keyed by the registered model, created on first use,
+  shared by every host that uses that Prefect server; and the machine's file lock too, so that
+  commands on this machine without that setting are excluded as well.
+- An MLflow server and no configured Prefect server: the machine's file lock only. Gates on other
+  machines (or in containers that share no /tmp) are not excluded; the rule still converges (see
+  nn_core/registry.py: the alias ends on the latest accepted decision, each accepted version beat the
+  champion it read, but two gates at the same time were not compared with each other).
 """
 
 from __future__ import annotations
@@ -14,6 +23,9 @@ from common import settings
 from nn_core import registry
 
 LIMIT_PREFIX = "mnistops-promotion-"
+# Set by flows.prefect_api.start for the command and the processes it starts: the URL of its own
+# temporary API, which is never where a promotion lock lives.
+TEMPORARY_API_ENV = "MNISTOPS_TEMPORARY_PREFECT_API"
 
 
 def limit_name(model_name: str) -> str:
@@ -21,10 +33,30 @@ def limit_name(model_name: str) -> str:
     return LIMIT_PREFIX + re.sub(r"[/%&<>]", "-", model_name)
 
 
+def user_prefect_url() -> str | None:
+    """The Prefect API the user configured (environment, profile, a test harness), or None when the
+    only one is a command's temporary API."""
+    from flows.prefect_api import configured_url
+
+    url = configured_url()
+    return None if not url or url == settings.env(TEMPORARY_API_ENV) else url
+
+
+def lock_kind() -> str:
+    """'store file' (SQLite), 'prefect limit' (a configured Prefect server) or 'machine file'."""
+    if registry.shared_by_store():
+        return "store file"
+    return "prefect limit" if user_prefect_url() else "machine file"
+
+
+@contextlib.contextmanager
 def promotion_lock(model_name: str):
-    if settings.env("PREFECT_API_URL"):
-        return prefect_limit(model_name)
-    return registry.promotion_lock(model_name)
+    with registry.promotion_lock(model_name):
+        if lock_kind() == "prefect limit":
+            with prefect_limit(model_name):
+                yield
+        else:
+            yield
 
 
 @contextlib.contextmanager

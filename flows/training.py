@@ -22,7 +22,7 @@ from nn_core.data import PreparedDataset, SourceUnavailableError, cache_path, de
 from nn_core.datasets import fingerprint, get_spec
 from nn_core.launch import TrainResult, check_launch, launch_training, new_job, new_training_id
 from nn_core.registry import GateDecision, Task, TaskMismatchError, check_task
-from nn_core.release import ExportResult, export_and_check, gate_and_record, register
+from nn_core.release import ExportResult, complete_unfinished, export_and_check, gate_and_record, register
 from nn_core.train import TrainJob
 
 
@@ -146,6 +146,10 @@ def gate_task(result: TrainResult, exported: ExportResult, version: str, prepare
               model_name: str, gate: GateConfig) -> GateDecision:
     from flows.promotion import promotion_lock
 
+    # Versions a killed command left without a decision get theirs first (completed or failed), so
+    # that this candidate is compared with the champion of every decision the registry can hold.
+    for other, (line, _) in complete_unfinished(model_name, prepared.cache_path, gate, lock=promotion_lock).items():
+        get_run_logger().warning("%s version %s: %s", model_name, other, line)
     decision = gate_and_record(result, exported, version, prepared.cache_path, model_name, gate, lock=promotion_lock)
     get_run_logger().info("gate: version %s %s: %s", version, decision.promotion, decision.reason)
     return decision

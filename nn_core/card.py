@@ -1,14 +1,25 @@
-"""The model card: one Markdown page per candidate with its data, config, metrics and gate decision."""
+"""The model card: one Markdown page per candidate with its data, config, metrics and gate decision.
+
+MLflow 3.17's version page renders a description's Markdown tables without cell borders or padding,
+so a confusion matrix read as a run of numbers. Each table is therefore a fenced block of columns
+aligned in a monospace font, which every Markdown renderer shows as it is written."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    # Columns of figures right-aligned (digits under digits), columns of words left-aligned.
+    figures = [all(re.fullmatch(r"[-+0-9.e%/ ]*", r[i]) for r in cells[1:]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if f else c.ljust(w) for c, w, f in zip(r, widths, figures)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "```text\n" + "\n".join(lines) + "\n```"
 
 
 def model_card(*, model_name: str, version: str, run_id: str, dataset: str, digest: str, split_sizes: dict,
@@ -22,8 +33,10 @@ def model_card(*, model_name: str, version: str, run_id: str, dataset: str, dige
     return "\n\n".join([
         f"# Model card: {model_name} version {version}",
         f"**Gate decision: {decision['promotion'].upper()}** — {decision['reason']}",
-        "## Data\n" + _table(["dataset", "digest (SHA-256)", "train", "validation", "test"],
-                             [[dataset, f"`{digest}`", split_sizes.get("train"), split_sizes.get("val"), split_sizes.get("test")]]),
+        # One row per field: a row of the 64-character digest beside the sizes overflows the page.
+        "## Data\n" + _table(["field", "value"], [
+            ["dataset", dataset], ["digest (SHA-256)", digest], ["train images", split_sizes.get("train")],
+            ["validation images", split_sizes.get("val")], ["test images", split_sizes.get("test")]]),
         "## Model\n" + _table(["setting", "value"], [[k, v] for k, v in model_config.items()]),
         "## Training\n" + _table(["setting", "value"], [[k, v] for k, v in train_config.items()])
         + f"\n\nMLflow run: `{run_id}`; {train_metrics['epochs']} epochs in {train_metrics['train_seconds']:.1f} s "
@@ -47,5 +60,8 @@ def model_card(*, model_name: str, version: str, run_id: str, dataset: str, dige
             ["candidate validation accuracy (ONNX)", f"{decision['val_accuracy']:.4%}"],
             ["champion before", decision["champion_version"] or "none"],
             ["champion validation accuracy (ONNX)", "n/a" if decision["champion_val_accuracy"] is None else f"{decision['champion_val_accuracy']:.4%}"],
-            ["decision", decision["promotion"]], ["reason", decision["reason"]]]),
+            ["forced (--force)", "yes" if decision.get("forced") else "no"],
+            ["decision", decision["promotion"]]])
+        + f"\n\nReason: {decision['reason']}. The full record is the run's artifact "
+          f"`gate/v{version}/decision-{decision.get('decided_at', 0)}.json`.",
     ]) + "\n"

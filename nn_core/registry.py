@@ -1,11 +1,29 @@
 """The MLflow model registry and the promotion gate.
 
 A registered model belongs to one task: its first registration records the dataset and its pinned
-digest on the registered model, and no candidate, split or `force` of another task gets in.
+digest on the registered model. A version's task is read from its run's own record (the params
+`dataset`/`dataset_digest`, which MLflow never lets anyone change, and the run's dataset inputs), and
+its model must be the one its run logged: version tags are never trusted for it, so a version whose
+tags were forged is refused like any other version of another task, `force` included.
 A candidate is registered only after it passed parity. The gate is evaluated on the registered ONNX
-artifact (what will be served): validation accuracy >= threshold, parity passed, and not worse than
-the champion on the task's validation split by more than the margin. Only then does the `champion`
-alias move, in one registry call: a failure before it leaves the previous champion in place.
+artifact (what will be served): validation accuracy >= threshold, parity passed (the run's record),
+and not worse than the champion on the task's validation split by more than the margin. `force`
+overrides the threshold and the margin, never the task or parity.
+
+The champion rule (`rule_champion`): the champion is the accepted version whose decision is the
+latest (`promotion.at`, a counter every decision makes larger than all it read). The alias is only
+where that rule's answer is published: every gate reads all decisions, compares the candidate with
+the rule's champion, records its decision, then publishes and verifies (`settle`): it re-reads the
+decisions and the alias and writes again until both agree. A crash between the record and the
+alias write leaves the alias one step behind until the next gate, `promote` or `settle`.
+
+Mutual exclusion (`promotion_lock` here, chosen in flows/promotion.py): on a SQLite store, a file
+lock beside the store, which every command on that store takes whatever its Prefect API. Then gates
+are serialised: each compares with the champion of all decisions before it. With no lock shared by
+every gate (two homes or hosts on one MLflow server and no Prefect server configured), the alias
+still converges to the rule once the gates end, and every champion is a version that passed the
+gate against the champion it read; two gates that ran at the same time were not compared with each
+other, so the later decision wins even if the other candidate was better.
 
 Prefect retries registration and the gate, so both are idempotent: a run's model is registered once,
 and a version that carries a decision keeps it. Only "not found" means absent: any other registry
@@ -18,8 +36,10 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
+import json
 import logging
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +56,12 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 # Tags on the registered model (not its versions): the task it is bound to.
 DATASET_TAG, DIGEST_TAG = "mnistops.dataset", "mnistops.dataset_digest"
-PENDING, ACCEPTING, ACCEPTED, REJECTED = "pending", "accepting", "accepted", "rejected"
+PENDING, ACCEPTED, REJECTED, FAILED = "pending", "accepted", "rejected", "failed"
+# The version's tags: the decision itself and the figures it compared; the rest is its decision
+# record (an artifact of its run, DECISIONS/) and its model card (the description).
+PROMOTION, REASON, VAL_ACC = "promotion", "promotion.reason", "promotion.val_accuracy"
+CHAMP_VERSION, CHAMP_ACC, AT = "promotion.champion_version", "promotion.champion_val_accuracy", "promotion.at"
+DECISIONS = "gate"
 
 
 class TaskMismatchError(ValueError):
@@ -74,24 +99,30 @@ class GateDecision:
     champion_val_accuracy: float | None
     threshold: float
     margin: float
+    forced: bool = False
+    decided_at: int = 0  # the rule's order of decisions (see rule_champion)
 
     @property
     def promotion(self) -> str:
-        return "accepted" if self.accepted else "rejected"
+        return ACCEPTED if self.accepted else REJECTED
 
     def tags(self) -> dict[str, str]:
+        """What the version shows: the decision and the figures it compared (the record has the rest)."""
         return {
-            "promotion": self.promotion,
-            "promotion.reason": self.reason,
-            "promotion.val_accuracy": f"{self.val_accuracy:.6f}",
-            "promotion.champion_version": self.champion_version or "none",
-            "promotion.champion_val_accuracy": "none" if self.champion_val_accuracy is None else f"{self.champion_val_accuracy:.6f}",
-            "promotion.threshold": f"{self.threshold:g}",
-            "promotion.margin": f"{self.margin:g}",
+            PROMOTION: self.promotion,
+            REASON: self.reason,
+            VAL_ACC: f"{self.val_accuracy:.6f}",
+            CHAMP_VERSION: self.champion_version or "none",
+            CHAMP_ACC: "none" if self.champion_val_accuracy is None else f"{self.champion_val_accuracy:.6f}",
+            AT: str(self.decided_at),
         }
 
     def to_dict(self) -> dict:
         return {**asdict(self), "promotion": self.promotion}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GateDecision:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def decide(val_accuracy: float, parity_passed: bool, champion_accuracy: float | None, cfg: GateConfig) -> tuple[bool, str]:
@@ -133,10 +164,9 @@ def _registered_model(model_name: str):
         raise
 
 
-def _version_task(tags: dict) -> Task | None:
-    if tags.get("dataset") and tags.get("dataset_digest"):
-        return Task(tags["dataset"], tags["dataset_digest"])
-    return None
+def _version_task(mv) -> Task | None:
+    """The task of a version's run (its own record), None when it has no run or the run names none."""
+    return run_task(tracking.client().get_run(mv.run_id)) if mv.run_id else None
 
 
 def _description(model_name: str, task: Task) -> str:
@@ -157,7 +187,7 @@ def _bind(model_name: str, rm, fallback: Task | None) -> Task:
     tags = rm.tags or {}
     if tags.get(DATASET_TAG) and tags.get(DIGEST_TAG):
         return Task(tags[DATASET_TAG], tags[DIGEST_TAG])
-    seen = {t for v in tracking.client().search_model_versions(f"name = '{model_name}'") if (t := _version_task(v.tags))}
+    seen = {t for v in tracking.client().search_model_versions(f"name = '{model_name}'") if (t := _version_task(v))}
     if len(seen) > 1:
         raise TaskMismatchError(
             f"registered model {model_name!r} holds versions of several datasets ({', '.join(sorted(map(str, seen)))}) "
@@ -225,7 +255,7 @@ def version_of_run(model_name: str, run_id: str):
 
 
 def register_candidate(run_id: str, onnx_path: Path, parity: ParityReport, model_name: str,
-                       example: np.ndarray, tags: dict[str, str], task: Task) -> str:
+                       example: np.ndarray, task: Task) -> str:
     """Log the ONNX model on the training run and register it as a new version of `model_name`, which
     must be bound to `task` (the first registration binds it); returns the version. Refuses a model
     that failed parity or belongs to another task, before anything is registered. Idempotent: a run
@@ -236,11 +266,10 @@ def register_candidate(run_id: str, onnx_path: Path, parity: ParityReport, model
     if not parity.passed:
         raise ValueError(f"{onnx_path}: not registered, parity failed: {parity.reason}")
     bind_task(model_name, task)
-    c = tracking.client()
     existing = version_of_run(model_name, run_id)
     if existing is not None:
-        version, decided = str(existing.version), existing.tags.get("promotion")
-        log.info("run %s is already registered as %s version %s", run_id, model_name, version)
+        log.info("run %s is already registered as %s version %s", run_id, model_name, existing.version)
+        version, decided = str(existing.version), existing.tags.get(PROMOTION)
     else:
         from nn_core.export import onnx_session
 
@@ -262,23 +291,86 @@ def register_candidate(run_id: str, onnx_path: Path, parity: ParityReport, model
                 save_as_external_data=False,
             )
         version, decided = str(info.registered_model_version), None
-    # A handful of tags a version list can show (the run id is the version's own field; the parity
-    # details and the gate's figures are in the model card, the version's description).
-    all_tags = {**tags, "dataset": task.dataset, "dataset_digest": task.digest,
-                "parity_max_abs_diff": f"{parity.max_abs_diff:.3g}", "parity_passed": "true"}
-    for k, v in all_tags.items():
-        c.set_model_version_tag(model_name, version, k, str(v))
     if decided is None:  # a decision already recorded by the gate is never reset
-        c.set_model_version_tag(model_name, version, "promotion", PENDING)
+        tracking.client().set_model_version_tag(model_name, version, PROMOTION, PENDING)
     return version
 
 
 # ---------------------------------------------------------------------------------------------
-# The gate
+# A version's own record: the task and parity of the run that made it
+
+
+def run_task(run) -> Task | None:
+    """The task a run trained on, from its params (immutable once logged) and its dataset inputs
+    (which must all be splits of that dataset with its digest); None when it records none."""
+    params = run.data.params
+    dataset, digest = params.get("dataset"), params.get("dataset_digest")
+    if not dataset or not digest:
+        return None
+    for di in run.inputs.dataset_inputs if run.inputs else []:
+        d = di.dataset
+        if not d.name.startswith(f"{dataset}-") or not digest.startswith(d.digest):
+            return Task(f"{dataset} with a dataset input {d.name!r} (digest {d.digest})", digest)
+    return Task(dataset, digest)
+
+
+def _logged_by_run(mv) -> bool:
+    """Whether the version's model is the one its run logged (not another run's model under its name)."""
+    source = mv.source or ""
+    if not source.startswith("models:/m-"):
+        return source.startswith(f"runs:/{mv.run_id}/")
+    model = tracking.client().get_logged_model(source.removeprefix("models:/").split("/")[0])
+    return model.source_run_id == mv.run_id
+
+
+def check_version(model_name: str, mv, bound: Task) -> bool:
+    """The version's task from its run's own record, which must be `bound`; its model the run's own.
+    Returns whether the run records a passed parity check. TaskMismatchError otherwise, which
+    nothing overrides."""
+    what = f"version {mv.version}"
+    if not mv.run_id:
+        raise TaskMismatchError(f"registered model {model_name!r}: {what} has no run, so no record of its task")
+    run = tracking.client().get_run(mv.run_id)
+    task = run_task(run)
+    if task is None:
+        raise TaskMismatchError(f"registered model {model_name!r}: {what}'s run {mv.run_id} records no dataset "
+                                "(params dataset, dataset_digest)")
+    if task != bound:
+        raise _mismatch(model_name, bound, task, f"{what} (its run {mv.run_id} trained on it)")
+    if not _logged_by_run(mv):
+        raise TaskMismatchError(f"registered model {model_name!r}: {what}'s model {mv.source} was not logged by "
+                                f"its run {mv.run_id}")
+    return run.data.tags.get("parity") == "passed"
+
+
+# ---------------------------------------------------------------------------------------------
+# The champion rule
+
+
+def _at(tags: dict) -> int:
+    try:
+        return int(tags.get(AT, "-1"))
+    except ValueError:
+        return -1
+
+
+def rule_champion(versions, alias: str | None) -> str | None:
+    """The champion by the rule: the accepted version with the latest decision. Decisions made
+    before decisions were ordered (no `promotion.at`) rank below every ordered one, the alias holder
+    first among them, so an old store keeps its champion until the next decision."""
+    accepted = [v for v in versions if (v.tags or {}).get(PROMOTION) == ACCEPTED]
+    if not accepted:
+        return None
+    best = max(accepted, key=lambda v: (_at(v.tags), str(v.version) == alias, int(v.version)))
+    return str(best.version)
+
+
+def _versions(model_name: str) -> list:
+    return tracking.client().search_model_versions(f"name = '{model_name}'")
 
 
 def champion(model_name: str) -> str | None:
-    """The champion's version; None only when there is no such model or it has no champion alias.
+    """The version the alias names; None only when there is no such model or it has no champion alias.
 
     Read from the registered model's alias map rather than get_model_version_by_alias: for a missing
     alias that raises INVALID_PARAMETER_VALUE (SQL store and REST server alike), the same code as for
@@ -292,6 +384,21 @@ def champion(model_name: str) -> str | None:
     return None if version is None else str(version)
 
 
+def settle(model_name: str, rounds: int = 20) -> str | None:
+    """Publish the rule's champion on the alias and verify it: re-read every decision and the alias
+    after each write, until they agree. The function a rollback calls after recording its decision.
+    Returns the champion (None: no accepted version; an existing alias is then left as it is)."""
+    c = tracking.client()
+    for _ in range(rounds):
+        alias = champion(model_name)
+        wanted = rule_champion(_versions(model_name), alias)
+        if wanted is None or wanted == alias:
+            return wanted
+        c.set_registered_model_alias(model_name, CHAMPION, wanted)
+    raise RuntimeError(f"registered model {model_name!r}: the champion alias did not settle after {rounds} "
+                       "writes (other gates keep deciding); run `mnistops promote` again")
+
+
 def version_accuracy(model_name: str, version: str, images: np.ndarray, labels: np.ndarray) -> float:
     """Accuracy of a registered version's ONNX artifact, run in onnxruntime on the given split."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,14 +407,27 @@ def version_accuracy(model_name: str, version: str, images: np.ndarray, labels: 
         return onnx_accuracy(onnx_file, images, labels)
 
 
+def lock_path(model_name: str) -> Path:
+    """Beside a SQLite store (every process on that store sees the same file, whatever its Prefect
+    API, in any container mounting it); otherwise this machine's temporary folder, keyed by store."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        # Keyed by the model alone: the folder is the store's, however a process spells its path.
+        db = Path(uri.removeprefix("sqlite:///"))
+        return db.with_name(f"{db.name}.promotion-{hashlib.sha256(model_name.encode()).hexdigest()[:16]}.lock")
+    key = hashlib.sha256(f"{uri}|{model_name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mnistops-promotion-{key}.lock"
+
+
+def shared_by_store() -> bool:
+    """Whether lock_path is shared by every process on the store (a SQLite store), not just this machine."""
+    return mlflow.get_tracking_uri().startswith("sqlite:///")
+
+
 @contextlib.contextmanager
 def promotion_lock(model_name: str):
-    """Serialise read-champion -> compare -> move-alias among the pipelines of this machine, so two
-    pipelines finishing together cannot both beat the old champion and leave the worse one in place.
-    Across machines the flows use a Prefect global concurrency limit instead (flows/promotion.py)."""
-    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{model_name}".encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"mnistops-promotion-{key}.lock"
-    with open(path, "a") as f:
+    """Serialise read-decisions -> compare -> record -> publish among the gates that share lock_path."""
+    with open(lock_path(model_name), "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -315,43 +435,99 @@ def promotion_lock(model_name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _float_tag(tags: dict, key: str) -> float | None:
-    value = tags.get(key, "none")
-    return None if value == "none" else float(value)
+# ---------------------------------------------------------------------------------------------
+# Decision records
 
 
-def recorded_decision(model_name: str, version: str, tags: dict) -> GateDecision:
-    """The decision recorded on a version's tags."""
-    champ = tags.get("promotion.champion_version", "none")
-    return GateDecision(
-        accepted=tags["promotion"] in (ACCEPTED, ACCEPTING), reason=tags["promotion.reason"], model_name=model_name,
-        version=str(version), val_accuracy=float(tags["promotion.val_accuracy"]),
-        parity_passed=tags.get("parity_passed") == "true", champion_version=None if champ == "none" else champ,
-        champion_val_accuracy=_float_tag(tags, "promotion.champion_val_accuracy"),
-        threshold=float(tags["promotion.threshold"]), margin=float(tags["promotion.margin"]),
-    )
+def _record_path(version: str) -> str:
+    return f"{DECISIONS}/v{version}"
 
 
-def _record(model_name: str, version: str, decision: GateDecision, promotion: str) -> None:
-    """The decision's figures first, the `promotion` marker last: a failure in between leaves the
-    marker as it was, so a retry decides again instead of trusting half a record."""
+def record_decision(model_name: str, mv, decision: GateDecision, extra: dict | None = None) -> None:
+    """The decision record (a JSON artifact of the version's run, one file per decision), then the
+    version's tags, the `promotion` marker last: a failure in between leaves the marker as it was, so
+    a retry decides again instead of trusting half a record."""
     c = tracking.client()
+    body = {**decision.to_dict(), "run_id": mv.run_id, **(extra or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"decision-{decision.decided_at}.json"
+        path.write_text(json.dumps(body, indent=2, default=str))
+        c.log_artifact(mv.run_id, str(path), _record_path(decision.version))
     tags = decision.tags()
-    tags.pop("promotion")
+    marker = tags.pop(PROMOTION)
     for k, v in tags.items():
-        c.set_model_version_tag(model_name, version, k, v)
-    c.set_model_version_tag(model_name, version, "promotion", promotion)
+        c.set_model_version_tag(model_name, decision.version, k, v)
+    c.set_model_version_tag(model_name, decision.version, PROMOTION, marker)
+
+
+def recorded_decision(model_name: str, mv) -> GateDecision:
+    """The decision recorded for a version: its record, named by the version's `promotion.at`."""
+    at = _at(mv.tags)
+    if at < 0:
+        return _legacy_decision(model_name, mv)
+    uri = f"runs:/{mv.run_id}/{_record_path(str(mv.version))}/decision-{at}.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        return GateDecision.from_dict(json.loads(Path(local).read_text()))
+
+
+def _legacy_decision(model_name: str, mv) -> GateDecision:
+    """A decision recorded before decision records existed: all of it was in the version's tags."""
+    t = mv.tags
+    champ = t.get(CHAMP_VERSION, "none")
+    acc = t.get(CHAMP_ACC, "none")
+    return GateDecision(t[PROMOTION] == ACCEPTED, t.get(REASON, ""), model_name, str(mv.version),
+                        float(t.get(VAL_ACC, "nan")), t.get("parity_passed") == "true",
+                        None if champ == "none" else champ, None if acc == "none" else float(acc),
+                        float(t.get("promotion.threshold", "nan")), float(t.get("promotion.margin", "nan")))
+
+
+def next_at(versions) -> int:
+    """A decision's place in the rule's order: after every decision read (and the clock, so that
+    gates that share no lock still order their decisions roughly by time)."""
+    return max([int(time.time() * 1000), *[_at(v.tags) + 1 for v in versions]])
+
+
+def mark_failed(model_name: str, version: str, reason: str) -> None:
+    """A version that can never be decided (its registration was cut short beyond repair): `failed`."""
+    c = tracking.client()
+    c.set_model_version_tag(model_name, version, REASON, reason)
+    c.set_model_version_tag(model_name, version, AT, str(next_at(_versions(model_name))))
+    c.set_model_version_tag(model_name, version, PROMOTION, FAILED)
+
+
+def undecided(tags: dict) -> bool:
+    return (tags or {}).get(PROMOTION) not in (ACCEPTED, REJECTED, FAILED)
+
+
+def abandoned_versions(model_name: str) -> list:
+    """Versions without a decision whose registering command is gone: their run's owner process is
+    dead on this host, or the run has no owner (made by hand). A version whose owner lives elsewhere
+    or is still running is being registered or gated: left alone."""
+    from nn_core import reaping
+
+    found = []
+    for mv in _versions(model_name):
+        if not undecided(mv.tags):
+            continue
+        owner = tracking.client().get_run(mv.run_id).data.tags.get(reaping.OWNER_TAG) if mv.run_id else None
+        if owner is None or reaping.owner_alive(owner) is False:
+            found.append(mv)
+    return sorted(found, key=lambda v: int(v.version))
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate
 
 
 def gate(model_name: str, version: str, val_images: np.ndarray, val_labels: np.ndarray,
          cfg: GateConfig, force: bool = False, *, task: Task, lock=promotion_lock,
-         decide_again: bool = False) -> GateDecision:
-    """Decide on `version` and move the champion alias when it is accepted; record the decision as
-    tags on the version and its run. The split must be the registered model's own task's (`task`
-    names it) and so must the version: TaskMismatchError otherwise, whatever `force` says. `force`
-    overrides the figures only. A version that already carries a decision keeps it (a retried gate
-    changes nothing) unless `decide_again` (a promotion asked for by hand). `lock` serialises
-    promotions of one registered model."""
+         decide_again: bool = False, extra: dict | None = None) -> GateDecision:
+    """Decide on `version`, record the decision and publish the rule's champion (`settle`). The
+    split must be the registered model's own task's (`task` names it) and so must the version's run:
+    TaskMismatchError otherwise, whatever `force` says. `force` overrides the threshold and the
+    margin only. A version that already carries a decision keeps it (a retried gate changes nothing)
+    unless `decide_again` (a promotion asked for by hand). `lock` serialises promotions."""
     version = str(version)
     bound = bound_task(model_name)
     if task != bound:
@@ -359,56 +535,35 @@ def gate(model_name: str, version: str, val_images: np.ndarray, val_labels: np.n
     c = tracking.client()
     with lock(model_name):
         mv = c.get_model_version(model_name, version)  # read under the lock: another attempt may have decided
-        version_task = _version_task(mv.tags)
-        if version_task != bound:
-            raise _mismatch(model_name, bound, version_task or Task("an unknown dataset", "none"), f"version {version}")
-        decision = _decided(model_name, version, mv.tags, decide_again)
-        if decision is None:
-            decision = _decide(model_name, version, mv.tags, val_images, val_labels, cfg, force)
-    if mv.run_id:
-        tracking.log_tags(mv.run_id, {**decision.tags(), "registered_version": version})
+        if (mv.tags or {}).get(PROMOTION) == FAILED:
+            raise ValueError(f"registered model {model_name!r} version {version} is marked failed "
+                             f"({mv.tags.get(REASON, 'no reason recorded')}); it is never gated")
+        parity_ok = check_version(model_name, mv, bound)
+        if not undecided(mv.tags) and not decide_again:
+            decision = recorded_decision(model_name, mv)
+        else:
+            decision = _decide(model_name, mv, parity_ok, val_images, val_labels, cfg, force)
+            record_decision(model_name, mv, decision, extra)
+        settle(model_name)
+    tracking.log_tags(mv.run_id, {**decision.tags(), "registered_version": version})
     return decision
 
 
-def _decided(model_name: str, version: str, tags: dict, decide_again: bool) -> GateDecision | None:
-    """The decision a previous attempt made, completed if it was cut short; None to decide now."""
-    state = tags.get("promotion", PENDING)
-    if state in (ACCEPTED, REJECTED) and not decide_again:
-        return recorded_decision(model_name, version, tags)
-    if state == ACCEPTING:
-        # Accepted against the champion recorded then: still valid while that one is the champion.
-        decision = recorded_decision(model_name, version, tags)
-        current = champion(model_name)
-        if current in (version, decision.champion_version):
-            if current != version:
-                tracking.client().set_registered_model_alias(model_name, CHAMPION, version)
-            tracking.client().set_model_version_tag(model_name, version, "promotion", ACCEPTED)
-            return decision
-    return None
-
-
-def _decide(model_name: str, version: str, tags: dict, val_images, val_labels, cfg: GateConfig,
+def _decide(model_name: str, mv, parity_ok: bool, val_images, val_labels, cfg: GateConfig,
             force: bool) -> GateDecision:
-    c = tracking.client()
-    current = champion(model_name)
+    """The candidate against the rule's champion of every decision recorded so far."""
+    version = str(mv.version)
+    versions = _versions(model_name)
+    current = rule_champion(versions, champion(model_name))
+    at = next_at(versions)
     candidate_acc = version_accuracy(model_name, version, val_images, val_labels)
-    parity_ok = tags.get("parity_passed") == "true"
-    if current == version:  # asked by hand to promote the champion itself: nothing to compare
+    if current == version and parity_ok:  # asked by hand to promote the champion itself
         return GateDecision(True, f"version {version} is already the champion", model_name, version,
-                            candidate_acc, parity_ok, None, None, cfg.threshold, cfg.margin)
+                            candidate_acc, parity_ok, version, candidate_acc, cfg.threshold, cfg.margin, False, at)
     champion_acc = None if current is None else version_accuracy(model_name, current, val_images, val_labels)
     accepted, reason = decide(candidate_acc, parity_ok, champion_acc, cfg)
-    if force and not accepted:
+    forced = force and not accepted and parity_ok  # parity is never overridden
+    if forced:
         accepted, reason = True, f"forced by hand despite: {reason}"
-    decision = GateDecision(
-        accepted=accepted, reason=reason, model_name=model_name, version=version,
-        val_accuracy=candidate_acc, parity_passed=parity_ok, champion_version=current,
-        champion_val_accuracy=champion_acc, threshold=cfg.threshold, margin=cfg.margin,
-    )
-    if not accepted:
-        _record(model_name, version, decision, REJECTED)
-        return decision
-    _record(model_name, version, decision, ACCEPTING)
-    c.set_registered_model_alias(model_name, CHAMPION, version)  # the one atomic move
-    c.set_model_version_tag(model_name, version, "promotion", ACCEPTED)
-    return decision
+    return GateDecision(accepted, reason, model_name, version, candidate_acc, parity_ok, current, champion_acc,
+                        cfg.threshold, cfg.margin, forced, at)

@@ -15,7 +15,9 @@ from nn_core.data import load_splits
 from nn_core.datasets import get_spec
 from nn_core.export import ParityReport, check_parity, export_onnx
 from nn_core.launch import TrainResult
-from nn_core.registry import GateConfig, GateDecision, Task, gate, promotion_lock, register_candidate
+from nn_core import registry
+from nn_core.registry import GateConfig, GateDecision, Task, TaskMismatchError, gate, promotion_lock, register_candidate
+from serving.drift import VERSION_TAG as DRIFT_TAG
 from serving.drift import store_reference
 
 
@@ -48,12 +50,8 @@ def register(result: TrainResult, exported: ExportResult, data_path: Path, model
     """Register the candidate under `model_name`, bound to the candidate's dataset (refused when the
     registered model serves another one). Idempotent: a retry returns the version already made."""
     splits = load_splits(data_path)
-    tags = {
-        "val_accuracy": f"{result.val_accuracy:.6f}",
-        "test_accuracy": f"{result.test_accuracy:.6f}",
-    }
     version = register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
-                                 splits.val_images[:2].numpy(), tags, task_of(splits))
+                                 splits.val_images[:2].numpy(), task_of(splits))
     # The drift reference profile (serving.drift), stored with the version: what batch jobs compare with.
     store_reference(model_name, version, result.run_id, exported.onnx_path, splits.train_images.numpy(),
                     splits.val_images.numpy())
@@ -103,4 +101,70 @@ def gate_and_record(result: TrainResult, exported: ExportResult, version: str, d
         path = Path(tmp) / "model_card.md"
         path.write_text(card)
         c.log_artifact(result.run_id, str(path))
+    return decision
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions left without a decision by a registration that was cut short (the command killed)
+
+
+def complete_unfinished(model_name: str, data_path: Path, cfg: GateConfig,
+                        lock=promotion_lock) -> dict[str, tuple[str, GateDecision | None]]:
+    """Give every abandoned version of `model_name` (registry.abandoned_versions) its decision:
+    completed (drift reference stored, then gated like any candidate) when its run finished and its
+    ONNX export is intact and of the model's task, else marked failed. Returns {version: (one line
+    saying which, the decision or None when it was marked failed)}."""
+    out = {}
+    for mv in registry.abandoned_versions(model_name):
+        version = str(mv.version)
+        why = _not_completable(model_name, mv)
+        if why is None:
+            try:
+                decision = _complete(model_name, mv, load_splits(data_path), cfg, lock)
+                out[version] = (f"its registration was cut short; completed now: {decision.promotion} "
+                                f"({decision.reason})", decision)
+                continue
+            except TaskMismatchError as e:
+                why = str(e)
+        with lock(model_name):
+            if registry.undecided(tracking.client().get_model_version(model_name, version).tags):
+                registry.mark_failed(model_name, version, f"registration cut short, cannot be completed: {why}")
+        out[version] = (f"its registration was cut short and it cannot be completed: marked failed ({why})", None)
+    return out
+
+
+def _not_completable(model_name: str, mv) -> str | None:
+    """Why a cut-short version cannot be completed (None: it can): its run did not finish, or its
+    registered ONNX file is missing or does not load."""
+    from nn_core.export import onnx_session
+
+    if not mv.run_id:
+        return "it has no run"
+    status = tracking.client().get_run(mv.run_id).info.status
+    if status != "FINISHED":
+        return f"its run {mv.run_id} is {status}, not FINISHED"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(registry.mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model_name}/{mv.version}", dst_path=tmp))
+            onnx_session(next(local.rglob("*.onnx")))
+    except Exception as e:  # a missing or corrupt export: the version is marked failed, naming why
+        return f"its ONNX export is not intact ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def _complete(model_name: str, mv, splits, cfg: GateConfig, lock) -> GateDecision:
+    version = str(mv.version)
+    registry.check_version(model_name, mv, registry.bound_task(model_name))  # before anything is added
+    if DRIFT_TAG not in (mv.tags or {}):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(registry.mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model_name}/{version}", dst_path=tmp))
+            store_reference(model_name, version, mv.run_id, next(local.rglob("*.onnx")),
+                            splits.train_images.numpy(), splits.val_images.numpy())
+    decision = gate(model_name, version, splits.val_images.numpy(), splits.val_labels.numpy(), cfg,
+                    task=task_of(splits), lock=lock, extra={"completed": "registration cut short, completed by a later command"})
+    tracking.client().update_model_version(model_name, version, description=(
+        f"# {model_name} version {version}\n\nIts registration was cut short (the command ended); a later "
+        f"command completed it.\n\n**Gate decision: {decision.promotion.upper()}**: {decision.reason}\n"))
     return decision

@@ -40,6 +40,37 @@ def test_gate_rule(acc, parity, champ, cfg, accepted, why):
     assert ok is accepted and why in reason
 
 
+def _record(version: int, promotion: str, at: int | None = None):
+    """A version as the registry returns it (MLflow's own entity), with the tags a decision leaves."""
+    from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+    tags = {"promotion": promotion, **({} if at is None else {"promotion.at": str(at)})}
+    return ModelVersion("m", str(version), 0, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
+
+
+@pytest.mark.parametrize(
+    "records, alias, champion",
+    [
+        ([], None, None),
+        ([(1, "rejected", 5), (2, "pending", None), (3, "failed", 9)], None, None),
+        ([(1, "accepted", 5), (2, "accepted", 7), (3, "rejected", 9)], "1", "2"),  # the latest accepted decision
+        ([(1, "accepted", 9), (2, "accepted", 7)], "2", "1"),  # a rollback: an older version decided last
+        ([(1, "accepted", None), (2, "accepted", None)], "1", "1"),  # decisions before `promotion.at`: the alias
+        ([(1, "accepted", None), (2, "accepted", 3)], "1", "2"),  # any ordered decision is later
+        ([(1, "accepted", 4), (2, "accepted", 4)], "1", "1"),  # a tie (no shared lock): the alias stays
+    ],
+)
+def test_the_champion_rule(records, alias, champion):
+    assert registry.rule_champion([_record(*r) for r in records], alias) == champion
+
+
+def test_the_model_card_tables_are_aligned_text():
+    from nn_core.card import _table
+
+    block = _table(["class", "validation"], [["0", "98.00%"], ["10", "9.50%"]]).splitlines()
+    assert block == ["```text", "class  validation", "-----  ----------", "    0      98.00%", "   10       9.50%", "```"]
+
+
 def test_gate_config_is_validated():
     with pytest.raises(ValueError, match="threshold"):
         GateConfig(threshold=96)
@@ -131,7 +162,7 @@ def test_tampered_export_fails_parity_and_is_never_registered(models, mnist, tmp
     assert not report.passed and "max |logit diff|" in report.reason and report.max_abs_diff > 1e-4
     before = mlflow.MlflowClient().search_model_versions("name = 'mnist-mlp'")
     with pytest.raises(ValueError, match="parity failed"):
-        registry.register_candidate(models["good"].run_id, path, report, "mnist-mlp", s.val_images[:2].numpy(), {},
+        registry.register_candidate(models["good"].run_id, path, report, "mnist-mlp", s.val_images[:2].numpy(),
                                     registry.Task(s.name, s.digest))
     assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-mlp'")) == len(before)
 
@@ -158,6 +189,11 @@ def test_the_gate_over_a_sequence_of_candidates(models, mnist):
     mv = c.get_model_version("mnist-mlp", v1)
     assert mv.tags["promotion"] == "rejected" and "threshold" in mv.tags["promotion.reason"]
     assert c.get_run(models["weak"].run_id).data.tags["promotion"] == "rejected"
+    # a handful of tags (the decision and what it compared); the rest is in its decision record
+    assert set(mv.tags) == {"promotion", "promotion.reason", "promotion.val_accuracy", "promotion.champion_version",
+                            "promotion.champion_val_accuracy", "promotion.at", "drift.reference"}
+    record = registry.recorded_decision("mnist-mlp", mv)
+    assert record == d1 and record.threshold == GateConfig().threshold and not record.forced
     rm = c.get_registered_model("mnist-mlp")
     assert rm.tags[registry.DATASET_TAG] == "mnist" and rm.tags[registry.DIGEST_TAG] == mnist.digest
     assert "mnist" in rm.description and mnist.digest in rm.description
@@ -189,6 +225,15 @@ def test_the_gate_over_a_sequence_of_candidates(models, mnist):
     d6 = registry.gate("mnist-mlp", v5, s.val_images.numpy(), s.val_labels.numpy(), GateConfig(margin=gap + 0.001),
                        task=task, decide_again=True)
     assert d6.accepted and _champion() == v5 and c.get_model_version("mnist-mlp", v5).tags["promotion"] == "accepted"
+
+    # --force overrides the threshold and the margin, never parity (read from the run's record)
+    c.set_tag(models["weak"].run_id, "parity", "failed: max |logit diff| 1 > 1e-4")
+    try:
+        d7 = registry.gate("mnist-mlp", v1, s.val_images.numpy(), s.val_labels.numpy(), GateConfig(threshold=0.0),
+                           force=True, task=task, decide_again=True)
+    finally:
+        c.set_tag(models["weak"].run_id, "parity", "passed")
+    assert not d7.accepted and d7.reason == "ONNX parity check failed" and _champion() == v5
 
     # the champion is what `models:/mnist-mlp@champion` serves, and it reproduces its accuracy
     loaded = mlflow.onnx.load_model(f"models:/mnist-mlp@{CHAMPION}")
@@ -255,7 +300,7 @@ def test_retried_register_and_gate_change_nothing(models, mnist, store, monkeypa
     assert gate_and_record(seed, exported, first, mnist.cache_path, name, GateConfig(threshold=0.5)).accepted
 
     exported = export_and_check(models["good"], mnist.cache_path)
-    armed = _fail_once(monkeypatch, "set_model_version_tag", lambda n, v, k, val: k == "parity_passed")
+    armed = _fail_once(monkeypatch, "set_model_version_tag", lambda n, v, k, val: k == "drift.reference")
     with pytest.raises(mlflow.exceptions.MlflowException, match="injected"):
         register(models["good"], exported, mnist.cache_path, name)
     assert not armed["armed"] and _versions(name) == [1, 2]  # created, then the failure

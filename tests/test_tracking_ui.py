@@ -161,8 +161,8 @@ def test_pipeline_sweep_and_batch_job_read_back_through_mlflow_and_prefect(prefe
 
     # the registered version: a handful of tags, the model named after it, its metric, the named input
     mv = c.get_model_version("mnist-mlp", "1")
-    assert {"promotion", "val_accuracy", "dataset_digest", "parity_passed"} <= set(mv.tags)
-    assert not {"git_commit", "run_id", "parity_max_abs_diff_batch_1"} & set(mv.tags) and len(mv.tags) <= 14
+    assert {"promotion", "promotion.reason", "promotion.val_accuracy", "drift.reference"} <= set(mv.tags)
+    assert not {"git_commit", "run_id", "parity_max_abs_diff_batch_1"} & set(mv.tags) and len(mv.tags) <= 7
     description = c.get_registered_model("mnist-mlp").description
     assert description.startswith("The mnist MLP as ONNX, bound to that task") and "`pixels`" in description
     logged = c.get_logged_model(logged_model_id("mnist-mlp", "1"))
