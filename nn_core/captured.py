@@ -1,9 +1,9 @@
 """A one-GPU training's full-batch forward and backward, replayed from CUDA graphs.
 
 Why: on a GPU a step of this MLP is bound by the CPU that launches it. Eagerly, the forward, loss and
-backward of one batch are ~30 operators (counted on the CPU with torch.profiler: the same dispatch a
-GPU step goes through), each some microseconds of Python, dispatcher and autograd, while the GPU runs
-each kernel in about as long or less. `torch.cuda.make_graphed_callables`, torch's partial-network
+backward of one batch are 31 ATen operators (88 with those they call; counted with torch.profiler on
+the CPU, 2026-12-03: a GPU step goes through the same dispatch), each some microseconds of Python,
+dispatcher and autograd, while the GPU runs each kernel in about as long or less. `torch.cuda.make_graphed_callables`, torch's partial-network
 capture, records them once and replays the forward and the backward as one launch each; Adam's step
 (`optimizer.step()`, fused) and the LR schedule stay eager, as in its documented recipe, so the
 schedules, OneCycle's betas and checkpoints work on the optimizer as usual. The training loop
