@@ -176,8 +176,8 @@ def _median(xs: list[float]) -> float:
 
 
 def _train_on(home: Path, prepared, devices: tuple[int, ...] | None, graphs: bool = True):
-    """One training through the real launcher on `devices` (None: every GPU), its one-GPU steps
-    replayed from a CUDA graph unless `graphs` is False (nn_core.captured): (its result, its wall
+    """One training through the real launcher on `devices` (None: every GPU), a one-GPU training's
+    forward and backward graphed unless `graphs` is False (nn_core.captured): (its result, its wall
     seconds). One node: the launcher returns the result (it hosts rank 0)."""
     from nn_core.captured import ENV
     from nn_core.launch import LaunchSpec, launch_training, new_training_id

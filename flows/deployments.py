@@ -1,9 +1,9 @@
-"""Scheduled deployments of the training pipeline and the batch inference flow, served from one
-process with prefect.serve against whatever Prefect API is configured. Nothing here runs at import."""
+"""Scheduled deployments of the training pipeline and the batch inference flow; `mnistops serve`
+(flows/commands.py) serves them from one process against whatever Prefect API is configured.
+Nothing here runs at import."""
 
 from __future__ import annotations
 
-from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.inference import batch_inference
@@ -32,7 +32,3 @@ def deployments(training_cron: str, inference_cron: str, training_parameters: di
                                       description="Hourly: the champion over the configured input"),
     ]
 
-
-def serve_all(deployments_: list[RunnerDeployment], limit: int | None = None) -> None:
-    """Blocks: registers the deployments, then runs their scheduled (and manual) runs."""
-    serve(*deployments_, limit=limit)

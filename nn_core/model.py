@@ -1,10 +1,12 @@
-"""The MLP: 784 -> hidden... -> 10, ReLU. Callers feed raw pixels (0..255); the model normalises."""
+"""The MLP: 784 -> hidden... -> 10, ReLU. Callers feed raw pixels (0..255); the model normalises.
+BatchLoss: the MLP and its loss as one module, what a training step differentiates."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nn_core.config import MNIST_MEAN, MNIST_STD, MLPConfig  # noqa: F401 (the model's config, torch-free)
@@ -46,6 +48,20 @@ class MLP(nn.Module):
         # epoch on the CPU (bench/bench_training.py). The exported graph is the same.
         x = pixels.reshape(pixels.shape[0], -1).to(torch.float32, copy=True)
         return self.layers(x.sub_(self.mean).div_(self.std))  # (B, 10) logits
+
+
+class BatchLoss(nn.Module):
+    """A training step's forward: (mean cross-entropy, predicted classes) of a batch of pixels and
+    labels. One module, so that nn_core.captured can record the forward and backward of the whole
+    step as CUDA graphs; run_epoch calls it eagerly otherwise."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(pixels)  # (B, 10)
+        return F.cross_entropy(logits, labels), logits.argmax(1)
 
 
 def build_model(config: MLPConfig, seed: int) -> MLP:

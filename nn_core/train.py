@@ -21,14 +21,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nn_core import metrics as M
 from nn_core import reaping, tracking
-from nn_core.captured import CapturedSteps, refusal
+from nn_core.captured import capture
 from nn_core.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
 from nn_core.config import REPORTING_ONLY, Device, MLPConfig, TrackingConfig, TrainConfig
 from nn_core.data import Splits, load_splits
 from nn_core.datasets import get_spec, mirrors_for
 from nn_core.distributed import DistEnv, all_reduce_sum, broadcast_object, ddp_context
-from nn_core.model import build_model, stats_from
-from nn_core.optim import FusedAdamStep
+from nn_core.model import BatchLoss, build_model, stats_from
 from common.atomic import atomic_path
 from common.fields import field_default
 from common.experiments import run_context_tags
@@ -92,71 +91,46 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 
 def run_epoch(
-    model: torch.nn.Module, step: FusedAdamStep, scheduler, images, labels, idx: torch.Tensor, batch_size: int,
-    env: DistEnv, per_batch: bool | None = None,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, images, labels, idx: torch.Tensor,
+    batch_size: int, env: DistEnv, per_batch: bool | None = None, full_batch: BatchLoss | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One pass over this rank's shard. Returns (per-step loss averaged over ranks, train accuracy).
+
+    `full_batch` computes a full batch's (loss, predictions): BatchLoss(model) unless the steps are
+    replayed from CUDA graphs (nn_core.captured), whose outputs live in the graph's memory until its
+    next call, so both are copied out before it; a partial last batch always runs eagerly.
 
     The step is what the arithmetic needs and little else (bench/bench_training.py prints its ratio to
     the floor): batches are gathered with index_select (~3x faster than advanced indexing), each when
     it is used (`per_batch`, the default on the CPU: a small copy that stays in cache, ~5 ms an epoch
     less than gathering the shard first) or the whole shard once (on a GPU: two kernel launches a
     step fewer); the two give the same batches. Gradients are dropped by assignment (zero_grad's
-    profiler range and grouping cost more than the loop); Adam's fused kernel is called directly
-    (nn_core.optim); predictions go into one preallocated buffer compared once at the end; losses
-    stay on the device (.item() would be a CPU-GPU sync every step)."""
+    profiler range and grouping cost more than the loop); losses and predictions stay on the device
+    (.item() would be a CPU-GPU sync every step) and are compared once at the end."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    eager = BatchLoss(model)
+    full_batch = full_batch or eager
     per_batch = env.device.type == "cpu" if per_batch is None else per_batch
     ys = labels.index_select(0, idx)  # the labels in this epoch's order: small, gathered once
     xs = None if per_batch else images.index_select(0, idx)
     preds = torch.empty(len(idx), dtype=torch.int64, device=env.device)
-    losses = []
-    for start in range(0, len(idx), batch_size):
+    losses = torch.empty(-(-len(idx) // batch_size), device=env.device)
+    for i, start in enumerate(range(0, len(idx), batch_size)):
         end = start + batch_size
         x = images.index_select(0, idx[start:end]) if per_batch else xs[start:end]
-        logits, loss = _eager_step(model, params, step, scheduler, x, ys[start:end])
-        losses.append(loss)
-        torch.argmax(logits, 1, out=preds[start:end])
-    return _epoch_figures(torch.stack(losses), (preds == ys).sum(), len(idx), env)
-
-
-def _eager_step(model: torch.nn.Module, params: list, step: FusedAdamStep, scheduler, x, y):
-    """One training step on the batch (x, y): (its logits (B, 10), its loss), both detached."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    for p in params:
-        p.grad = None
-    loss.backward()
-    step()
-    if scheduler is not None:
-        scheduler.step()
-    return logits.detach(), loss.detach()
-
-
-def _epoch_figures(losses: torch.Tensor, correct: torch.Tensor, samples: int, env: DistEnv) -> tuple[torch.Tensor, float]:
-    """(per-step loss averaged over ranks, train accuracy over every rank's samples)."""
+        y = ys[start:end]
+        loss, preds[start:end] = (full_batch if len(y) == batch_size else eager)(x, y)
+        losses[i] = loss.detach()
+        for p in params:
+            p.grad = None
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     step_losses = all_reduce_sum(losses, env) / env.world_size
-    counts = all_reduce_sum(torch.stack([correct, torch.tensor(samples, device=env.device)]), env)
+    counts = all_reduce_sum(torch.stack([(preds == ys).sum(), torch.tensor(len(idx), device=env.device)]), env)
     return step_losses.cpu(), counts[0].item() / counts[1].item()
-
-
-def run_epoch_captured(
-    captured: CapturedSteps, model: torch.nn.Module, step: FusedAdamStep, scheduler, images, labels,
-    idx: torch.Tensor, batch_size: int, env: DistEnv,
-) -> tuple[torch.Tensor, float]:
-    """run_epoch with its full batches replayed from a CUDA graph (nn_core.captured) and the last,
-    partial one run eagerly: the same batches, operations and figures."""
-    model.train()
-    losses, correct = captured.epoch(idx, step, scheduler)
-    tail = idx[captured.steps * batch_size :]
-    if len(tail):
-        y = labels.index_select(0, tail)
-        logits, loss = _eager_step(model, captured.params, step, scheduler, images.index_select(0, tail), y)
-        captured.restore_grads()
-        losses = torch.cat([losses, loss.view(1)])
-        correct = correct + (logits.argmax(1) == y).sum()
-    return _epoch_figures(losses, correct, len(idx), env)
 
 
 @torch.no_grad()
@@ -378,12 +352,11 @@ class TrainState:
     model: torch.nn.Module  # the raw module: saved, evaluated and exported
     ddp_model: torch.nn.Module  # what the steps run (DDP-wrapped when there are peers)
     optimizer: torch.optim.Optimizer  # its state and hyperparameters: what a checkpoint saves
-    step: FusedAdamStep  # what the steps call: optimizer.step(), without its Python overhead
     scheduler: object | None
     history: list[dict]  # one dict per finished epoch; a resumed training starts with the checkpoint's
     per_rank_batch: int
     steps_per_epoch: int
-    captured: CapturedSteps | None = None  # the steps as a CUDA graph (one GPU), else None: eager
+    full_batch: BatchLoss | None = None  # a full batch's step graphed (nn_core.captured), else None: eager
     step_mode: str = "eager"  # "cuda-graph", or "eager (why not)": reported with the result
 
 
@@ -404,7 +377,9 @@ def setup(job: TrainJob, env: DistEnv, splits: Splits, ckpt_path: Path) -> Train
         model_cfg = replace(job.model, mean=mean, std=std)
     model = build_model(model_cfg, cfg.seed).to(env.device)
     # Once per training. Fused: one kernel for all parameters instead of several ops per tensor,
-    # which is most of an optimizer step for a model this small (CPU and CUDA alike).
+    # which is most of an optimizer step for a model this small. torch documents fused Adam on both
+    # devices a training runs on (CUDA, and the CPU since 2.4: the pinned 2.14.1 and a CUDA image's
+    # 2.11 alike); on any other, constructing it raises.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     per_rank_batch = cfg.batch_size // env.world_size
     steps_per_epoch = -(-(len(splits.train_labels) // env.world_size) // per_rank_batch)
@@ -415,36 +390,15 @@ def setup(job: TrainJob, env: DistEnv, splits: Splits, ckpt_path: Path) -> Train
         optimizer.load_state_dict(ckpt["optimizer_state"])
         if scheduler is not None:
             scheduler.load_state_dict(ckpt["scheduler_state"])
-        torch.set_rng_state(ckpt["rng_state"])
         history = list(ckpt["history"])
         if env.is_main:
             print(f"resuming from the checkpoint after epoch {len(history)}", flush=True)
     # Load before wrapping: DDP broadcasts rank 0's parameters when it is constructed.
     # DDP only pays off with a peer to sync with: a one-process group skips the per-step all-reduce.
     ddp_model = DDP(model) if env.world_size > 1 else model
-    step = FusedAdamStep(optimizer)
-    captured, step_mode = capture_steps(model, splits, env, per_rank_batch, step)
-    return TrainState(model_cfg, model, ddp_model, optimizer, step, scheduler, history, per_rank_batch,
-                      steps_per_epoch, captured, step_mode)
-
-
-def capture_steps(model: torch.nn.Module, splits: Splits, env: DistEnv, batch_size: int,
-                  step: FusedAdamStep) -> tuple[CapturedSteps | None, str]:
-    """The training's steps as a CUDA graph where they can be (nn_core.captured), and how the steps
-    run: "cuda-graph", or "eager (the reason)". A capture that fails leaves the eager loop."""
-    shard = len(splits.train_labels) // env.world_size
-    reason = refusal(env.device, env.world_size, shard, batch_size, step.groups is not None)
-    if reason is None:
-        try:
-            captured = CapturedSteps(model, splits.train_images, splits.train_labels, shard, batch_size)
-        except RuntimeError as e:
-            reason = f"the CUDA graph capture failed: {type(e).__name__}: {e}"
-            print(f"warning: {reason}; training eagerly", file=sys.stderr, flush=True)
-        else:
-            return captured, "cuda-graph"
-    for p in model.parameters():
-        p.grad = None
-    return None, f"eager ({reason})"
+    full_batch, step_mode = capture(model, splits.train_images, splits.train_labels, per_rank_batch, env.world_size)
+    return TrainState(model_cfg, model, ddp_model, optimizer, scheduler, history, per_rank_batch, steps_per_epoch,
+                      full_batch, step_mode)
 
 
 def epoch_step(epoch: int, job: TrainJob, env: DistEnv, splits: Splits, st: TrainState) -> dict:
@@ -452,12 +406,8 @@ def epoch_step(epoch: int, job: TrainJob, env: DistEnv, splits: Splits, st: Trai
     t0 = time.perf_counter()
     idx = shard_indices(len(splits.train_labels), epoch, job.train.seed, env)
     lr = st.optimizer.param_groups[0]["lr"]
-    if st.captured is not None:
-        step_losses, train_acc = run_epoch_captured(st.captured, st.ddp_model, st.step, st.scheduler,
-                                                    splits.train_images, splits.train_labels, idx, st.per_rank_batch, env)
-    else:
-        step_losses, train_acc = run_epoch(st.ddp_model, st.step, st.scheduler, splits.train_images,
-                                           splits.train_labels, idx, st.per_rank_batch, env)
+    step_losses, train_acc = run_epoch(st.ddp_model, st.optimizer, st.scheduler, splits.train_images,
+                                       splits.train_labels, idx, st.per_rank_batch, env, full_batch=st.full_batch)
     if env.device.type == "cuda":
         torch.cuda.synchronize()  # the epoch's time is the GPU's, not the launch queue's
     seconds = time.perf_counter() - t0
@@ -554,7 +504,6 @@ def save_checkpoint(path: Path, st: TrainState, cfg: TrainConfig, run_id: str | 
             "scheduler_state": st.scheduler.state_dict() if st.scheduler is not None else None,
             "epoch": len(st.history),
             "history": st.history,
-            "rng_state": torch.get_rng_state(),
             "run_id": run_id,
         },
         path,

@@ -1,7 +1,7 @@
-"""The kit that takes `make gpu-check` to the lent GPU machine, which has no package registry and takes
-64 MiB a call (bench/device/): onnxruntime-gpu's wheel travels in parts over several calls and must
-come out whole, or the check must say what is missing. Downloading and installing need the registry
-and that machine; the splitting, staging and putting together run here on real files."""
+"""The kit that takes `make gpu-check` to an air-gapped GPU host, which has no package index and takes
+64 MiB a transfer (bench/device/): onnxruntime-gpu's wheel travels in parts over several transfers
+and must come out whole, or the check must say what is missing. Downloading and installing need the
+index and that host; the splitting, staging and putting together run here on real files."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _wheel(tmp_path: Path, size: int = 1000) -> Path:
     return w
 
 
-def test_the_wheel_is_split_into_parts_that_fit_their_calls(tmp_path):
+def test_the_wheel_is_split_into_parts_that_fit_their_transfers(tmp_path):
     w = _wheels()
     wheel = _wheel(tmp_path)
     parts = w.split(wheel, tmp_path / "ort", last_at_most=150, part_at_most=300)
@@ -65,7 +65,7 @@ def test_a_folder_without_mnist_is_refused_before_anything_is_fetched(tmp_path, 
 
 
 def _call(tree: Path, stage: Path, verb: str, carried: list[Path]) -> subprocess.CompletedProcess:
-    """One device call: a fresh copy of the checkout holding only the carried files, then the script."""
+    """One transfer: a fresh copy of the checkout holding only the carried files, then the script."""
     if tree.exists():
         shutil.rmtree(tree)
     (tree / "bench" / "device").mkdir(parents=True)
@@ -77,7 +77,7 @@ def _call(tree: Path, stage: Path, verb: str, carried: list[Path]) -> subprocess
                           text=True, check=False, env={**os.environ, "MNISTOPS_STAGE": str(stage)}, timeout=60)
 
 
-def test_parts_staged_over_several_calls_come_out_as_the_wheel(tmp_path):
+def test_parts_staged_over_several_transfers_come_out_as_the_wheel(tmp_path):
     wheel = _wheel(tmp_path)
     ort = tmp_path / "ort"
     parts = _wheels().split(wheel, ort, last_at_most=150, part_at_most=300)

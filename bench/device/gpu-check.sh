@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# There, on the lent GPU machine, from the repository root (bench/device/README.md):
+# On the air-gapped GPU host, from the repository root (bench/device/README.md):
 #   gpu-check.sh stage     keep the carried .whl/ort/part-* in $MNISTOPS_STAGE (outside the checkout,
-#                          which each call replaces); the machine must stay warm until `check`
+#                          which a transfer may replace); the stage must survive until `check`
 #   gpu-check.sh assemble  put onnxruntime-gpu's wheel together from the staged parts and verify it
 #                          against SHA256SUMS; print its path (exit 1, naming what is missing, if it cannot)
 #   gpu-check.sh check     stage, assemble, install the carried wheels into /tmp/site (the image's
@@ -33,7 +33,7 @@ assemble() {
     parts=$(awk '$2 ~ /^part-/ {print $2}' "$sums")
     for p in $parts; do
         if [ ! -f "$STAGE/$p" ]; then
-            echo "onnxruntime-gpu: $p was not staged (staged: $(cd "$STAGE" && ls part-* 2>/dev/null | tr '\n' ' ')); a machine that went cold loses them" >&2
+            echo "onnxruntime-gpu: $p was not staged (staged: $(cd "$STAGE" && ls part-* 2>/dev/null | tr '\n' ' ')); a stage wiped between transfers loses them" >&2
             return 1
         fi
     done

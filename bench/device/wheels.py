@@ -1,17 +1,17 @@
-"""Here, with pip and the package registries: what `bench/device/gpu-check.sh` needs on the lent GPU
-machine, which has no registry (bench/device/README.md), into `.whl/` (git-ignored), in pieces that fit
-the device tool's 64 MiB a call:
+"""On a machine with the package index: what `bench/device/gpu-check.sh` needs on an air-gapped GPU
+host, which has none (bench/device/README.md), into `.whl/` (git-ignored), in pieces that fit a
+transfer of 64 MiB:
 
     .whl/mlflow/   mlflow 3.17.2 for CPython 3.12 and what it needs that the machine's image lacks
                    (bench/device/image-packages.txt), ~35 MiB
     .whl/mnist/    the four MNIST files (~11 MiB; the ../shared beside a checkout does not travel)
     .whl/ort/      onnxruntime-gpu 1.31.0 for CPython 3.12 (~244 MiB) as part-00, part-01, ... and
                    SHA256SUMS (of the parts and of the wheel). The last part is small enough to travel
-                   with .whl/mlflow and .whl/mnist in the call that runs the check.
+                   with .whl/mlflow and .whl/mnist in the transfer that runs the check.
 
     .venv/bin/python bench/device/wheels.py [--mnist ../shared/data/mnist]
 
-It prints the device calls to make, in order.
+It prints the transfers to make, in order.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # nn_core's dataset spec, from a checkout without installing
 OUT = ROOT / ".whl"
 MIB = 2**20
-CALL_LIMIT = 64 * MIB  # the device tool's working tree, carried paths included, per call
+CALL_LIMIT = 64 * MIB  # what one transfer to the GPU host carries: the checkout and the files sent with it
 MARGIN = 4 * MIB  # the repository itself travels too (~3 MiB)
 MLFLOW = "mlflow==3.17.2"
 ORT = "onnxruntime-gpu==1.31.0"
@@ -68,7 +68,7 @@ def split(wheel: Path, out: Path, last_at_most: int, part_at_most: int = CALL_LI
     of at most `last_at_most`; SHA256SUMS lists each part and the wheel (its own name)."""
     size = wheel.stat().st_size
     if last_at_most <= 0:
-        raise ValueError(f"no room for the last part of {wheel.name}: the rest of the final call fills it")
+        raise ValueError(f"no room for the last part of {wheel.name}: the rest of the final transfer fills it")
     head = size - min(size, last_at_most)  # what goes before the last part, in equal parts
     count = -(-head // part_at_most)
     bounds = [head * i // count for i in range(count)] + [head, size]
@@ -145,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     shutil.rmtree(OUT, ignore_errors=True)
     partial.rename(OUT)
-    print("device calls, in order, each right after the last (the machine stays warm 30 s):")
+    print("transfers to the GPU host, in order (the checkout with the files named), and what each runs there:")
     for part in parts[:-1]:
-        print(f'  run(command="bash bench/device/gpu-check.sh stage", carry=[".whl/ort/{part.name}"])')
-    print(f'  run(command="bash bench/device/gpu-check.sh check", carry=[".whl/ort/{parts[-1].name}", '
-          '".whl/ort/SHA256SUMS", ".whl/mlflow", ".whl/mnist"], timeout_s=480)')
+        print(f"  .whl/ort/{part.name}: bash bench/device/gpu-check.sh stage")
+    print(f"  .whl/ort/{parts[-1].name} .whl/ort/SHA256SUMS .whl/mlflow .whl/mnist: bash bench/device/gpu-check.sh check")
     return 0
 
 
