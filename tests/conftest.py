@@ -83,6 +83,9 @@ def _shared_servers():
 
 
 def pytest_collection_finish(session):
+    opt = session.config.option
+    if opt.collectonly or getattr(opt, "setupplan", False) or getattr(opt, "setuponly", False):
+        return
     if any("shared_servers" in getattr(item, "fixturenames", ()) for item in session.items):
         _shared_servers()
 
@@ -106,25 +109,27 @@ def prefect_server_url(shared_servers) -> str:
     return shared_servers.prefect_url
 
 
+# The two below take the URL from shared_servers, not from prefect_server_url: a test module may
+# define a prefect_server_url of its own (a server it starts), which would then be theirs.
 @pytest.fixture
-def prefect_env(prefect_server_url, monkeypatch) -> str:
+def prefect_env(shared_servers, monkeypatch) -> str:
     """PREFECT_API_URL of the session's Prefect server in this test's environment, so the commands it
     starts run their flows there. With it set a command takes the configured-server path (a batch job
     runs as a flow, a promotion takes the Prefect concurrency limit); the embedded default (a
     temporary API per command) is what tests/test_lifecycle.py exercises."""
-    monkeypatch.setenv("PREFECT_API_URL", prefect_server_url)
-    return prefect_server_url
+    monkeypatch.setenv("PREFECT_API_URL", shared_servers.prefect_url)
+    return shared_servers.prefect_url
 
 
 @pytest.fixture(scope="session")
-def prefect_api(prefect_server_url):
+def prefect_api(shared_servers):
     """The flows a test runs in this process run on the session's Prefect server (its URL in Prefect's
     settings, not in the environment: in-process code keeps the embedded default's file lock)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server_url}):
+    with temporary_settings(updates={PREFECT_API_URL: shared_servers.prefect_url}):
         yield
         # Their last logs and events sent while the server is still there (after it, they retry).
         APILogWorker.drain_all(timeout=30)

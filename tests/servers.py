@@ -379,7 +379,7 @@ class InBackground:
             raise ServerError(f"{self._what}: {self._error}") from self._error
         return self._value
 
-    def stop(self, timeout: float = 120) -> None:
-        """Leave the `with` (its servers stop) and wait for it."""
+    def stop(self, timeout: float = 300) -> None:
+        """Leave the `with` (its servers stop) and wait for it, also while they are still starting."""
         self._done.set()
         self._thread.join(timeout)
