@@ -103,7 +103,12 @@ def test_two_pipelines_finishing_together(stack, tmp_path, mnist, mnist_source):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for seed in (0, 1)
     ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:  # none outlives the test, also when it timed out
+            p.kill()
+            p.wait()
     assert sorted(p.returncode for p in procs) in ([0, 0], [0, 3]), outs
     c = MlflowClient(stack.mlflow_url)
     versions = c.search_model_versions("name = 'race-mlp'")
