@@ -4,6 +4,7 @@ MNIST files run whenever MNISTOPS_DATA_SOURCE is set (CI sets it), and fail rath
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -61,15 +62,78 @@ def mnist(mnist_source, tmp_path_factory):
     return prepare(MNIST, str(mnist_source), tmp_path_factory.mktemp("mnist-cache"))
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    """Prefect's test API for the flows run in this process, started once per session: a harness
-    started and stopped per module left later ones hanging while draining their log and event
-    workers at teardown."""
-    from prefect.testing.utilities import prefect_test_harness
+# --- The servers a session shares ----------------------------------------------------------------
+# One Prefect server (on PostgreSQL where its programs are installed) for every test that is not about
+# starting one: the commands a test starts get its PREFECT_API_URL through their environment (the
+# `prefect_env` fixture), the flows a test runs in-process through Prefect's settings (`prefect_api`).
+# Without it, every `mnistops run/sweep/serve` booted a temporary API of its own (10-27 s each).
+# It starts in the background as soon as collection shows that a test needs it, so its boot overlaps
+# the tests that come first.
+_shared: dict = {}
 
-    with prefect_test_harness(server_startup_timeout=120):
+
+def _shared_servers():
+    from servers import InBackground, shared_stack
+
+    if "servers" not in _shared:
+        root = Path(tempfile.mkdtemp(prefix="mnistops-test-servers-"))
+        _shared["root"] = root
+        _shared["servers"] = InBackground(lambda: shared_stack(root), "the session's shared servers")
+    return _shared["servers"]
+
+
+def pytest_collection_finish(session):
+    opt = session.config.option
+    if opt.collectonly or getattr(opt, "setupplan", False) or getattr(opt, "setuponly", False):
+        return
+    if any("shared_servers" in getattr(item, "fixturenames", ()) for item in session.items):
+        _shared_servers()
+
+
+def pytest_unconfigure(config):
+    servers = _shared.pop("servers", None)
+    if servers is not None:
+        servers.stop()
+        shutil.rmtree(_shared.pop("root"), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_servers():
+    """The session's servers (servers.Stack): its Prefect API URL, and the DSN of its PostgreSQL
+    cluster (None without PostgreSQL), which holds an empty `mlflow` database."""
+    return _shared_servers().value(timeout=300)
+
+
+@pytest.fixture(scope="session")
+def prefect_server_url(shared_servers) -> str:
+    return shared_servers.prefect_url
+
+
+# The two below take the URL from shared_servers, not from prefect_server_url: a test module may
+# define a prefect_server_url of its own (a server it starts), which would then be theirs.
+@pytest.fixture
+def prefect_env(shared_servers, monkeypatch) -> str:
+    """PREFECT_API_URL of the session's Prefect server in this test's environment, so the commands it
+    starts run their flows there. With it set a command takes the configured-server path (a batch job
+    runs as a flow, a promotion takes the Prefect concurrency limit); the embedded default (a
+    temporary API per command) is what tests/test_lifecycle.py exercises."""
+    monkeypatch.setenv("PREFECT_API_URL", shared_servers.prefect_url)
+    return shared_servers.prefect_url
+
+
+@pytest.fixture(scope="session")
+def prefect_api(shared_servers):
+    """The flows a test runs in this process run on the session's Prefect server (its URL in Prefect's
+    settings, not in the environment: in-process code keeps the embedded default's file lock)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: shared_servers.prefect_url}):
         yield
+        # Their last logs and events sent while the server is still there (after it, they retry).
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
 
 
 @pytest.fixture

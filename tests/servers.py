@@ -25,10 +25,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -323,3 +325,59 @@ def prefect_server(database_url: str, *, home: str | os.PathLike | None = None,
         if own_home and log_path is None:
             # A temporary home (and the log in it) served this server only; errors already quoted the log.
             shutil.rmtree(home, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Stack:
+    postgres_dsn: str | None  # None where PostgreSQL's programs are missing (the Prefect server is on SQLite then)
+    prefect_url: str
+
+
+@contextmanager
+def shared_stack(root: str | os.PathLike) -> Iterator[Stack]:
+    """A Prefect server on PostgreSQL (on SQLite where PostgreSQL's programs are missing), with an
+    empty `mlflow` database beside it for an MLflow server: what a test session shares."""
+    root = Path(root)
+    with ExitStack() as stack:
+        dsn = None
+        if postgres_missing() is None:
+            dsn = stack.enter_context(postgres_server(root, databases=("prefect", "mlflow")))
+        database = f"{dsn}/prefect" if dsn else f"sqlite+aiosqlite:///{root}/prefect.db"
+        url = stack.enter_context(prefect_server(database, home=root / "prefect-home",
+                                                 log_path=root / "prefect-server.log"))
+        yield Stack(dsn, url)
+
+
+class InBackground:
+    """A context manager entered in a thread of its own, held until stop(): the ~20 s a server takes
+    to start pass while the caller does other work; value() waits for what the `with` yielded."""
+
+    def __init__(self, make, what: str):
+        self._make, self._what = make, what
+        self._ready, self._done = threading.Event(), threading.Event()
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._hold, name=what, daemon=True)
+        self._thread.start()
+
+    def _hold(self) -> None:
+        try:
+            with self._make() as value:
+                self._value = value
+                self._ready.set()
+                self._done.wait()
+        except BaseException as exc:  # noqa: BLE001 (handed to whoever waits in value())
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def value(self, timeout: float):
+        if not self._ready.wait(timeout):
+            raise ServerError(f"{self._what}: not started within {timeout:.0f} s")
+        if self._error is not None:
+            raise ServerError(f"{self._what}: {self._error}") from self._error
+        return self._value
+
+    def stop(self, timeout: float = 300) -> None:
+        """Leave the `with` (its servers stop) and wait for it, also while they are still starting."""
+        self._done.set()
+        self._thread.join(timeout)

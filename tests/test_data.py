@@ -206,13 +206,8 @@ def test_unreachable_mirror_is_a_retryable_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Every file pinned by its uncompressed content
-
-
-def test_every_file_of_every_dataset_is_pinned_by_content():
-    assert [f.filename for f in MNIST.files] == [f.filename for f in FASHION_MNIST.files] == FILES
-    for spec in (MNIST, FASHION_MNIST):
-        assert all(len(f.sha256) == 64 for f in spec.files)
+# Every file pinned by its uncompressed content (that the pins are the real files' is what
+# test_real_mnist and test_real_fashion_mnist_recompressed_or_plain check)
 
 
 def test_a_self_consistent_but_altered_cache_is_refused(tmp_path):

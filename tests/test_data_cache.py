@@ -67,7 +67,7 @@ def test_cache_is_keyed_on_content_stored_as_json_and_healed(prefect_api, tmp_pa
     assert cache.read_bytes() == good and healed.digest == mnist.digest
 
 
-def test_run_with_a_corrupt_cache_is_refused_in_one_line_then_healed(tmp_path, mnist, mnist_source):
+def test_run_with_a_corrupt_cache_is_refused_in_one_line_then_healed(prefect_env, tmp_path, mnist, mnist_source):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     cache = data_dir / mnist.cache_path.name
@@ -76,7 +76,7 @@ def test_run_with_a_corrupt_cache_is_refused_in_one_line_then_healed(tmp_path, m
     (tmp_path / "empty").mkdir()
     env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home"), "MNISTOPS_DATA_DIR": str(data_dir),
            "MNISTOPS_DATA_SOURCE": str(tmp_path / "empty")}
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MNISTOPS_ARTIFACT_ROOT"):
+    for key in ("MLFLOW_TRACKING_URI", "MNISTOPS_ARTIFACT_ROOT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--no-inference", "--threshold", "0"]
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)

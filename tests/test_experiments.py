@@ -46,16 +46,22 @@ def test_commands_starting_together_on_a_new_home_share_one_store(tmp_path):
     import time
 
     go = tmp_path / "go"
-    code = ("import os, time; from pathlib import Path\n"
+    code = ("import os, sys, time; from pathlib import Path\n"
+            f"Path({str(tmp_path)!r}, 'imported-' + sys.argv[1]).touch()\n"
             f"while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
             "from common.settings import configure_store, mlflow_client; configure_store()\n"
             "mlflow_client().search_experiments()\n")
     env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home")}
     for key in ("MLFLOW_TRACKING_URI", "MNISTOPS_ARTIFACT_ROOT"):
         env.pop(key, None)
-    procs = [subprocess.Popen([sys.executable, "-c", "import mlflow.store.tracking.sqlalchemy_store\n" + code],
-                              env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    time.sleep(3)  # let each import MLflow first, so that the three really start creating together
+    procs = [subprocess.Popen([sys.executable, "-c", "import mlflow.store.tracking.sqlalchemy_store\n" + code, str(i)],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    # Each imports MLflow first, so that the three really start creating together.
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("imported-*"))) < 3:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs if p.poll() is not None]
+        assert time.monotonic() < deadline, "the three processes did not import MLflow within 120 s"
+        time.sleep(0.05)
     go.touch()
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors

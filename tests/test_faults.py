@@ -55,7 +55,7 @@ def _worker_of_rank(pid: int, rank: int) -> psutil.Process:
 
 
 @pytest.mark.parametrize("rank", [0, 1])  # 0: the rank that logs and checkpoints
-def test_killed_worker_restarts_resumes_and_the_model_is_promoted(tmp_path, mnist, mnist_source, rank):
+def test_killed_worker_restarts_resumes_and_the_model_is_promoted(prefect_env, tmp_path, mnist, mnist_source, rank):
     env = _env(tmp_path, mnist, MNISTOPS_DATA_SOURCE=str(mnist_source))
     proc = subprocess.Popen(_mnistops("run", "--nproc", "2", "--max-restarts", "1", "--epochs", "6", "--no-inference"),
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,9 +1,10 @@
 """The whole pipeline and a batch job against real servers (PostgreSQL, an MLflow tracking server on
-it, a Prefect server on it), checked through the servers' own APIs; and two pipelines finishing
-together against one registry."""
+it, a Prefect server on it: the session's shared PostgreSQL and Prefect server, tests/conftest.py),
+checked through the servers' own APIs; and two pipelines finishing together against one registry."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,17 +27,14 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    from servers import mlflow_server, postgres_missing, postgres_server, prefect_server
+def stack(shared_servers, tmp_path_factory):
+    from servers import mlflow_server, postgres_missing
 
-    why = postgres_missing()
-    if why:
-        missing(why)
+    if shared_servers.postgres_dsn is None:
+        missing(postgres_missing() or "the session's servers run without PostgreSQL")
     root = tmp_path_factory.mktemp("stack")
-    with postgres_server(root) as dsn, \
-            mlflow_server(f"{dsn}/mlflow", root / "artifacts") as mlflow_url, \
-            prefect_server(f"{dsn}/prefect", home=root / "prefect-home") as prefect_url:
-        yield Stack(mlflow_url, prefect_url)
+    with mlflow_server(f"{shared_servers.postgres_dsn}/mlflow", root / "artifacts") as mlflow_url:
+        yield Stack(mlflow_url, shared_servers.prefect_url)
 
 
 def _env(stack: Stack, tmp_path: Path, mnist, mnist_source) -> dict:
@@ -50,13 +48,16 @@ def _mnistops(*args: str, env: dict, cwd: Path, timeout: float = 600) -> subproc
                           text=True, timeout=timeout)
 
 
-def _flow_runs(prefect_url: str, flow_name: str):
+def _flow_runs(prefect_url: str, flow_name: str, mentioning: str):
+    """The flow runs of `flow_name` whose parameters mention `mentioning` (the server is shared with
+    the rest of the session)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: prefect_url}), get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+    return [fr for fr in runs if mentioning in json.dumps(fr.parameters, default=str)]
 
 
 def test_pipeline_and_batch_job_against_real_servers(stack, tmp_path, mnist, mnist_source):
@@ -77,8 +78,8 @@ def test_pipeline_and_batch_job_against_real_servers(stack, tmp_path, mnist, mni
     assert job.data.metrics["accuracy"] == pytest.approx(run.data.metrics[M.TEST_ACCURACY], abs=1e-9)
     assert {a.path for a in c.list_artifacts(run.info.run_id, "plots")} >= {"plots/loss_curve.png"}
 
-    pipeline_runs = _flow_runs(stack.prefect_url, "training-pipeline")
-    inference_runs = _flow_runs(stack.prefect_url, "batch-inference")
+    pipeline_runs = _flow_runs(stack.prefect_url, "training-pipeline", "servers-mlp")
+    inference_runs = _flow_runs(stack.prefect_url, "batch-inference", str(tmp_path))
     assert [fr.state.type.value for fr in pipeline_runs] == ["COMPLETED"]
     assert [fr.state.type.value for fr in inference_runs] == ["COMPLETED"]
 
@@ -90,7 +91,7 @@ def test_pipeline_and_batch_job_against_real_servers(stack, tmp_path, mnist, mni
                   "--model", "models:/servers-mlp@champion", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert out.exists() and Path(str(out) + ".manifest.json").exists()
-    assert len(_flow_runs(stack.prefect_url, "batch-inference")) == 2
+    assert len(_flow_runs(stack.prefect_url, "batch-inference", str(tmp_path))) == 2
 
 
 def test_two_pipelines_finishing_together(stack, tmp_path, mnist, mnist_source):
@@ -102,7 +103,12 @@ def test_two_pipelines_finishing_together(stack, tmp_path, mnist, mnist_source):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for seed in (0, 1)
     ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:  # none outlives the test, also when it timed out
+            p.kill()
+            p.wait()
     assert sorted(p.returncode for p in procs) in ([0, 0], [0, 3]), outs
     c = MlflowClient(stack.mlflow_url)
     versions = c.search_model_versions("name = 'race-mlp'")

@@ -25,15 +25,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 FASHION = Path(os.environ.get("MNISTOPS_FASHION_SOURCE", "/usr/share/datasets/fashion-mnist"))
 
 
-@pytest.fixture(scope="module")
-def prefect_server_url(tmp_path_factory):
-    from servers import prefect_server
-
-    root = tmp_path_factory.mktemp("prefect-server")
-    with prefect_server(f"sqlite+aiosqlite:///{root}/prefect.db", home=root / "home") as url:
-        yield url
-
-
 def _champion_with_reference(store: Path, src: Path) -> None:
     """A digit model registered as mnist-mlp@champion in the SQLite store, its drift reference stored
     the way registration stores it."""
@@ -91,13 +82,17 @@ def test_hourly_inbox_deployment_fails_its_run_on_drift(prefect_server_url, tmp_
                              start_new_session=True)
     try:
         with temporary_settings({PREFECT_API_URL: prefect_server_url}), get_client(sync_client=True) as client:
+            # The session's server may hold this deployment from an earlier `serve`: wait for this one's.
+            def served():
+                return next((d for d in client.read_deployments() if d.name == "inference-hourly"
+                             and d.parameters["job"]["input"] == str(inbox) and not d.paused), None)
+
             deadline = time.time() + 180
-            while "inference-hourly" not in {d.name for d in client.read_deployments()}:
+            while (dep := served()) is None:
                 assert serve.poll() is None and time.time() < deadline, serve.stdout.read() if serve.poll() is not None else "timeout"
                 time.sleep(0.5)
-            dep = next(d for d in client.read_deployments() if d.name == "inference-hourly")
             job = dep.parameters["job"]
-            assert dep.parameters["inbox"] is True and job["input"] == str(inbox) and job["fail_on_drift"] is True
+            assert dep.parameters["inbox"] is True and job["output"] == str(out) and job["fail_on_drift"] is True
 
             ok = run_deployment("batch-inference/inference-hourly", timeout=0)
             state = _final_state(client, ok.id)

@@ -31,7 +31,7 @@ def _versions(name: str) -> list[str]:
     return sorted(v.version for v in tracking.client().search_model_versions(f"name = '{name}'"))
 
 
-def test_each_dataset_has_its_own_registered_model(tmp_path, mlflow_store, mnist, mnist_source, fashion_source):
+def test_each_dataset_has_its_own_registered_model(prefect_env, tmp_path, mlflow_store, mnist, mnist_source, fashion_source):
     # An MNIST champion first (in-process, one epoch; the gate threshold is what this test sets).
     job = TrainJob(data_path=str(mnist.cache_path), out_dir=str(tmp_path / "mnist-run"), train=TrainConfig(epochs=1),
                    tracking=TrackingConfig(training_id="mnist-1", experiment="mnist-mlp"))
@@ -44,7 +44,6 @@ def test_each_dataset_has_its_own_registered_model(tmp_path, mlflow_store, mnist
     mnist_before = (registry.champion("mnist-mlp"), _versions("mnist-mlp"))
 
     env = {**os.environ, "MNISTOPS_DATA_DIR": str(tmp_path / "data"), "MNISTOPS_DATA_SOURCE": str(fashion_source)}
-    env.pop("PREFECT_API_URL", None)
 
     # The command: Fashion-MNIST trains, the gate decides, under fashion-mnist-mlp.
     r = _mnistops("run", "--dataset", "fashion-mnist", "--epochs", "2", "--threshold", "0.8", env=env, cwd=tmp_path)
