@@ -27,9 +27,9 @@ from common.fields import check, setting
 DASK_ADDRESS_ENV = "MNISTOPS_DASK_ADDRESS"
 
 # Memory one local scoring worker needs: a Dask worker process that has imported the batch job
-# (onnxruntime, pyarrow, MLflow's client) and scored a 10,000-image .npy inbox input at the default
-# batch size peaked at 290-300 MiB RSS here (bench/bench_fanout.py prints it); 400 leaves room for
-# an image-folder input's decoding buffers.
+# (onnxruntime, pyarrow, MLflow's client, Prefect's task engine) and scored an inbox of 20 .npy inputs
+# of 15,000 images at batch 1024 peaked at 302-306 MiB (VmHWM; bench/bench_fanout.py prints it,
+# 2026-12-03); 400 leaves room for an image-folder input's decoding buffers.
 WORKER_MEMORY_MIB = 400
 
 
@@ -98,7 +98,8 @@ def share_config(job, fan: FanOut):
 
 def task_runner(fan: FanOut):
     """Prefect's Dask task runner: the existing cluster, or a local one of `workers` processes with
-    one thread each, on loopback, without a dashboard (no port of ours beyond the scheduler's)."""
+    one thread each, on loopback, without a dashboard (the scheduler's own health routes listen on
+    127.0.0.1 too, on 8787 or a free port)."""
     from prefect_dask import DaskTaskRunner
 
     if fan.address() is not None:
