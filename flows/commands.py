@@ -18,19 +18,38 @@ def cmd_infer(args) -> int:
 
     try:
         serving_cli.validate(args)
-        if env("PREFECT_API_URL"):
-            from flows import ownership
+        if env("PREFECT_API_URL"):  # set by our temporary API too (--workers > 1: see _check_infer)
+            from flows import ownership, prefect_api
+            from flows.fanout import FanOut
             from flows.inference import batch_inference
+            from common.fields import from_args
 
+            prefect_api.wait_ready()
             with ownership.owned_flow_runs():
                 s = batch_inference(serving_cli.config_from_args(args), inbox=args.inbox is not None,
-                                    rescore=args.rescore)
+                                    rescore=args.rescore, fan_out=from_args(FanOut, args))
         else:
             s = serving_cli.run(args)
     except ServingError as e:
         return serving_cli.report_error("mnistops infer", e)
     print(json.dumps(s, indent=2, default=str))
     return serving_cli.exit_code("mnistops infer", s)
+
+
+def _check_infer(args) -> None:
+    """infer's files, then --workers: only with --inbox, and bounded by this machine (one line, exit
+    2). A fan-out runs as Prefect tasks on Dask, so without a Prefect API it starts the temporary one
+    (booting while the rest loads)."""
+    from flows.fanout import FanOut, usage_problem
+    from flows.options import UsageError, check_infer
+    from common.fields import from_args
+
+    check_infer(args)
+    fan = from_args(FanOut, args)
+    if problem := usage_problem(fan, args.inbox is not None):
+        raise UsageError(problem)
+    if fan.workers > 1:
+        args.prefect_api = True
 
 
 def _grid(args):
@@ -145,7 +164,8 @@ def _check_serve(args) -> None:
 
 
 def add(command) -> None:
-    from flows.options import POSITIVE, check_infer, data_args, gate_args, train_args
+    from flows.fanout import FanOut
+    from flows.options import POSITIVE, data_args, gate_args, train_args
     from nn_core.config import MLPConfig, TrainConfig
     from nn_core.sweep import MODEL_AXES, AXES
     from serving.cli import add_infer_arguments
@@ -153,9 +173,10 @@ def add(command) -> None:
 
     p = command("infer", cmd_infer, "batch inference with onnxruntime: predictions and a manifest, written "
                                     "atomically, with a drift check (a Prefect flow when PREFECT_API_URL is set)",
-                check_infer)
+                _check_infer)
     add_infer_arguments(p)
     p.set_defaults(reap=True)  # a killed job's run is marked KILLED by the next job (flows.ownership)
+    add_arguments(p.add_argument_group("fan-out (with --inbox)"), FanOut)
 
     p = command("sweep", cmd_sweep, "hyperparameter sweep: nested MLflow runs, a comparison, the best config gated",
                 _check_sweep)

@@ -12,14 +12,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import settings
+from flows.fanout import FanOut, share_config, task_runner, usage_problem
+from flows.options import UsageError
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
 from flows.ownership import untagged_task_runs
 from nn_core import tracking
 from common.atomic import atomic_path
 from serving.cli import summary
 from common.errors import DriftAlert, InputError
+from common.storage import is_url
 from serving.config import JobConfig
-from serving.inbox import InboxResult, run_inbox
+from serving.inbox import InboxResult, merged, run_inbox
 from serving.job import JobResult, run_job
 
 
@@ -29,8 +32,23 @@ def batch_job(cfg: JobConfig) -> JobResult:
 
 
 @task(name="inbox", cache_policy=NO_CACHE, task_run_name="inbox {inbox}")
-def inbox_job(inbox: str, output: str, cfg: JobConfig, rescore: bool) -> InboxResult:
-    return run_inbox(Path(inbox), Path(output), cfg, rescore=rescore)
+def inbox_job(inbox: Path | str, output: Path | str, cfg: JobConfig, rescore: bool) -> InboxResult:
+    return run_inbox(inbox, output, cfg, rescore=rescore)  # a URL stays text (Path folds its '//')
+
+
+@task(name="inbox-worker", cache_policy=NO_CACHE, task_run_name="inbox worker {worker}")
+def inbox_worker(inbox: Path | str, output: Path | str, cfg: JobConfig, rescore: bool, worker: int) -> InboxResult:
+    """One of the fan-out's workers, in a Dask worker process: the batch job's own inbox loop, which
+    claims each input through the ledger (so the workers share the inbox out between them)."""
+    return run_inbox(inbox, output, cfg, rescore=rescore)
+
+
+@flow(name="inbox-fan-out")
+def inbox_fan_out(job: JobConfig, rescore: bool, workers: int) -> InboxResult:
+    """`workers` inbox workers side by side on the task runner given with `with_options` (Dask);
+    their results merged, every input once."""
+    futures = [inbox_worker.submit(job.input, job.output, job, rescore, w) for w in range(workers)]
+    return merged([f.result() for f in futures])
 
 
 PREDICTION_SUFFIXES = (".parquet", ".csv")
@@ -53,7 +71,7 @@ def _row(r: JobResult) -> str:
     detail = (f"{stats['exceed_fraction']:.1%} above t={r.drift.thresholds['score_threshold']:.2f} "
               f"(tolerated {r.drift.thresholds['tolerated_exceed_fraction']:.0%}), class TV {stats['class_tv']:.2f}"
               if stats else r.drift.reason)
-    return (f"| `{r.input_path.name if r.input_path else ''}` | {r.records} / {r.predicted} / {len(r.skipped)} "
+    return (f"| `{Path(str(r.input_path)).name if r.input_path else ''}` | {r.records} / {r.predicted} / {len(r.skipped)} "
             f"| {accuracy} | **{r.drift.status}** | {detail} | `{r.output}` |")
 
 
@@ -70,8 +88,11 @@ def _artifact(title: str, model: str, results: list[JobResult], extra: str = "")
     )
 
 
-def _score_inbox(job: JobConfig, rescore: bool) -> tuple[dict, list[JobResult], InboxResult]:
-    res = inbox_job(str(job.input), str(job.output), job, rescore)
+def _score_inbox(job: JobConfig, rescore: bool, fan: FanOut) -> tuple[dict, list[JobResult], InboxResult]:
+    if fan.workers > 1:  # a subflow of its own: its task runner is Dask, this flow's stays the default
+        res = inbox_fan_out.with_options(task_runner=task_runner(fan))(share_config(job, fan), rescore, fan.workers)
+    else:
+        res = inbox_job(job.input, job.output, job, rescore)
     extra = (f"\nalready scored: {len(res.already)}, in progress elsewhere: {len(res.busy)}, "
              f"failed: {len(res.failed)}, ignored: {len(res.ignored)}\n"
              + "".join(f"\n- failed `{f['input']}`: {f['error']}" for f in res.failed))
@@ -85,9 +106,13 @@ def _score_one(job: JobConfig) -> tuple[dict, list[JobResult], JobResult]:
     return summary(result), [result], result
 
 
-def _inbox_folder(inbox: Path) -> None:
+def _inbox_folder(inbox: Path | str) -> None:
     """A deployment's inbox (relative to MNISTOPS_HOME on its worker) is made by its first run: a
-    fresh home has none, and an hourly run failing until someone makes it by hand helps nobody."""
+    fresh home has none, and an hourly run failing until someone makes it by hand helps nobody. An
+    object-store prefix needs no folder (a prefix exists once something is put under it)."""
+    if is_url(str(inbox)):
+        return
+    inbox = Path(inbox)
     if not inbox.exists():
         inbox.mkdir(parents=True, exist_ok=True)
         get_run_logger().warning("inbox %s did not exist: made it (empty); inputs put there are scored by "
@@ -95,7 +120,7 @@ def _inbox_folder(inbox: Path) -> None:
 
 
 @flow(name="batch-inference", log_prints=True)
-def batch_inference(job: JobConfig, inbox: bool = False, rescore: bool = False) -> dict:
+def batch_inference(job: JobConfig, inbox: bool = False, rescore: bool = False, fan_out: FanOut = FanOut()) -> dict:
     """Predict every image of `job.input` with `job.model` (or, with `inbox`, every new input of the
     folder `job.input`); write predictions and manifests atomically, with a drift check. With
     `job.fail_on_drift` an alert fails the flow run (after the outputs, the MLflow runs and the
@@ -109,16 +134,20 @@ def batch_inference(job: JobConfig, inbox: bool = False, rescore: bool = False) 
             folder) is scored once per content, one predictions file each in the folder `job.output`
             (with the ledger).
         rescore: With `inbox`: score inputs again that were scored before, with the current model.
+        fan_out: With `inbox`: how many workers score it side by side, on a local Dask cluster or an
+            existing one (flows.fanout).
     """
     settings.configure()
+    if problem := usage_problem(fan_out, inbox):
+        raise UsageError(problem)
     with untagged_task_runs():
         if job.track:
             tracking.ensure_experiment(job.experiment, description=INFERENCE_DESCRIPTION)
         if inbox:
-            _inbox_folder(Path(job.input))
+            _inbox_folder(job.input)
         # The tasks never raise on drift: the flow does, once every record of the alert is written.
         scoring = dataclasses.replace(job, fail_on_drift=False)
-        s, scored, res = _score_inbox(scoring, rescore) if inbox else _score_one(scoring)
+        s, scored, res = _score_inbox(scoring, rescore, fan_out) if inbox else _score_one(scoring)
         for r in scored:
             if r.mlflow_run_id:
                 _tag_job_run(r)

@@ -95,6 +95,31 @@ class InboxResult:
         }
 
 
+def _name(location: Path | str | None) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def merged(results: list[InboxResult]) -> InboxResult:
+    """One result of several workers that ran on one inbox side by side (a fan-out): every input
+    once. An input one worker scored (or found failing) is that worker's; the others saw it busy,
+    or recorded by another worker, and that is not reported again. Inputs no worker settled stay busy
+    (held by a worker outside this run)."""
+    first = results[0]
+    out = InboxResult(first.inbox, first.output, ignored=first.ignored, links=first.links)
+    out.scored = [r for res in results for r in res.scored]
+    names: set[str] = {_name(r.input_path) for r in out.scored}
+    for f in (f for res in results for f in res.failed):
+        if f["input"] not in names:
+            out.failed.append(f)
+            names.add(f["input"])
+    for a in (a for res in results for a in res.already):
+        if a["input"] not in names:
+            out.already.append(a)
+            names.add(a["input"])
+    out.busy = sorted({b for res in results for b in res.busy} - names)
+    return out
+
+
 def is_input(path: Path) -> bool:
     """A folder, a .npy array of images (2-D or 3-D), or an IDX images file (by its first bytes,
     gzipped or not). IDX labels files, 1-D arrays and anything else are not inputs."""

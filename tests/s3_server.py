@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,3 +118,58 @@ def s3() -> Iterator[S3Server]:
             else:
                 os.environ[k] = v
         stop_server(server.process)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM the server's process group (its uvicorn workers too), SIGKILL what is left after
+    `grace`, and reap the leader."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            proc.poll()  # reap the leader so that the group can empty
+            time.sleep(0.1)
+        else:
+            continue
+        break
+    proc.wait(timeout=grace)
+
+
+@contextmanager
+def mlflow_server_on_s3(server: S3Server, destination: str, backend_uri: str, log: Path,
+                        timeout: float = 180) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 keeping its artifacts at `destination` (s3://BUCKET/PREFIX) on the
+    loopback S3 server, proxied (`--serve-artifacts`): clients upload and download through the
+    tracking server and need no S3 credentials, as in infra/compose.yaml. Yields its URL."""
+    port = _free_port()
+    env = {**server.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # job runners: unused extra processes
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    cmd = [exe, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", destination,
+           "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # one group: one killpg reaches its workers
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {log.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        _stop_group(proc)
