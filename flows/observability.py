@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import sys
 import threading
@@ -128,7 +129,9 @@ def forward_worker_logs(log_dir: Path, logger: logging.Logger | logging.LoggerAd
         while not stop.wait(poll):
             drain()
 
-    thread = threading.Thread(target=follow, name="worker-logs", daemon=True)
+    # In this context's copy: the follower logs through Prefect's run logger, whose client must see
+    # the same settings (the configured API) as the task run; a bare thread starts with none of them.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(follow,), name="worker-logs", daemon=True)
     thread.start()
     try:
         yield

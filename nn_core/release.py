@@ -117,7 +117,7 @@ def complete_unfinished(model_name: str, data_path: Path, cfg: GateConfig,
     out = {}
     for mv in registry.abandoned_versions(model_name):
         version = str(mv.version)
-        why = _not_completable(model_name, mv)
+        why = _of_another_task(model_name, mv) or _not_completable(model_name, mv)
         if why is None:
             try:
                 decision = _complete(model_name, mv, load_splits(data_path), cfg, lock)
@@ -131,6 +131,16 @@ def complete_unfinished(model_name: str, data_path: Path, cfg: GateConfig,
                 registry.mark_failed(model_name, version, f"registration cut short, cannot be completed: {why}")
         out[version] = (f"its registration was cut short and it cannot be completed: marked failed ({why})", None)
     return out
+
+
+def _of_another_task(model_name: str, mv) -> str | None:
+    """Why a cut-short version is not of the model's task (its run's own record), checked before its
+    export is loaded: such a version is never completed. None when it is of the task."""
+    try:
+        registry.check_version(model_name, mv, registry.bound_task(model_name))
+    except TaskMismatchError as e:
+        return str(e)
+    return None
 
 
 def _not_completable(model_name: str, mv) -> str | None:
