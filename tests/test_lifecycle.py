@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from flows.cli import EXIT_REJECTED, EXIT_SIGTERM
 from nn_core import metrics as M
 from common.owner import Owner
 from nn_core.reaping import KILLED_REASON_TAG, OWNER_TAG
+from waiting import wait_for
 
 pytestmark = [pytest.mark.slow]
 
@@ -41,15 +41,6 @@ def _start(tmp_path: Path, *args: str, **env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=_env(tmp_path, **env), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
-    deadline = time.time() + timeout
-    while not (value := predicate()):
-        if proc.poll() is not None:
-            pytest.fail(f"the command ended (code {proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -123,7 +114,7 @@ def test_sigkill_of_run_leaves_nothing_and_resume_finishes_the_same_run(tmp_path
     # go with it. The uninterrupted reference below trains in-process, the default: the same weights.
     proc = _start(tmp_path, "run", *args, "--no-inference", MNISTOPS_TRAIN_IN_PROCESS="0", **data)
     try:
-        ckpt = _wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 300, proc, "the first checkpoint")[0]
+        ckpt = wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 300, proc, "the first checkpoint")[0]
         started = _tree(proc.pid)
         kinds = " ".join(" ".join(p.cmdline()) for p in started)
         assert "prefect.server.api.server" in kinds and "nn_core.worker" in kinds  # our API server, a DDP worker
@@ -174,7 +165,7 @@ def test_sigterm_stops_run_cancels_its_flow_run_and_leaves_nothing(tmp_path, mni
     proc = _start(tmp_path, "run", "--epochs", "50", "--no-inference", MNISTOPS_DATA_DIR=str(mnist.cache_path.parent),
                   MNISTOPS_DATA_SOURCE=str(mnist_source))
     try:
-        _wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 300, proc, "the first checkpoint")
+        wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 300, proc, "the first checkpoint")
         started = _tree(proc.pid)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -248,7 +239,7 @@ def test_ui_server_goes_with_the_command(tmp_path, sig, group):
     port = free_port()
     proc = _start(tmp_path, "ui", "--port", str(port))
     try:
-        _wait_for(lambda: _health(port), 120, proc, "the MLflow UI")
+        wait_for(lambda: _health(port), 120, proc, "the MLflow UI")
         started = _tree(proc.pid)
         assert any("uvicorn" in " ".join(p.cmdline()) for p in started)  # the server's own child
         os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
@@ -266,7 +257,7 @@ def test_sigterm_stops_serve_and_its_children(tmp_path, mnist, mnist_source):
     proc = _start(tmp_path, "serve", MNISTOPS_DATA_DIR=str(mnist.cache_path.parent), MNISTOPS_DATA_SOURCE=str(mnist_source))
     try:
         lines = []
-        _wait_for(lambda: lines.append(proc.stdout.readline()) or "serving deployments" in lines[-1], 300, proc,
+        wait_for(lambda: lines.append(proc.stdout.readline()) or "serving deployments" in lines[-1], 300, proc,
                   "the deployments being served")
         started = _tree(proc.pid)
         assert any("prefect.server.api.server" in " ".join(p.cmdline()) for p in started)
@@ -285,7 +276,7 @@ def test_sigterm_stops_a_sweep_with_concurrent_trainings(tmp_path, mnist, mnist_
     proc = _start(tmp_path, "sweep", "--hidden", "50", "32", "--epochs", "50", "--concurrency", "2",
                   MNISTOPS_DATA_DIR=str(mnist.cache_path.parent), MNISTOPS_DATA_SOURCE=str(mnist_source))
     try:
-        _wait_for(lambda: len(list(home.glob("runs/*/checkpoint.pt"))) == 2, 400, proc, "both trainings' checkpoints")
+        wait_for(lambda: len(list(home.glob("runs/*/checkpoint.pt"))) == 2, 400, proc, "both trainings' checkpoints")
         started = _tree(proc.pid)
         # One trial trains in this process (one process group per process), the other in a worker.
         assert sum("nn_core.worker" in " ".join(p.cmdline()) for p in started) == 1

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from mlflow import MlflowClient
 
 from common.errors import EXIT_DRIFT
 from common.owner import KILLED_REASON_TAG, OWNER_TAG, Owner, boot_id, owner_alive, owner_id, pid_namespace, start_time
+from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,15 +138,6 @@ def _start(tmp_path: Path, *args: str, api_url: str, **env) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
-    deadline = time.time() + timeout
-    while not (value := predicate()):
-        if proc.poll() is not None:
-            pytest.fail(f"the command ended (code {proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
-
 
 def _sigkill(proc: subprocess.Popen) -> None:
     """An OOM kill of the command and everything in its session: no chance to clean up."""
@@ -205,7 +196,7 @@ def test_a_killed_batch_job_is_reaped_by_the_next_one(tmp_path, api_url, model, 
             ["--input", str(inbox / "big.npy"), "--output", "big.parquet"]
     proc = _start(tmp_path, "infer", *where, "--model", str(model), "--batch-size", "1", api_url=api_url)
     try:
-        runs, flow_run = _wait_for(lambda: _running(tmp_path, api_url, "batch-inference", proc.pid), 300, proc,
+        runs, flow_run = wait_for(lambda: _running(tmp_path, api_url, "batch-inference", proc.pid), 300, proc,
                                    "the job's MLflow run and flow run")
         # A command's flow run looks like the deployment's: its tags, and the owner as a label.
         assert sorted(flow_run.tags) == ["inference", "mnistops"]
@@ -232,8 +223,8 @@ def test_a_killed_sweep_is_reaped_by_the_next_command(tmp_path, api_url, model, 
                   api_url=api_url, **data)
     home = tmp_path / "home"
     try:
-        _wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 400, proc, "the first trial's checkpoint")
-        parents, flow_run = _wait_for(lambda: _running(tmp_path, api_url, "hyperparameter-sweep", proc.pid, "sweep"),
+        wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 400, proc, "the first trial's checkpoint")
+        parents, flow_run = wait_for(lambda: _running(tmp_path, api_url, "hyperparameter-sweep", proc.pid, "sweep"),
                                       60, proc, "the sweep's runs")
         trials = [r for r in _all_runs(_mlflow(tmp_path)) if r.data.tags.get("mnistops.kind") == "training"]
         assert len(parents) == 1 and len(trials) == 1 and sorted(flow_run.tags) == ["mnistops", "sweep"]
