@@ -13,6 +13,7 @@ EXIT_ERROR = 1  # an error: bad input, a missing model, a failed step
 EXIT_USAGE = 2  # bad command-line usage
 EXIT_REJECTED = 3  # the gate rejected the candidate: a normal outcome, not an error
 EXIT_DRIFT = 4  # a batch job's input drifted from the model's reference profile (--fail-on-drift)
+EXIT_NO_ROLLBACK = 5  # rollback: no champion, or no valid earlier one, to go back to; the champion stays
 EXIT_SIGINT = 128 + signal.SIGINT  # 130: interrupted (Ctrl-C)
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (Kubernetes, Prefect cancelling a run)
 

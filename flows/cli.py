@@ -1,6 +1,7 @@
 """The `mnistops` command. Exit codes (common/errors.py holds the one table, the README shows it):
 0 success (for run/sweep/promote: the candidate was promoted), 1 an error, 2 bad usage, 3 the gate
-rejected the candidate (not an error), 4 drift (infer --fail-on-drift), 130 interrupted (Ctrl-C),
+rejected the candidate (not an error), 4 drift (infer --fail-on-drift), 5 nothing to roll back to
+(rollback), 130 interrupted (Ctrl-C),
 143 stopped by SIGTERM. A failure prints one `mnistops COMMAND: error: ...` line; --debug (or
 MNISTOPS_DEBUG=1) adds the traceback."""
 
@@ -34,12 +35,13 @@ from flows.options import (  # noqa: F401 (CommandError, Stopped, UsageError: re
 )
 from nn_core.config import (DataConfig, GateConfig, LaunchSpec, MLPConfig, TrackingConfig, TrainConfig,
                             default_experiment)
-from common.fields import add_arguments, from_args
+from common.fields import add_arguments, from_args, number
 from common import settings
 from common.settings import create_sqlite_store
 from common.errors import (  # noqa: F401 (the one table, re-exported for the commands and tests)
     EXIT_DRIFT,
     EXIT_ERROR,
+    EXIT_NO_ROLLBACK,
     EXIT_OK,
     EXIT_REJECTED,
     EXIT_SIGINT,
@@ -212,7 +214,7 @@ def _registered_names(c) -> list[str]:
             return sorted(names)
 
 
-def _print_versions(c, name: str) -> None:
+def _print_versions(c, name: str, shown: int = 10) -> None:
     from nn_core import metrics as M
     from nn_core import registry
 
@@ -236,6 +238,45 @@ def _print_versions(c, name: str) -> None:
         test = f"{metrics[M.TEST_ACCURACY]:.6f}" if M.TEST_ACCURACY in metrics else "-"
         print(f"{v.version:>7}  {'*' if str(v.version) == best else '':8}  {val[:7]:>7}  {test[:8]:>8}  "
               f"{'cut short' if str(v.version) in cut_short else t.get(registry.PROMOTION, '-'):9}  {v.run_id}")
+    if isinstance(task, registry.Task):
+        _print_history(name, versions, best, task, shown)
+
+
+def _when(at: int) -> str:
+    import datetime as dt
+
+    if at < 0:
+        return "(unordered)"  # decided before decisions were ordered
+    return dt.datetime.fromtimestamp(at / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_history(name: str, versions, alias: str | None, task, shown: int) -> None:
+    """The champion's changes (nn_core.rollback.history: the decision records replayed through the
+    rule), the last `shown` of them, and what `mnistops rollback` would restore now."""
+    from nn_core import registry, rollback
+
+    try:
+        changes = rollback.history(name, alias, versions)
+    except ValueError as e:  # an unreadable record: the versions above stand, the history cannot
+        print(f"champion history: unavailable ({e})")
+        return
+    if not changes:
+        print("champion history: none (no version was ever accepted)")
+        return
+    earlier = len(changes) - shown if shown else 0
+    print(f"champion history (UTC, oldest first{f'; {earlier} earlier not shown, --history 0 shows all' if earlier > 0 else ''}):")
+    for ch in changes[max(earlier, 0):]:
+        move = f"{ch.before or '-'} -> {ch.after or '-'}"
+        print(f"  {_when(ch.by.at)}  {move:>9}  {ch.by.command}: {ch.by.reason}")
+    current = registry.rule_champion(versions, alias)
+    if current is None:
+        return
+    by_version = {str(v.version): v for v in versions}
+    try:
+        target, _ = rollback.previous(name, current, changes, by_version, task)
+        print(f"mnistops rollback would restore version {target}")
+    except rollback.NothingToRollBack:
+        print("mnistops rollback: nothing earlier to restore")
 
 
 def cmd_models(args) -> int:
@@ -257,7 +298,7 @@ def cmd_models(args) -> int:
     for i, name in enumerate(names):
         if i:
             print()
-        _print_versions(c, name)
+        _print_versions(c, name, args.history)
     return EXIT_OK
 
 
@@ -269,6 +310,7 @@ def cmd_promote(args) -> int:
     from flows.promotion import promotion_lock
     from nn_core.data import load_splits, prepare_dataset
     from nn_core.registry import Task, TaskMismatchError, bound_task, gate
+    from nn_core.rollback import COMMAND
     from nn_core.release import complete_unfinished
 
     cfg = from_args(GateConfig, args)
@@ -290,9 +332,34 @@ def cmd_promote(args) -> int:
         return EXIT_OK if decision.accepted else EXIT_REJECTED
     s = load_splits(prepared.cache_path)
     decision = gate(name, str(args.version), s.val_images.numpy(), s.val_labels.numpy(), cfg, force=args.force,
-                    task=Task(s.name, s.digest), lock=promotion_lock, decide_again=True)
+                    task=Task(s.name, s.digest), lock=promotion_lock, decide_again=True,
+                    extra={COMMAND: "mnistops promote" + (" --force" if args.force else "")})
     print(f"{name} version {args.version}: {decision.promotion} ({decision.reason})")
     return EXIT_OK if decision.accepted else EXIT_REJECTED
+
+
+def cmd_rollback(args) -> int:
+    """The champion back to the previous champion (nn_core.rollback says which), or to --to, through
+    the task and parity checks; the decision recorded, the alias published."""
+    from flows.promotion import promotion_lock
+    from nn_core import rollback
+
+    name = from_args(GateConfig, args).model_for(args.dataset or "mnist")
+    command = "mnistops rollback" + (f" --to {args.to}" if args.to else "")
+    try:
+        done = rollback.rollback(name, None if args.to is None else str(args.to), lock=promotion_lock,
+                                 command=command)
+    except rollback.NothingToRollBack as e:  # a normal outcome, like a rejection: not an error line
+        print(str(e))
+        return EXIT_NO_ROLLBACK
+    for version, why in done.skipped:
+        print(f"{name} version {version}: passed over ({why})")
+    if done.decision is None:
+        print(f"{name} version {done.after} is already the champion: nothing changed")
+    else:
+        print(f"{name}: champion rolled back from version {done.before} to version {done.after} "
+              f"({done.decision.reason})")
+    return EXIT_OK
 
 
 def _check_ui(args) -> None:
@@ -395,6 +462,19 @@ def _registry_commands(command) -> None:
     add_arguments(p, DataConfig, only=["dataset"], defaults={"dataset": None},
                   helps={"dataset": "list only this task's registered model (default: every registered model)"})
     add_arguments(p, GateConfig, only=["model_name"])
+    p.add_argument("--history", type=number(int, {"ge": 0}), default=10, metavar="N",
+                   help="show the last N changes of each champion (0: all)")
+
+    p = command("rollback", cmd_rollback, "move the champion back to the previous champion (the one before the "
+                                          "current one took over; again: one further back), or to --to "
+                                          "VERSION, through the task and parity checks; exit 5 when there is "
+                                          "nothing to roll back to")
+    add_arguments(p, DataConfig, only=["dataset"], defaults={"dataset": None},
+                  helps={"dataset": "names the task: the default model name is DATASET-mlp (mnist-mlp without it)"})
+    add_arguments(p, GateConfig, only=["model_name"])
+    p.add_argument("--to", type=POSITIVE, default=None, metavar="VERSION",
+                   help="the version to restore: one the gate accepted, of the model's task, parity passed "
+                        "(default: the previous champion)")
 
     p = command("promote", cmd_promote, "move the champion alias to VERSION through the gate's checks, on the "
                                         "registered model's own validation split", check_data)
@@ -498,9 +578,9 @@ def _on_signal(signum, frame):
 # The commands that talk to MLflow, and those that use a configured Prefect API: run, sweep and serve
 # the one configured anywhere (else they start a temporary one); infer and promote one only when
 # PREFECT_API_URL is in the environment (flows/commands.py, flows/promotion.py).
-_MLFLOW_COMMANDS = {"train", "run", "sweep", "serve", "models", "promote", "infer", "ui"}
+_MLFLOW_COMMANDS = {"train", "run", "sweep", "serve", "models", "promote", "rollback", "infer", "ui"}
 _PREFECT_COMMANDS = {"run", "sweep", "serve"}
-_PREFECT_IF_SET = {"infer", "promote"}
+_PREFECT_IF_SET = {"infer", "promote", "rollback"}
 
 
 def _check_servers(args) -> None:

@@ -42,6 +42,19 @@ def user_prefect_url() -> str | None:
     return None if not url or url == settings.env(TEMPORARY_API_ENV) else url
 
 
+def deciding_command() -> str:
+    """Who decides, as a gate's decision record names it (the champion's history shows it): the
+    flow run's flow and the deployment that started it (a schedule, a trigger, a worker), else the
+    command line that ran the flow (its MLflow run's source says the same)."""
+    from flows.observability import mlflow_context_tags, prefect_flow_run
+
+    _, _, flow, deployment = prefect_flow_run()
+    if deployment:
+        return f"gate of {flow}/{deployment} (a deployment's flow run)"
+    source = mlflow_context_tags(flow or "a flow")["mlflow.source.name"]
+    return f"gate of {flow} ({source})" if flow and source != flow else f"gate of {source}"
+
+
 def lock_kind() -> str:
     """'store file' (SQLite), 'prefect limit' (a configured Prefect server) or 'machine file'."""
     if registry.shared_by_store():

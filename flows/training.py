@@ -144,13 +144,15 @@ def register_task(result: TrainResult, exported: ExportResult, prepared: Prepare
       cache_policy=NO_CACHE, task_run_name="gate {model_name} version {version}")
 def gate_task(result: TrainResult, exported: ExportResult, version: str, prepared: PreparedDataset,
               model_name: str, gate: GateConfig) -> GateDecision:
-    from flows.promotion import promotion_lock
+    from flows.promotion import deciding_command, promotion_lock
+    from nn_core.rollback import COMMAND
 
     # Versions a killed command left without a decision get theirs first (completed or failed), so
     # that this candidate is compared with the champion of every decision the registry can hold.
     for other, (line, _) in complete_unfinished(model_name, prepared.cache_path, gate, lock=promotion_lock).items():
         get_run_logger().warning("%s version %s: %s", model_name, other, line)
-    decision = gate_and_record(result, exported, version, prepared.cache_path, model_name, gate, lock=promotion_lock)
+    decision = gate_and_record(result, exported, version, prepared.cache_path, model_name, gate, lock=promotion_lock,
+                               extra={COMMAND: deciding_command()})
     get_run_logger().info("gate: version %s %s: %s", version, decision.promotion, decision.reason)
     return decision
 

@@ -83,11 +83,12 @@ def logged_model_id(model_name: str, version: str) -> str | None:
 
 
 def gate_and_record(result: TrainResult, exported: ExportResult, version: str, data_path: Path,
-                    model_name: str, cfg: GateConfig, lock=promotion_lock) -> GateDecision:
-    """Run the gate on the registered version, then attach the model card to the run and the version."""
+                    model_name: str, cfg: GateConfig, lock=promotion_lock, extra: dict | None = None) -> GateDecision:
+    """Run the gate on the registered version, then attach the model card to the run and the version.
+    `extra`: more fields for the decision record (who decides: nn_core.rollback.COMMAND)."""
     splits = load_splits(data_path)
     decision = gate(model_name, version, splits.val_images.numpy(), splits.val_labels.numpy(), cfg,
-                    task=task_of(splits), lock=lock)
+                    task=task_of(splits), lock=lock, extra=extra)
     _, ckpt = load_model(result.checkpoint)
     card = model_card(
         model_name=model_name, version=version, run_id=result.run_id, dataset=splits.name,

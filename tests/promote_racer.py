@@ -1,11 +1,12 @@
-"""One racer of tests/test_champion_race.py: a real process that runs `mnistops promote` once per
-round, all racers released at the same instant by a file, so that their gates overlap.
+"""One racer of tests/test_champion_race.py and tests/test_rollback.py: a real process that runs
+`mnistops promote` (or any mnistops command) once per round, all racers released at the same instant
+by a file, so that their gates overlap.
 
     python promote_racer.py FOLDER INDEX ROUNDS [extra mnistops args...]
 
 The heavy imports happen before the first round (a race between imports would not be a race between
-gates). Round r starts when FOLDER/go-r exists (a JSON list: the version each racer promotes); the
-exit code goes to FOLDER/done-r-INDEX.
+gates). Round r starts when FOLDER/go-r exists (a JSON list, one entry per racer: the version it
+promotes, or the whole mnistops command line as a list); the exit code goes to FOLDER/done-r-INDEX.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def main() -> None:
         while not (folder / f"go-{r}").exists():
             time.sleep(0.005)
         versions = json.loads((folder / f"go-{r}").read_text())
-        code = flows.cli.main(["promote", str(versions[index]), *extra])
+        mine = versions[index]
+        code = flows.cli.main(mine if isinstance(mine, list) else ["promote", str(mine), *extra])
         done = folder / f".done-{r}-{index}"
         done.write_text(str(code))
         done.rename(folder / f"done-{r}-{index}")  # whole: the test reads it as soon as it appears

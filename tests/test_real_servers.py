@@ -130,3 +130,22 @@ def test_two_pipelines_finishing_together(stack, tmp_path, mnist, mnist_source):
     with temporary_settings({PREFECT_API_URL: stack.prefect_url}), get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(limit_name("race-mlp"))
     assert limit.limit == 1 and limit.active and limit.active_slots == 0
+
+    # A rollback on the server, under the same limit: the other version forced in by hand, then the
+    # champion before it restored; its decision record (on the server's artifact store) in the history.
+    other = next(v.version for v in versions if v.version != champion.version)
+    r = _mnistops("promote", str(other), "--force", "--model-name", "race-mlp", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _mnistops("rollback", "--model-name", "race-mlp", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert c.get_model_version_by_alias("race-mlp", "champion").version == champion.version
+    import mlflow
+
+    from nn_core import rollback
+
+    mlflow.set_tracking_uri(stack.mlflow_url)
+    try:
+        last = rollback.history("race-mlp")[-1]
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert (last.before, last.after, last.by.command) == (str(other), str(champion.version), "mnistops rollback")
