@@ -15,7 +15,7 @@ import pytest
 from flows.cli import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, build_parser, main
 from nn_core.tracking import redact_url
 
-COMMANDS = ["prepare-data", "train", "run", "models", "promote", "ui", "infer", "sweep", "serve"]
+COMMANDS = ["prepare-data", "train", "run", "models", "promote", "rollback", "ui", "infer", "sweep", "serve"]
 
 
 def test_every_command_is_there_and_has_help(capsys):
@@ -103,6 +103,7 @@ BAD_INPUTS = [
     (["train", "--data-dir", "{t}/a-file"], EXIT_ERROR, "{t}/a-file: the data folder"),
     (["promote", "0"], EXIT_USAGE, "version: 0"),
     (["promote", "1", "--margin", "-0.1"], EXIT_USAGE, "--margin"),
+    (["rollback", "--to", "0"], EXIT_USAGE, "--to: 0"),
     (["promote", "1", "--data-source", "{t}/nowhere"], EXIT_ERROR, "data source folder does not exist"),
     (["infer", "--input", "{t}/images.npy"], EXIT_USAGE, "--output"),
     (["infer", "--input", "{t}/images.npy", "--output", "{t}/p.csv", "--batch-size", "0"], EXIT_USAGE, "--batch-size"),

@@ -77,6 +77,11 @@ def test_cli_exit_codes(prefect_api, home, mnist_source, capsys):
     assert "rejected" in out and "version" in out
     assert main(["promote", "1", "--threshold", "0.999"]) == EXIT_REJECTED and registry.champion("mnist-mlp") is None
     assert main(["promote", "1", "--threshold", "0.999", "--force"]) == 0 and registry.champion("mnist-mlp") == "1"
+    # each decision names who made it: the champion's history (nn_core.rollback) shows it
+    from nn_core import rollback
+
+    assert [d.command for d in rollback.decisions("mnist-mlp")] == [
+        "gate of training-pipeline", "mnistops promote", "mnistops promote --force"]
 
 
 class _Flaky(http.server.SimpleHTTPRequestHandler):
