@@ -154,6 +154,10 @@ def test_rollback_walks_back_reign_by_reign(home, candidate, capsys):
     assert code == EXIT_NO_ROLLBACK and not err, (out, err)
     assert out == [f"registered model {NAME!r}: no earlier champion to roll back to from version 1; the champion stays"]
     assert _state() == before
+    # --to the champion itself changes nothing, so a retried `rollback --to V` is safe
+    code, out, err = _cli(capsys, "rollback", "--to", "1")
+    assert code == EXIT_OK and out == [f"{NAME} version 1 is already the champion: nothing changed"], (out, err)
+    assert _state() == before
 
     # `models` shows the history, who did what, and what a rollback would do now
     code, out, _ = _cli(capsys, "models", "--history", "0")
