@@ -84,8 +84,22 @@ def _artifact(title: str, model: str, results: list[JobResult], extra: str = "")
             + (f" (version {results[0].model.version or 'local file'}, {results[0].provider})" if results else "")
             + "\n\n| input | records / predicted / skipped | accuracy | drift | drift statistics | output |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(_row(r) for r in results) + "\n" + extra
+            + _monitor_links(results)
         ),
     )
+
+
+def _monitor_links(results: list[JobResult]) -> str:
+    """Where each version's monitoring record is (one point per batch above): `mnistops monitor`
+    prints it, the MLflow UI charts it."""
+    runs = {(r.model.name, r.model.version): r.monitor_run_id for r in results if r.monitor_run_id}
+    if not runs:
+        return ""
+    client = tracking.client()
+    return "\n" + "".join(
+        f"\nmonitoring record of {name} version {version}: "
+        f"[MLflow run {run_id}]({settings.run_url(client.get_run(run_id).info.experiment_id, run_id)})"
+        for (name, version), run_id in sorted(runs.items()))
 
 
 def _score_inbox(job: JobConfig, rescore: bool, fan: FanOut) -> tuple[dict, list[JobResult], InboxResult]:
