@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import settings
+from flows.drift_events import emit_alert
 from flows.fanout import FanOut, share_config, task_runner, usage_problem
 from flows.options import UsageError
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
@@ -170,6 +171,7 @@ def batch_inference(job: JobConfig, inbox: bool = False, rescore: bool = False, 
     alerts = [r for r in scored if r.drift.alert]
     for r in alerts:
         logger.warning("drift alert on %s: %s", r.input_path, r.drift.reason)
+        emit_alert(r)  # counted by the training deployment's trigger (flows.drift_events)
     if job.fail_on_drift and alerts:
         raise DriftAlert(f"drift alert on {len(alerts)} input(s): "
                          + "; ".join(f"{r.input_path}: {r.drift.reason}" for r in alerts)

@@ -1,11 +1,14 @@
-"""Issue 24, point 1: the model version's monitoring record (one point per batch job, in MLflow,
-stepped by time) and `mnistops monitor`, on the real parts: a real MLflow store, real onnxruntime on
-the tiny synthetic model."""
+"""Issue 24, points 1 and 2: the model version's monitoring record (one point per batch job, in
+MLflow, stepped by time), `mnistops monitor`, the drift alert as a Prefect event and the training
+deployment's trigger firing after K of them, on the real parts: a real MLflow store, real
+onnxruntime on the tiny synthetic model, the session's real Prefect server."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 
 from serving import drift, monitor
 from serving.config import JobConfig
+from serving.defaults import EXPERIMENT
 from serving_fixtures import digits, mlp_onnx, mlp_weights, reference_probabilities
 
 SEED = 0
@@ -177,3 +181,131 @@ def test_monitor_command_prints_each_versions_batches_and_trend(store, capsys):
     (line,) = captured.err.splitlines()
     assert line.startswith("mnistops monitor: error: --model no-such-mlp: no registered model of that name "
                            "(registered: ") and "cmd-mlp" in line
+
+
+def _events(resource_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(EventFilter(event=EventNameFilter(name=["mnistops.drift.alert"]),
+                                              resource=EventResourceFilter(id=[resource_id])),
+                                  limit=50)  # the client's default, 100, is above the server's limit
+    return page.events
+
+
+def _wait(what, predicate, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+@pytest.mark.slow
+def test_an_alerting_flow_run_fails_with_its_artifact_record_and_event(tmp_path, store, prefect_api):
+    """--fail-on-drift through the batch-inference flow on the session's Prefect server: the flow run
+    fails, keeps its artifact (the alert and the monitoring record's link), the MLflow job run says
+    alert, the version's record has the point, and the event reached the server with the figures."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.events.worker import EventsWorker
+
+    from common.settings import mlflow_client
+    from flows.inference import batch_inference
+
+    name = unique("mon")  # the server is shared: this test's events only
+    register(tmp_path, name)
+    np.save(tmp_path / "black.npy", np.zeros((200, 28, 28), np.uint8))
+    state = batch_inference(JobConfig(input=tmp_path / "black.npy", output=tmp_path / "b.parquet",
+                                      model=f"models:/{name}/1", device="cpu", fail_on_drift=True),
+                            return_state=True)
+    assert state.is_failed() and "drift alert" in state.message
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (table,) = [a.data for a in artifacts if a.key == "batch-inference"]
+    (point,) = monitor.history(mlflow_client(), name, "1")
+    assert point.status == "alert" and point.records == 200
+    client = mlflow_client()
+    (job_run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
+                                    filter_string=f"tags.model_uri = 'models:/{name}/1'")
+    assert job_run.data.tags["drift.status"] == "alert" and job_run.info.status == "FINISHED"
+    record = job_run.data.tags[monitor.JOB_TAG]
+    assert "**alert**" in table and f"monitoring record of {name} version 1: [MLflow run {record}]" in table
+
+    EventsWorker.drain_all(timeout=30)
+    (event,) = _wait("the alert event on the server", lambda: _events(f"mnistops.model.{name}.v1"))
+    assert event.resource["mnistops.model.name"] == name and event.resource["mnistops.model.version"] == "1"
+    assert event.payload["records"] == 200 and event.payload["exceed_fraction"] == 1.0
+    assert event.payload["status"] == "alert" and event.payload["monitor_run_id"] == record
+    assert str(state.state_details.flow_run_id) in {r.id.rsplit(".", 1)[-1] for r in event.related}
+
+
+def test_without_a_prefect_api_emitting_is_a_no_op(tmp_path):
+    """No Prefect API configured (none in the environment, Prefect's setting at its default; the
+    session's may be set by `prefect_api`): nothing sent, no error, no temporary API started."""
+    import psutil
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.drift_events import emit_alert
+    from serving.job import JobResult
+    from serving.model_source import ModelRef
+
+    assert "PREFECT_API_URL" not in os.environ  # conftest removes it
+    result = JobResult(output=tmp_path, manifest=tmp_path, model=ModelRef("models:/m/1", "m", "1", None, tmp_path),
+                       provider="cpu", records=1, predicted=1, skipped=(), accuracy=None, seconds=1.0,
+                       throughput=1.0, wall_seconds=1.0, input_digest="", labels_digest=None, mlflow_run_id=None,
+                       drift=drift.DriftReport("alert", "test", 1))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    t0 = time.perf_counter()
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert emit_alert(result) is None
+    assert time.perf_counter() - t0 < 1.0
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+@pytest.mark.slow
+def test_k_alerts_within_the_window_run_the_training_deployment(prefect_api):
+    """The training deployment exactly as `mnistops serve` declares it (its trigger with K = 2),
+    applied to the session's server under a name of its own: one alert event runs nothing, the
+    second runs the deployment (a flow run of it is created; no worker is needed for that)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    from flows.deployments import TRAINING_DEPLOYMENT, deployments
+    from flows.drift_events import ALERT_EVENT, RetrainTrigger, resource, retrain_trigger
+
+    name = unique("mon")
+    trigger = retrain_trigger(name, RetrainTrigger(retrain_alerts=2, retrain_window=600))
+    training = deployments("0 2 * * *", "0 * * * *", {}, {}, [trigger])[0]
+    assert training.name == TRAINING_DEPLOYMENT and training.triggers == [trigger]
+    training.name = f"{TRAINING_DEPLOYMENT}-{name}"  # the server is shared with other tests
+    deployment_id = training.apply()
+
+    def runs():  # those the trigger made (the schedule's own are auto-scheduled)
+        with get_client(sync_client=True) as client:
+            return [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+                id=DeploymentFilterId(any_=[deployment_id]))) if not r.auto_scheduled]
+
+    try:
+        with get_client(sync_client=True) as client:
+            (automation,) = client.read_automations_by_name(trigger.name)
+        assert automation.trigger.threshold == 2 and automation.trigger.posture == "Reactive"
+        time.sleep(3)  # the server's trigger service loads a new automation on its change notice
+        emit_event(ALERT_EVENT, resource=resource(name, "1"), payload={"records": 200})
+        EventsWorker.drain_all(timeout=30)
+        _wait("the first alert on the server", lambda: _events(f"mnistops.model.{name}.v1"))
+        time.sleep(2)  # the trigger service saw it too (the same pipeline), and ran nothing
+        assert runs() == []  # one alert of two: nothing yet
+        emit_event(ALERT_EVENT, resource=resource(name, "2"), payload={"records": 200})
+        EventsWorker.drain_all(timeout=30)
+        (flow_run,) = _wait("a flow run of the training deployment", runs)
+        assert flow_run.deployment_id == deployment_id and flow_run.created_by.type == "AUTOMATION", flow_run
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
+            client.delete_deployment(deployment_id)  # and its scheduled runs
