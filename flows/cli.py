@@ -426,9 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=PORT, default=5000, help="port")
 
-    from flows import commands
+    from flows import commands, monitoring
 
     commands.add(command)
+    monitoring.add(command)
     return parser
 
 
@@ -578,7 +579,7 @@ def _on_signal(signum, frame):
 # The commands that talk to MLflow, and those that use a configured Prefect API: run, sweep and serve
 # the one configured anywhere (else they start a temporary one); infer and promote one only when
 # PREFECT_API_URL is in the environment (flows/commands.py, flows/promotion.py).
-_MLFLOW_COMMANDS = {"train", "run", "sweep", "serve", "models", "promote", "rollback", "infer", "ui"}
+_MLFLOW_COMMANDS = {"train", "run", "sweep", "serve", "models", "promote", "rollback", "infer", "ui", "monitor"}
 _PREFECT_COMMANDS = {"run", "sweep", "serve"}
 _PREFECT_IF_SET = {"infer", "promote", "rollback"}
 

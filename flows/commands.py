@@ -89,7 +89,9 @@ def cmd_sweep(args) -> int:
 def cmd_serve(args) -> int:
     from flows import prefect_api
     from flows.deployments import deployments
+    from flows.drift_events import RetrainTrigger, retrain_trigger
     from flows.options import parameters_json, pipeline_parameters
+    from common.fields import from_args
     from flows.settings import configure
     from serving.config import JobConfig
     from common.errors import EXIT_OK
@@ -102,14 +104,18 @@ def cmd_serve(args) -> int:
     inbox.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     params = pipeline_parameters(args)
-    champion = f"models:/{params['gate'].model_for(params['data'].dataset)}@champion"
+    model = params["gate"].model_for(params["data"].dataset)
+    champion = f"models:/{model}@champion"
     # As JSON, the form's fields only: what Prefect shows as a run's parameters and offers to change.
     job = JobConfig(input=inbox, output=output, model=champion, fail_on_drift=True)
     deps = deployments(args.training_cron, args.inference_cron, parameters_json(params),
-                       parameters_json({"job": job, "inbox": True}))
+                       parameters_json({"job": job, "inbox": True}),
+                       [retrain_trigger(model, from_args(RetrainTrigger, args))])
     prefect_api.wait_ready()
+    trigger = deps[0].triggers[0]
     print(f"serving deployments {[d.name for d in deps]} (training '{args.training_cron}', "
-          f"inference '{args.inference_cron}'); Ctrl-C stops", flush=True)
+          f"inference '{args.inference_cron}'; {trigger.name if trigger.enabled else 'no retraining on drift'}); "
+          "Ctrl-C stops", flush=True)
     _serve(deps)
     return EXIT_OK
 
@@ -197,6 +203,7 @@ def add(command) -> None:
 
 
 def _serve_command(command) -> None:
+    from flows.drift_events import add_options
     from flows.options import data_args, gate_args, train_args
     from flows.settings import INFERENCE_CRON, TRAINING_CRON
 
@@ -212,4 +219,5 @@ def _serve_command(command) -> None:
     data_args(p)
     train_args(p)
     gate_args(p)
+    add_options(p)
     p.set_defaults(prefect_api=True)

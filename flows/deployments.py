@@ -20,11 +20,13 @@ CONCURRENCY_LIMIT = 1
 
 
 def deployments(training_cron: str, inference_cron: str, training_parameters: dict,
-                inference_parameters: dict) -> list[RunnerDeployment]:
+                inference_parameters: dict, training_triggers: list | None = None) -> list[RunnerDeployment]:
+    """`training_triggers`: what runs the training besides its schedule (the drift trigger,
+    flows.drift_events)."""
     return [
         training_pipeline.to_deployment(name=TRAINING_DEPLOYMENT, cron=training_cron,
                                         parameters=training_parameters, tags=list(FLOW_TAGS[training_pipeline.name]),
-                                        concurrency_limit=CONCURRENCY_LIMIT,
+                                        concurrency_limit=CONCURRENCY_LIMIT, triggers=training_triggers,
                                         description="Nightly: data -> DDP training -> ONNX -> gate -> champion"),
         batch_inference.to_deployment(name=INFERENCE_DEPLOYMENT, cron=inference_cron,
                                       parameters=inference_parameters, tags=list(FLOW_TAGS[batch_inference.name]),

@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import settings
+from flows.drift_events import emit_alert
 from flows.fanout import FanOut, share_config, task_runner, usage_problem
 from flows.options import UsageError
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
@@ -84,8 +85,22 @@ def _artifact(title: str, model: str, results: list[JobResult], extra: str = "")
             + (f" (version {results[0].model.version or 'local file'}, {results[0].provider})" if results else "")
             + "\n\n| input | records / predicted / skipped | accuracy | drift | drift statistics | output |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(_row(r) for r in results) + "\n" + extra
+            + _monitor_links(results)
         ),
     )
+
+
+def _monitor_links(results: list[JobResult]) -> str:
+    """Where each version's monitoring record is (one point per batch above): `mnistops monitor`
+    prints it, the MLflow UI charts it."""
+    runs = {(r.model.name, r.model.version): r.monitor_run_id for r in results if r.monitor_run_id}
+    if not runs:
+        return ""
+    client = tracking.client()
+    return "\n" + "".join(
+        f"\nmonitoring record of {name} version {version}: "
+        f"[MLflow run {run_id}]({settings.run_url(client.get_run(run_id).info.experiment_id, run_id)})"
+        for (name, version), run_id in sorted(runs.items()))
 
 
 def _score_inbox(job: JobConfig, rescore: bool, fan: FanOut) -> tuple[dict, list[JobResult], InboxResult]:
@@ -156,6 +171,7 @@ def batch_inference(job: JobConfig, inbox: bool = False, rescore: bool = False, 
     alerts = [r for r in scored if r.drift.alert]
     for r in alerts:
         logger.warning("drift alert on %s: %s", r.input_path, r.drift.reason)
+        emit_alert(r)  # counted by the training deployment's trigger (flows.drift_events)
     if job.fail_on_drift and alerts:
         raise DriftAlert(f"drift alert on {len(alerts)} input(s): "
                          + "; ".join(f"{r.input_path}: {r.drift.reason}" for r in alerts)

@@ -113,7 +113,18 @@ def deployment_defaults() -> dict:
         return parameters_json({name: p.default for name, p in inspect.signature(flow.fn).parameters.items()
                                 if p.default is not inspect.Parameter.empty})
 
-    return {"training": defaults(training_pipeline), "sweep": defaults(hyperparameter_sweep)}
+    training = defaults(training_pipeline)
+    return {"training": training, "sweep": defaults(hyperparameter_sweep), "retraining": retraining_trigger(training)}
+
+
+def retraining_trigger(training: dict) -> dict:
+    """The training deployment's drift trigger (flows.drift_events) for the model its default
+    parameters train, with K and the window from MNISTOPS_RETRAIN_ALERTS / MNISTOPS_RETRAIN_WINDOW."""
+    from flows.drift_events import from_environment, trigger_spec
+    from nn_core.config import DataConfig, GateConfig
+
+    model = GateConfig(**training["gate"]).model_for(DataConfig(**training["data"]).dataset)
+    return trigger_spec(model, from_environment())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import onnxruntime as ort
 import pyarrow as pa
 from tqdm import tqdm
 
-from serving import drift
+from serving import drift, monitor
 from serving.config import JobConfig
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
 from common import storage
@@ -84,6 +84,8 @@ class JobResult:
     drift: drift.DriftReport
     input_path: Path | str | None = None
     manifest_data: dict[str, Any] | None = None  # what the manifest file holds
+    mean_confidence: float | None = None  # mean top probability over the predicted records
+    monitor_run_id: str | None = None  # the model version's monitoring record this batch added a point to
 
 
 # --- reading ahead -------------------------------------------------------------------------------
@@ -158,6 +160,7 @@ class _Tracking:
         from common.settings import mlflow_client
 
         self.client = mlflow_client()
+        self.model = model
         exp_id = ensure_experiment(cfg.experiment, self.client)
         tags = {
             **run_context_tags(_source_name(), "LOCAL"),  # a flow run says JOB and links itself later
@@ -191,7 +194,9 @@ class _Tracking:
             self.run_id, params=[Param(k, str(v)) for k, v in params.items() if v is not None]
         )
 
-    def finish(self, result: JobResult, manifest: Path) -> None:
+    def finish(self, result: JobResult, manifest: Path) -> str | None:
+        """The job's figures on its run, its point on the version's monitoring record (a registered
+        version only); returns that record's run id."""
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
@@ -204,6 +209,8 @@ class _Tracking:
         }
         if result.accuracy is not None:
             metrics["accuracy"] = result.accuracy
+        if result.mean_confidence is not None:
+            metrics["mean_confidence"] = result.mean_confidence
         metrics.update(result.drift.metrics())
         params = [Param("input_digest", result.input_digest)]
         if result.labels_digest:
@@ -214,8 +221,15 @@ class _Tracking:
             params=params,
         )
         self.client.set_tag(self.run_id, "drift.status", result.drift.status)
+        monitor_run = None
+        if self.model.name and self.model.version:
+            point = monitor.point_of(result.predicted, result.mean_confidence, result.accuracy, result.drift,
+                                     dt.datetime.fromtimestamp(now / 1000, dt.timezone.utc))
+            monitor_run = monitor.record(self.client, self.model.name, self.model.version, point)
+            self.client.set_tag(self.run_id, monitor.JOB_TAG, monitor_run)
         self.client.log_artifact(self.run_id, str(manifest))
         self.client.set_terminated(self.run_id, "FINISHED")
+        return monitor_run
 
     def fail(self, error: BaseException) -> None:
         """FAILED with the error; KILLED with the reason when a signal or Ctrl-C stopped the job (what
@@ -287,6 +301,7 @@ class _Inferred:
 class _Counts:
     predicted: int = 0
     correct: int = 0
+    confidence: float = 0.0  # sum of the top probabilities
 
 
 def _infer(session: ort.InferenceSession, monitor: drift.DriftMonitor | None, pixels: np.ndarray) -> _Inferred:
@@ -313,6 +328,7 @@ def _write_chunk(chunk: Chunk, r: _Inferred, labels: LabelReader | None, monitor
     writer.write(Batch(ids, r.prediction, r.probability, r.ood[0] if r.ood is not None else None, y,
                        r.probs if all_probabilities else None))
     counts.predicted += len(r.prediction)
+    counts.confidence += float(r.probability.sum(dtype=np.float64))
 
 
 def _predict_chunks(session: ort.InferenceSession, reader: ImageReader, labels: LabelReader | None,
@@ -363,6 +379,7 @@ def _manifest(
                    "skipped": len(result.skipped)},
         "skipped": [dataclasses.asdict(s) for s in result.skipped],
         "accuracy": result.accuracy,
+        "mean_confidence": result.mean_confidence,
         "drift": result.drift.to_dict(),
         "seconds": round(result.seconds, 6),
         "throughput_img_per_s": round(result.throughput, 1),
@@ -448,6 +465,7 @@ def _write_outputs(cfg: JobConfig, loaded: LoadedModel, reader: ImageReader, lab
             mlflow_run_id=tracking.run_id if tracking else None,
             drift=monitor.report() if monitor is not None else drift.unavailable(loaded.reference_missing),
             input_path=cfg.input,
+            mean_confidence=counts.confidence / counts.predicted if counts.predicted else None,
         )
         data = _manifest(cfg, loaded.ref, loaded.provider, reader, labels, result, started, writer.schema.names,
                          shown)
@@ -493,7 +511,7 @@ def _run_local(cfg: JobConfig, loaded: LoadedModel | None, shown: _Shown) -> Job
         remove_stale_temps(cfg.output)
         result = _write_outputs(cfg, loaded, reader, labels, tracking, started, shown)
         if tracking is not None:
-            tracking.finish(result, result.manifest)
+            result = dataclasses.replace(result, monitor_run_id=tracking.finish(result, result.manifest))
     except BaseException as e:
         if tracking is not None:
             tracking.fail(e)

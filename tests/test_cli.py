@@ -15,7 +15,7 @@ import pytest
 from flows.cli import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, build_parser, main
 from nn_core.tracking import redact_url
 
-COMMANDS = ["prepare-data", "train", "run", "models", "promote", "rollback", "ui", "infer", "sweep", "serve"]
+COMMANDS = ["prepare-data", "train", "run", "models", "promote", "rollback", "ui", "infer", "sweep", "serve", "monitor"]
 
 
 def test_every_command_is_there_and_has_help(capsys):

@@ -350,7 +350,8 @@ def test_the_forms_offer_only_what_a_user_may_set():
 @pytest.mark.slow
 def test_a_deployment_run_with_defaults_shows_them(tmp_path):
     """infra/prefect.yaml deployed to a real Prefect server: a run started with no parameters holds the
-    flows' defaults (not `{}`), and the deployment's form has no derived field."""
+    flows' defaults (not `{}`), and the deployment's form has no derived field. Its training deployment
+    gets the drift trigger `mnistops serve` declares, with K from MNISTOPS_RETRAIN_ALERTS at deploy time."""
     import json
     import os
     import subprocess
@@ -359,6 +360,7 @@ def test_a_deployment_run_with_defaults_shows_them(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.drift_events import RetrainTrigger, retrain_trigger
     from flows.options import deployment_defaults
     from servers import QUIET_ENV, prefect_server
 
@@ -367,7 +369,7 @@ def test_a_deployment_run_with_defaults_shows_them(tmp_path):
     with prefect_server(f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}", home=tmp_path / "server",
                         log_path=tmp_path / "server.log") as api_url:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MNISTOPS_"))}, **QUIET_ENV,
-               "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / "cli")}
+               "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / "cli"), "MNISTOPS_RETRAIN_ALERTS": "5"}
         for args in (["work-pool", "create", "mnistops-process", "--type", "process"],
                      ["--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"]):
             done = subprocess.run(prefect + args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -376,6 +378,11 @@ def test_a_deployment_run_with_defaults_shows_them(tmp_path):
             deps = {d.name: d for d in client.read_deployments()}
             run = client.create_flow_run_from_deployment(deps["training-nightly"].id)
             form = deps["training-nightly"].parameter_openapi_schema["definitions"]
+            trigger = retrain_trigger("mnist-mlp", RetrainTrigger(retrain_alerts=5))
+            (automation,) = client.read_automations_by_name(trigger.name)
+    trigger.set_deployment_id(deps["training-nightly"].id)
+    assert automation.trigger == trigger.as_automation().trigger and automation.enabled
+    assert [a.deployment_id for a in automation.actions] == [deps["training-nightly"].id]
     expected = json.loads(json.dumps(deployment_defaults()))
     assert run.parameters == expected["training"] and run.parameters["train"]["epochs"] == TrainConfig().epochs
     assert deps["hyperparameter-sweep"].parameters == expected["sweep"]
