@@ -105,7 +105,8 @@ def cmd_serve(args) -> int:
     champion = f"models:/{params['gate'].model_for(params['data'].dataset)}@champion"
     # As JSON, the form's fields only: what Prefect shows as a run's parameters and offers to change.
     job = JobConfig(input=inbox, output=output, model=champion, fail_on_drift=True)
-    deps = deployments(args.training_cron, args.inference_cron, parameters_json(params),
+    # The nightly retraining takes every feedback set recorded for the task (serving/feedback.py).
+    deps = deployments(args.training_cron, args.inference_cron, parameters_json({**params, "recorded_feedback": True}),
                        parameters_json({"job": job, "inbox": True}))
     prefect_api.wait_ready()
     print(f"serving deployments {[d.name for d in deps]} (training '{args.training_cron}', "
