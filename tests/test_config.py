@@ -377,7 +377,9 @@ def test_a_deployment_run_with_defaults_shows_them(tmp_path):
             run = client.create_flow_run_from_deployment(deps["training-nightly"].id)
             form = deps["training-nightly"].parameter_openapi_schema["definitions"]
     expected = json.loads(json.dumps(deployment_defaults()))
-    assert run.parameters == expected["training"] and run.parameters["train"]["epochs"] == TrainConfig().epochs
+    # the nightly retraining takes every feedback set recorded for the task (its one non-default)
+    assert run.parameters == {**expected["training"], "recorded_feedback": True}
+    assert run.parameters["train"]["epochs"] == TrainConfig().epochs
     assert deps["hyperparameter-sweep"].parameters == expected["sweep"]
     assert deps["inference-hourly"].parameters["job"]["fail_on_drift"] is True
     assert "mean" not in form["MLPConfig"]["properties"]

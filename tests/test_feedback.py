@@ -245,9 +245,9 @@ def test_the_gate_checks_the_feedback_slice(store, mnist, tmp_path):
     # 2. Inverted digits arrive with their labels: the batch job scores them with the champion, and
     #    the labelled batch becomes a feedback set of the champion's task.
     s = load_splits(mnist.cache_path)
-    shifted = 255 - s.test_images[:1500].numpy()
+    shifted = 255 - s.test_images[:3000].numpy()
     np.save(tmp_path / "inverted.npy", shifted)
-    np.save(tmp_path / "labels.npy", s.test_labels[:1500].numpy())
+    np.save(tmp_path / "labels.npy", s.test_labels[:3000].numpy())
     res = run_job(JobConfig(input=tmp_path / "inverted.npy", labels=tmp_path / "labels.npy",
                             output=tmp_path / "scored.parquet", model="models:/mnist-mlp@champion", device="cpu"))
     (fs,) = fb.recorded(fb.FeedbackTask("mnist", mnist.digest))
@@ -259,8 +259,9 @@ def test_the_gate_checks_the_feedback_slice(store, mnist, tmp_path):
     good, v2, d2 = _candidate(mnist, store, "with-feedback", cfg, parts, epochs=2)
     val, shift = d2.slices
     assert d2.accepted and registry.champion("mnist-mlp") == v2, d2.reason
-    assert shift["name"] == fs.name and shift["records"] == 300 and shift["passed"]
-    assert shift["candidate_accuracy"] > shift["champion_accuracy"] + 0.2 and shift["basis"] == "2 SE (paired)"
+    assert shift["name"] == fs.name and shift["records"] == 600 and shift["passed"]
+    assert shift["candidate_accuracy"] > shift["champion_accuracy"] + 2 * shift["tolerance"]
+    assert shift["basis"] == "2 SE (paired)"
     # its run records the set as an input of context feedback and is still of the task
     mv = c.get_model_version("mnist-mlp", v2)
     assert registry.check_version("mnist-mlp", mv, registry.bound_task("mnist-mlp"))
@@ -269,7 +270,7 @@ def test_the_gate_checks_the_feedback_slice(store, mnist, tmp_path):
     assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {f"mnist-feedback-{fs.digest[:12]}", "mnist-train"}
     # its drift reference describes what it trained on: the training split and the feedback part
     ref = load_reference(mv.tags["drift.reference"])
-    assert ref.sizes["train"] == 50_000 + 1_200
+    assert ref.sizes["train"] == 50_000 + 2_400
     # the per-slice table is in the decision record and the model card
     record = registry.recorded_decision("mnist-mlp", mv)
     assert record == d2
@@ -283,3 +284,47 @@ def test_the_gate_checks_the_feedback_slice(store, mnist, tmp_path):
     assert not d3.accepted and registry.champion("mnist-mlp") == v2
     assert fs.name in failed and f"{fs.name} (" in d3.reason and "worse than the champion on" in d3.reason
     assert json.loads(json.dumps(d3.to_dict()))["slices"][1]["name"] == fs.name
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_run_trains_on_feedback_and_refuses_another_tasks(prefect_env, mlflow_store, mnist, tmp_path, fashion_source):
+    """`mnistops run --feedback DIR` through the flow: the set is recorded, trained on and gated on; then
+    a Fashion-MNIST set recorded for its own task is refused by the MNIST run, one line, exit 1,
+    nothing trained, the champion unchanged."""
+    import os
+    import subprocess
+    import sys
+
+    from nn_core import registry, tracking
+    from nn_core.data import load_splits
+
+    s = load_splits(mnist.cache_path)
+    good = _npy_pair(tmp_path / "inverted", 255 - s.test_images[:500].numpy(), s.test_labels[:500].numpy())
+    env = {**os.environ, "MNISTOPS_DATA_DIR": str(mnist.cache_path.parent)}
+
+    def mnistops(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--threshold", "0.5",
+                               "--no-inference", *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=900)
+
+    r = mnistops("--feedback", str(good))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (fs,) = fb.recorded(fb.FeedbackTask("mnist", mnist.digest))
+    mv = tracking.client().get_model_version("mnist-mlp", "1")
+    assert tracking.client().get_run(mv.run_id).data.params["feedback"] == fs.digest
+    assert [x["name"] for x in registry.recorded_decision("mnist-mlp", mv).slices] == ["validation", fs.name]
+    assert f"\"name\": \"{fs.name}\"" in r.stdout  # the outcome printed with its slices
+
+    from common.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+
+    fashion = _idx_pair(tmp_path / "fashion", read_idx(fashion_source / "t10k-images-idx3-ubyte.gz", magic=IMAGES_MAGIC)[:40],
+                        read_idx(fashion_source / "t10k-labels-idx1-ubyte.gz", magic=LABELS_MAGIC)[:40])
+    fb.offer([str(fashion)], _fashion_task())  # as a batch job scored by the Fashion-MNIST model records it
+    r = mnistops("--feedback", str(fashion))
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("mnistops run: error: ") and f"{fashion}: feedback set " in line
+    assert "is recorded for fashion-mnist" in line
+    assert registry.champion("mnist-mlp") == "1" and len(tracking.client().search_model_versions("name = 'mnist-mlp'")) == 1
+    assert len(tracking.client().search_runs([tracking.client().get_experiment_by_name("mnist-mlp").experiment_id])) == 1
