@@ -147,6 +147,24 @@ def _check_run(args) -> None:
         data = _job_data(training_id, job, DataConfig(args.dataset, args.data_source, args.data_dir))
         args.dataset, args.data_source, args.data_dir = data.dataset, data.data_source, data.data_dir
     check_training(args)
+    _check_feedback(args)
+
+
+def _check_feedback(args) -> None:
+    """Each local --feedback read and checked as the batch job reads labelled input (count, range,
+    empty), before anything starts; a URL is read by the flow. Its task is checked by the flow."""
+    from common.errors import InputError
+    from common.storage import is_url
+    from serving.feedback import read_labelled
+
+    if args.feedback and args.resume is not None:
+        raise UsageError("--feedback and --resume do not go together: a resumed training keeps its own data")
+    for location in args.feedback or []:
+        if not is_url(location):
+            try:
+                read_labelled(location)
+            except InputError as e:
+                raise CommandError(f"--feedback: {e}") from None
 
 
 def _resumed(params: dict, resume: tuple[str, dict]) -> dict:
@@ -165,7 +183,7 @@ def cmd_run(args) -> int:
         from flows import ownership, prefect_api
         from flows.training import training_pipeline
 
-    params = pipeline_parameters(args)
+    params = {**pipeline_parameters(args), "feedback": args.feedback}
     if args.resume is not None:
         params = _resumed(params, args.resume)
         print(f"resuming training {args.resume[0]} ({params['data'].dataset}) from its checkpoint", flush=True)
@@ -450,6 +468,10 @@ def _training_commands(command) -> None:
     train_args(p)
     gate_args(p)
     p.add_argument("--no-inference", action="store_true", help="skip the batch inference over the test set")
+    p.add_argument("--feedback", action="append", default=None, metavar="DIR|URL",
+                   help="a labelled input (a folder of images with a labels.csv, or one images file and one labels "
+                        "file, IDX or .npy; or a URL prefix) recorded as a feedback set of the task and trained on "
+                        "(its training part; its held-out part joins the gate's slices); repeatable")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="TRAINING_ID",
                    help="continue a killed training from its checkpoint into the same MLflow run, then gate it "
                         "as a candidate of its dataset's model; its dataset (and cache), model, training "

@@ -108,7 +108,9 @@ def cmd_serve(args) -> int:
     champion = f"models:/{model}@champion"
     # As JSON, the form's fields only: what Prefect shows as a run's parameters and offers to change.
     job = JobConfig(input=inbox, output=output, model=champion, fail_on_drift=True)
-    deps = deployments(args.training_cron, args.inference_cron, parameters_json(params),
+    # The nightly retraining takes every feedback set recorded for the task (serving/feedback.py), and
+    # runs also when K drift alerts come within the window (flows/drift_events.py).
+    deps = deployments(args.training_cron, args.inference_cron, parameters_json({**params, "recorded_feedback": True}),
                        parameters_json({"job": job, "inbox": True}),
                        [retrain_trigger(model, from_args(RetrainTrigger, args))])
     prefect_api.wait_ready()

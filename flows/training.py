@@ -24,6 +24,8 @@ from nn_core.launch import TrainResult, check_launch, launch_training, new_job, 
 from nn_core.registry import GateDecision, Task, TaskMismatchError, check_task
 from nn_core.release import ExportResult, complete_unfinished, export_and_check, gate_and_record, register
 from nn_core.train import TrainJob
+from nn_core.slices import table as slice_table
+from common.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class PipelineResult:
     reason: str
     metrics: dict = field(default_factory=dict)
     run_url: str | None = None
+    slices: list = field(default_factory=list)  # the gate's per-slice comparisons (nn_core.slices)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,11 +128,32 @@ def _retry_registry_errors(task, task_run, state) -> bool:
     """A registry error (network, 5xx) is retried; a candidate of another task never will pass."""
     try:
         state.result()
-    except TaskMismatchError:
+    except (TaskMismatchError, InputError):  # another task, bad feedback: a retry will not change them
         return False
     except Exception:
         return True
     return False
+
+
+@task(name="feedback", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_registry_errors,
+      task_run_name="feedback {prepared.name}")
+def feedback_task(prepared: PreparedDataset, locations: list[str], recorded: bool) -> list[str]:
+    """The feedback sets this training takes: those at `locations` recorded for the task first (all
+    read and checked before any is recorded; one of another task is refused), plus, with `recorded`,
+    every set recorded for the task. Their training parts as files for the workers (content-addressed,
+    under MNISTOPS_HOME/feedback)."""
+    from serving import feedback as fb
+
+    task = fb.FeedbackTask(prepared.name, prepared.digest)
+    sets = {fs.digest: fs for fs in fb.offer(list(locations), task, tracking.client())}
+    if recorded:
+        sets.update({fs.digest: fs for fs in fb.recorded(task, tracking.client()) if fs.digest not in sets})
+    for fs in sets.values():
+        get_run_logger().info("feedback set %s (%s): %d records, %d trained on, %d held out for the gate",
+                              fs.digest[:12], fs.source, len(fs.labels), len(fs.labels) - len(fs.holdout),
+                              len(fs.holdout))
+    return fb.write_training_parts(list(sets.values()), settings.configure().home / "feedback")
 
 
 # Both are idempotent, so a registry hiccup is retried like any other I/O: a retried register finds
@@ -209,7 +233,7 @@ def release(result: TrainResult, prepared: PreparedDataset, model_name: str, gat
     if decision.champion_val_accuracy is not None:
         metrics["champion_val_accuracy"] = decision.champion_val_accuracy
     return PipelineResult(result.run_id, training_id, model_name, version, decision.accepted,
-                          decision.reason, metrics, url)
+                          decision.reason, metrics, url, list(decision.slices))
 
 
 def _note_outcome(run_id: str | None, sentence: str) -> None:
@@ -228,6 +252,12 @@ def figure(v) -> str:
 
 def publish(result: PipelineResult, key: str = "training-pipeline") -> None:
     rows = "\n".join(f"| {k} | {figure(v)} |" for k, v in result.metrics.items())
+    per_slice = ""
+    if result.slices:
+        header, cells = slice_table(result.slices)
+        per_slice = ("**Per slice** (the candidate must not trail the champion beyond the tolerance on any):\n\n"
+                     f"| {' | '.join(header)} |\n|{'---|' * len(header)}\n"
+                     + "".join(f"| {' | '.join(r)} |\n" for r in cells) + "\n")
     verdict = "PROMOTED to champion" if result.promoted else "NOT PROMOTED"
     create_markdown_artifact(
         key=key,
@@ -235,7 +265,7 @@ def publish(result: PipelineResult, key: str = "training-pipeline") -> None:
         markdown=(
             f"# {result.model_name} version {result.version or '(not registered)'}: {verdict}\n\n"
             f"**Gate:** {result.reason}\n\n"
-            f"| metric | value |\n|---|---|\n{rows}\n\n"
+            f"| metric | value |\n|---|---|\n{rows}\n\n{per_slice}"
             f"MLflow run: [{result.run_id}]({result.run_url})\n"
         ),
     )
@@ -250,6 +280,8 @@ def training_pipeline(
     gate: GateConfig = GateConfig(),
     experiment: str | None = None,
     training_id: str | None = None,
+    feedback: list[str] | None = None,
+    recorded_feedback: bool = False,
 ) -> PipelineResult:
     """Data -> DDP training -> ONNX export and parity -> registry -> gate -> champion.
 
@@ -262,6 +294,9 @@ def training_pipeline(
         experiment: MLflow experiment of the training runs (default: DATASET-mlp, the task's own).
         training_id: The id of a killed training to resume from its checkpoint, into the same MLflow run
             (`mnistops run --resume`); default: a new training.
+        feedback: Labelled inputs (folders or URL prefixes: images with a labels.csv, or an images file and
+            a labels file) to record as feedback sets of the task and train on (their training parts).
+        recorded_feedback: Also train on every feedback set recorded for the task (the scheduled retraining).
     """
     check_launch(launch, [train.batch_size], data.dataset)  # before anything starts: one line, no workers
     settings.configure()
@@ -271,6 +306,8 @@ def training_pipeline(
         prepared = obtain_data(data)
         refuse_other_task(model_name, prepared)
         job = train_job(prepared, model, train, experiment, data_source=data.data_source, training_id=training_id)
+        if feedback or recorded_feedback:
+            job = replace(job, feedback=tuple(feedback_task(prepared, list(feedback or []), recorded_feedback)))
         result = train_model(job, launch)
         outcome = release(result, prepared, model_name, gate, job.tracking.training_id, experiment)
         publish(outcome)

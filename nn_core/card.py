@@ -10,6 +10,8 @@ import re
 
 import numpy as np
 
+from nn_core.slices import table as slice_table
+
 
 def _table(header: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
@@ -56,7 +58,9 @@ def model_card(*, model_name: str, version: str, run_id: str, dataset: str, dige
             ["accuracy PyTorch / ONNX", f"{parity['torch_accuracy']:.4%} / {parity['onnx_accuracy']:.4%}"],
             ["tolerance", f"{parity['tolerance']:g}"], ["result", parity["reason"]]]),
         "## Gate\n" + _table(["check", "value"], [
-            ["threshold", decision["threshold"]], ["margin", decision["margin"]],
+            ["threshold", decision["threshold"]],
+            ["tolerance per slice", "2 standard errors of the paired difference" if decision["margin"] is None
+             else f"fixed margin {decision['margin']}"],
             ["candidate validation accuracy (ONNX)", f"{decision['val_accuracy']:.4%}"],
             ["champion before", decision["champion_version"] or "none"],
             ["champion validation accuracy (ONNX)", "n/a" if decision["champion_val_accuracy"] is None else f"{decision['champion_val_accuracy']:.4%}"],
@@ -64,4 +68,6 @@ def model_card(*, model_name: str, version: str, run_id: str, dataset: str, dige
             ["decision", decision["promotion"]]])
         + f"\n\nReason: {decision['reason']}. The full record is the run's artifact "
           f"`gate/v{version}/decision-{decision.get('decided_at', 0)}.json`.",
+        *(["## Gate per slice (the validation split and each feedback hold-out)\n"
+           + _table(*slice_table(decision["slices"]))] if decision.get("slices") else []),
     ]) + "\n"

@@ -151,8 +151,10 @@ class GateConfig:
 
     __pydantic_config__ = FORM  # Prefect's form: see common.fields
     threshold: float = setting(0.96, "minimum validation accuracy (of the ONNX model) to promote", ge=0, le=1)
-    margin: float = setting(0.0, "how much worse than the champion a candidate may be and still be promoted",
-                            ge=0, le=1)
+    margin: float | None = setting(
+        None, "fixed tolerance: how much worse than the champion a candidate may be on any slice (the validation "
+        "split, each feedback hold-out) and still be promoted; default: two standard errors of the slice's paired "
+        "accuracy difference (nn_core/slices.py)", ge=0, le=1)
     model_name: str | None = setting(None, "registered model name (default: DATASET-mlp); bound to the dataset "
                                            "of its first version")
 

@@ -81,10 +81,6 @@ def onnx_logits(session, images: np.ndarray, batch_size: int = 10_000) -> np.nda
     return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
 
 
-def onnx_accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
-    return float((onnx_logits(onnx_session(path), images).argmax(1) == labels).mean())
-
-
 @dataclass(frozen=True)
 class ParityReport:
     max_abs_diff: float

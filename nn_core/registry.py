@@ -7,8 +7,10 @@ its model must be the one its run logged: version tags are never trusted for it,
 tags were forged is refused like any other version of another task, `force` included.
 A candidate is registered only after it passed parity. The gate is evaluated on the registered ONNX
 artifact (what will be served): validation accuracy >= threshold, parity passed (the run's record),
-and not worse than the champion on the task's validation split by more than the margin. `force`
-overrides the threshold and the margin, never the task or parity.
+and, on every slice (the task's validation split and the held-out part of each of the task's feedback
+sets, serving/feedback.py), not worse than the champion beyond a tolerance: two standard errors of
+the paired accuracy difference by default, a fixed margin when one is given (nn_core/slices.py says
+why). `force` overrides the threshold and the tolerances, never the task or parity.
 
 The champion rule (`rule_champion`): the champion is the accepted version whose decision is the
 latest (`promotion.at`, a counter every decision makes larger than all it read). The alias is only
@@ -49,7 +51,8 @@ from mlflow.exceptions import MlflowException
 
 from nn_core import tracking
 from nn_core.config import GateConfig, default_model_name  # noqa: F401 (default_model_name: re-exported)
-from nn_core.export import ParityReport, onnx_accuracy
+from nn_core.export import ParityReport, onnx_logits, onnx_session
+from nn_core.slices import VALIDATION, Slice, SliceResult, compare, verdict
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +101,10 @@ class GateDecision:
     champion_version: str | None
     champion_val_accuracy: float | None
     threshold: float
-    margin: float
+    margin: float | None  # None: the statistical tolerance per slice (nn_core/slices.py)
     forced: bool = False
     decided_at: int = 0  # the rule's order of decisions (see rule_champion)
+    slices: tuple[dict, ...] = ()  # SliceResult.to_dict() per slice, the validation split first
 
     @property
     def promotion(self) -> str:
@@ -122,22 +126,12 @@ class GateDecision:
 
     @classmethod
     def from_dict(cls, d: dict) -> GateDecision:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        return cls(**{k: tuple(d[k]) if k == "slices" else d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def decide(val_accuracy: float, parity_passed: bool, champion_accuracy: float | None, cfg: GateConfig) -> tuple[bool, str]:
-    """The gate's rule, pure: (accepted, reason)."""
-    if not parity_passed:
-        return False, "ONNX parity check failed"
-    if val_accuracy < cfg.threshold:
-        return False, f"validation accuracy {val_accuracy:.4f} < threshold {cfg.threshold:.4f}"
-    if champion_accuracy is not None and val_accuracy < champion_accuracy - cfg.margin:
-        return False, (f"validation accuracy {val_accuracy:.4f} is worse than the champion's "
-                       f"{champion_accuracy:.4f} by more than the margin {cfg.margin:g}")
-    if champion_accuracy is None:
-        return True, f"validation accuracy {val_accuracy:.4f} >= {cfg.threshold:.4f}, parity passed, no champion yet"
-    return True, (f"validation accuracy {val_accuracy:.4f} >= {cfg.threshold:.4f}, parity passed, "
-                  f"not worse than the champion's {champion_accuracy:.4f} (margin {cfg.margin:g})")
+def decide(results: list[SliceResult], parity_passed: bool, cfg: GateConfig) -> tuple[bool, str]:
+    """The gate's rule, pure: (accepted, reason) from the per-slice comparisons (validation first)."""
+    return verdict(results, parity_passed, cfg.threshold)
 
 
 def _pip_requirements() -> list[str]:
@@ -309,9 +303,18 @@ def run_task(run) -> Task | None:
         return None
     for di in run.inputs.dataset_inputs if run.inputs else []:
         d = di.dataset
+        if _feedback_input(di, dataset):
+            continue  # a feedback set of this task it also trained on (its own record: serving/feedback.py)
         if not d.name.startswith(f"{dataset}-") or not digest.startswith(d.digest):
             return Task(f"{dataset} with a dataset input {d.name!r} (digest {d.digest})", digest)
     return Task(dataset, digest)
+
+
+def _feedback_input(di, dataset: str) -> bool:
+    from serving.feedback import CONTEXT
+
+    context = {t.key: t.value for t in di.tags or []}.get("mlflow.data.context")
+    return context == CONTEXT and di.dataset.name.startswith(f"{dataset}-feedback-")
 
 
 def _logged_by_run(mv) -> bool:
@@ -399,12 +402,23 @@ def settle(model_name: str, rounds: int = 20) -> str | None:
                        "writes (other gates keep deciding); run `mnistops promote` again")
 
 
-def version_accuracy(model_name: str, version: str, images: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy of a registered version's ONNX artifact, run in onnxruntime on the given split."""
+def version_predictions(model_name: str, version: str, slices: list[Slice]) -> dict[str, np.ndarray]:
+    """{slice name: predicted classes} of a registered version's ONNX artifact in onnxruntime."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=tmp))
-        onnx_file = next(local.rglob("*.onnx"))
-        return onnx_accuracy(onnx_file, images, labels)
+        session = onnx_session(next(local.rglob("*.onnx")))
+        return {s.name: onnx_logits(session, np.ascontiguousarray(s.images)).argmax(1) for s in slices}
+
+
+def feedback_slices(task: Task) -> list[Slice]:
+    """The held-out part of every feedback set recorded for `task`, one slice each."""
+    from serving.feedback import FeedbackTask, recorded
+
+    slices = []
+    for fs in recorded(FeedbackTask(task.dataset, task.digest), tracking.client()):
+        images, labels = fs.holdout_part()
+        slices.append(Slice(fs.name, images, labels))
+    return slices
 
 
 def lock_path(model_name: str) -> Path:
@@ -522,12 +536,15 @@ def abandoned_versions(model_name: str) -> list:
 
 def gate(model_name: str, version: str, val_images: np.ndarray, val_labels: np.ndarray,
          cfg: GateConfig, force: bool = False, *, task: Task, lock=promotion_lock,
-         decide_again: bool = False, extra: dict | None = None) -> GateDecision:
+         decide_again: bool = False, extra: dict | None = None,
+         feedback: list[Slice] | None = None) -> GateDecision:
     """Decide on `version`, record the decision and publish the rule's champion (`settle`). The
     split must be the registered model's own task's (`task` names it) and so must the version's run:
     TaskMismatchError otherwise, whatever `force` says. `force` overrides the threshold and the
-    margin only. A version that already carries a decision keeps it (a retried gate changes nothing)
-    unless `decide_again` (a promotion asked for by hand). `lock` serialises promotions."""
+    tolerances only. The slices are the validation split and `feedback` (default: the held-out part
+    of every feedback set recorded for the task, read under the lock). A version that already carries
+    a decision keeps it (a retried gate changes nothing) unless `decide_again` (a promotion asked for
+    by hand). `lock` serialises promotions."""
     version = str(version)
     bound = bound_task(model_name)
     if task != bound:
@@ -542,28 +559,37 @@ def gate(model_name: str, version: str, val_images: np.ndarray, val_labels: np.n
         if not undecided(mv.tags) and not decide_again:
             decision = recorded_decision(model_name, mv)
         else:
-            decision = _decide(model_name, mv, parity_ok, val_images, val_labels, cfg, force)
+            slices = [Slice(VALIDATION, val_images, val_labels),
+                      *(feedback_slices(bound) if feedback is None else feedback)]
+            decision = _decide(model_name, mv, parity_ok, slices, cfg, force)
             record_decision(model_name, mv, decision, extra)
         settle(model_name)
     tracking.log_tags(mv.run_id, {**decision.tags(), "registered_version": version})
     return decision
 
 
-def _decide(model_name: str, mv, parity_ok: bool, val_images, val_labels, cfg: GateConfig,
+def _decide(model_name: str, mv, parity_ok: bool, slices: list[Slice], cfg: GateConfig,
             force: bool) -> GateDecision:
-    """The candidate against the rule's champion of every decision recorded so far."""
+    """The candidate against the rule's champion of every decision recorded so far, slice by slice."""
     version = str(mv.version)
     versions = _versions(model_name)
     current = rule_champion(versions, champion(model_name))
     at = next_at(versions)
-    candidate_acc = version_accuracy(model_name, version, val_images, val_labels)
+    candidate = version_predictions(model_name, version, slices)
     if current == version and parity_ok:  # asked by hand to promote the champion itself
+        results = [compare(s.name, s.labels, candidate[s.name], candidate[s.name], cfg.margin) for s in slices]
+        acc = results[0].candidate_accuracy
         return GateDecision(True, f"version {version} is already the champion", model_name, version,
-                            candidate_acc, parity_ok, version, candidate_acc, cfg.threshold, cfg.margin, False, at)
-    champion_acc = None if current is None else version_accuracy(model_name, current, val_images, val_labels)
-    accepted, reason = decide(candidate_acc, parity_ok, champion_acc, cfg)
+                            acc, parity_ok, version, acc, cfg.threshold, cfg.margin, False, at,
+                            tuple(r.to_dict() for r in results))
+    champ = None if current is None else version_predictions(model_name, current, slices)
+    results = [compare(s.name, s.labels, candidate[s.name], None if champ is None else champ[s.name], cfg.margin)
+               for s in slices]
+    accepted, reason = decide(results, parity_ok, cfg)
     forced = force and not accepted and parity_ok  # parity is never overridden
     if forced:
         accepted, reason = True, f"forced by hand despite: {reason}"
-    return GateDecision(accepted, reason, model_name, version, candidate_acc, parity_ok, current, champion_acc,
-                        cfg.threshold, cfg.margin, forced, at)
+    val = results[0]
+    return GateDecision(accepted, reason, model_name, version, val.candidate_accuracy, parity_ok, current,
+                        val.champion_accuracy, cfg.threshold, cfg.margin, forced, at,
+                        tuple(r.to_dict() for r in results))

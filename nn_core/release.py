@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from nn_core import metrics as M
 from nn_core import tracking
 from nn_core.card import model_card
@@ -53,10 +55,21 @@ def register(result: TrainResult, exported: ExportResult, data_path: Path, model
     version = register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
                                  splits.val_images[:2].numpy(), task_of(splits))
     # The drift reference profile (serving.drift), stored with the version: what batch jobs compare with.
-    store_reference(model_name, version, result.run_id, exported.onnx_path, splits.train_images.numpy(),
+    # It describes what the version was trained on: the training split and the feedback training parts.
+    store_reference(model_name, version, result.run_id, exported.onnx_path, trained_on(splits, result),
                     splits.val_images.numpy())
     link_model_metrics(result, model_name, version)
     return version
+
+
+def trained_on(splits, result: TrainResult) -> np.ndarray:
+    """The images a training saw: the training split plus its feedback parts (result.json lists them)."""
+    parts = result.metrics.get("feedback") or []
+    images = [splits.train_images.numpy()]
+    for path in parts:
+        with np.load(path, allow_pickle=False) as z:
+            images.append(z["images"])
+    return np.concatenate(images) if parts else images[0]
 
 
 def link_model_metrics(result: TrainResult, model_name: str, version: str) -> None:

@@ -184,6 +184,23 @@ def log_dataset_splits(run_id: str, splits, source_uri: str) -> None:
     client().log_inputs(run_id, datasets=inputs)
 
 
+def log_feedback_inputs(run_id: str, dataset: str, parts: tuple[str, ...]) -> None:
+    """The feedback sets a training also trained on, as dataset inputs with context `feedback`, each
+    under the set's own name and digest (registry.run_task tells them from the task's splits)."""
+    import numpy as np
+
+    from serving import feedback
+
+    inputs = []
+    for path in parts:
+        with np.load(path, allow_pickle=False) as z:
+            digest, labels = str(z["digest"]), z["labels"]
+        found = feedback.find(digest, client())
+        uri = feedback.artifact_uri(found[0]) if found else Path(path).resolve().as_uri()
+        inputs.append(feedback.dataset_input(dataset, digest, feedback.profile(labels, part="training"), uri))
+    client().log_inputs(run_id, datasets=inputs)
+
+
 def start_system_metrics(run_id: str, resume: bool = False):
     """CPU, memory, disk and network (and GPU where pynvml sees one) as `system/...` metrics of the
     run, sampled by MLflow's own monitor in a thread of this process; None if it cannot start."""

@@ -56,6 +56,9 @@ class TrainJob:
     devices: tuple[int, ...] | None = None  # GPU ids of this training (local rank i -> devices[i]); None: all
     threads: int | None = None
     data_source: str | None = None  # recorded with the MLflow dataset input
+    # Training parts of feedback sets (serving.feedback.write_training_parts: <digest>.npz files on
+    # rank 0's node and every other), trained on beside the dataset's training split.
+    feedback: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,23 @@ def per_class_accuracy(cm: np.ndarray) -> list[float]:
 # Rank 0's side effects
 
 
+def with_feedback(splits: Splits, parts: tuple[str, ...]) -> Splits:
+    """The splits with each feedback set's training part appended to the training split (images
+    (N, 28, 28) uint8, labels (N,) int64); validation and test unchanged."""
+    if not parts:
+        return splits
+    images, labels = [splits.train_images], [splits.train_labels]
+    for path in parts:
+        with np.load(path, allow_pickle=False) as z:
+            images.append(torch.from_numpy(z["images"]).to(splits.train_images.device))
+            labels.append(torch.from_numpy(z["labels"].astype(np.int64)).to(splits.train_labels.device))
+    return replace(splits, train_images=torch.cat(images), train_labels=torch.cat(labels))
+
+
+def feedback_digests(parts: tuple[str, ...]) -> list[str]:
+    return [Path(p).stem for p in parts]
+
+
 class RunLogger:
     """Rank 0's MLflow run for this training: created once, found again after a restart."""
 
@@ -190,6 +210,8 @@ class RunLogger:
             "world_size": env.world_size,
             "dataset": splits.name,
             "dataset_digest": splits.digest,
+            # What else it trained on: compared on a resume like every param (a resume without them is refused).
+            "feedback": ",".join(feedback_digests(job.feedback)) or "none",
         }
         # Rank 0 is the only process of a training that touches MLflow (two nodes creating a fresh
         # SQLite store at once would race its schema migration).
@@ -205,6 +227,8 @@ class RunLogger:
         if created:
             tracking.log_params(self.run_id, params)
             tracking.log_dataset_splits(self.run_id, splits, self._source_uri(job, splits))
+            if job.feedback:
+                tracking.log_feedback_inputs(self.run_id, splits.name, job.feedback)
         self.system_metrics = tracking.start_system_metrics(self.run_id, resume=not created)
 
     @staticmethod
@@ -275,6 +299,7 @@ def result_of(job: TrainJob, env: DistEnv, run_id: str | None, history: list[dic
         "device": env.device.type,
         "backend": env.backend or "none",
         "step_mode": step_mode,  # "cuda-graph" or "eager (why)": how this process ran its steps
+        "feedback": list(job.feedback),  # the feedback training parts it trained on (the drift reference's too)
     }
 
 
@@ -425,10 +450,12 @@ def train(job: TrainJob, env: DistEnv) -> dict | None:
     cfg, out_dir = job.train, Path(job.out_dir)
     if cfg.batch_size % env.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {env.world_size}")
-    splits = load_splits(Path(job.data_path), env.device)
+    base = load_splits(Path(job.data_path), env.device)
+    splits = with_feedback(base, job.feedback)
     ckpt_path = out_dir / CHECKPOINT_NAME
     st = setup(job, env, splits, ckpt_path)
-    logger = RunLogger(job, env, splits, st.steps_per_epoch, st.model_cfg) if env.is_main and job.tracking.enabled else None
+    # The dataset's own splits are logged as its inputs; the feedback parts as theirs.
+    logger = RunLogger(job, env, base, st.steps_per_epoch, st.model_cfg) if env.is_main and job.tracking.enabled else None
 
     for epoch in range(len(st.history) + 1, cfg.epochs + 1):
         if STOPPING.is_set():

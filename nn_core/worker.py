@@ -77,4 +77,5 @@ def job_from_dict(d: dict):
 
     return TrainJob(**{**d, "model": MLPConfig.from_dict(d["model"]), "train": TrainConfig(**d["train"]),
                        "tracking": TrackingConfig(**d["tracking"]),
-                       "devices": tuple(d["devices"]) if d.get("devices") is not None else None})
+                       "devices": tuple(d["devices"]) if d.get("devices") is not None else None,
+                       "feedback": tuple(d.get("feedback", ()))})

@@ -32,7 +32,7 @@ import onnxruntime as ort
 import pyarrow as pa
 from tqdm import tqdm
 
-from serving import drift, monitor
+from serving import drift, feedback, monitor
 from serving.config import JobConfig
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
 from common import storage
@@ -507,6 +507,8 @@ def _run_local(cfg: JobConfig, loaded: LoadedModel | None, shown: _Shown) -> Job
         log.info("model %s (version %s) on %s, %d stream(s)", loaded.ref.uri, loaded.ref.version, loaded.provider,
                  loaded.streams)
         tracking = _Tracking(cfg, loaded.ref, loaded.provider, reader) if cfg.track else None
+        if tracking is not None and labels is not None:  # a labelled batch becomes a feedback set
+            feedback.record_job(cfg, loaded.ref, tracking.client, tracking.run_id, shown.input or str(cfg.input))
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(cfg.output)
         result = _write_outputs(cfg, loaded, reader, labels, tracking, started, shown)

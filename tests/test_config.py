@@ -384,7 +384,9 @@ def test_a_deployment_run_with_defaults_shows_them(tmp_path):
     assert automation.trigger == trigger.as_automation().trigger and automation.enabled
     assert [a.deployment_id for a in automation.actions] == [deps["training-nightly"].id]
     expected = json.loads(json.dumps(deployment_defaults()))
-    assert run.parameters == expected["training"] and run.parameters["train"]["epochs"] == TrainConfig().epochs
+    # the nightly retraining takes every feedback set recorded for the task (its one non-default)
+    assert run.parameters == {**expected["training"], "recorded_feedback": True}
+    assert run.parameters["train"]["epochs"] == TrainConfig().epochs
     assert deps["hyperparameter-sweep"].parameters == expected["sweep"]
     assert deps["inference-hourly"].parameters["job"]["fail_on_drift"] is True
     assert "mean" not in form["MLPConfig"]["properties"]

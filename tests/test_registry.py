@@ -29,14 +29,27 @@ from nn_core.train import TrackingConfig, TrainConfig, TrainJob, train
         (0.97, True, None, GateConfig(), True, "no champion yet"),
         (0.95, True, None, GateConfig(), False, "< threshold"),
         (0.99, False, None, GateConfig(), False, "parity"),
-        (0.97, True, 0.98, GateConfig(), False, "worse than the champion"),
+        (0.97, True, 0.98, GateConfig(margin=0.0), False, "worse than the champion"),
         (0.975, True, 0.98, GateConfig(margin=0.01), True, "not worse than the champion"),
         (0.98, True, 0.98, GateConfig(), True, "not worse"),
         (0.97, True, None, GateConfig(threshold=0.975), False, "< threshold 0.9750"),
+        # the statistical tolerance: 25 disagreements in 1,000 records -> 2 * sqrt(25) / 1,000 = 0.01 ...
+        (0.985, True, 0.99, GateConfig(), True, "beyond the tolerance on any of 1 slice"),
+        # ... and 35 -> 0.0118, less than the deficit of 0.025
+        (0.97, True, 0.995, GateConfig(), False, "worse than the champion on validation"),
     ],
 )
 def test_gate_rule(acc, parity, champ, cfg, accepted, why):
-    ok, reason = decide(acc, parity, champ, cfg)
+    """Models as right/wrong patterns on 1,000 validation records: the champion right on its share
+    (the first records), the candidate right on its own share counted from the end, so they
+    disagree on a known number of records."""
+    from nn_core.slices import compare
+
+    n = 1_000
+    labels = np.zeros(n, dtype=np.int64)
+    cand = np.where(np.arange(n)[::-1] < round(acc * n), 0, 1)
+    champ = None if champ is None else np.where(np.arange(n) < round(champ * n), 0, 1)
+    ok, reason = decide([compare("validation", labels, cand, champ, cfg.margin)], parity, cfg)
     assert ok is accepted and why in reason
 
 
