@@ -402,6 +402,7 @@ def test_what_serve_registers_comes_back_as_the_same_configs():
     params = pipeline_parameters(_subparser("serve").parse_args(["--epochs", "3", "--hidden", "32,16", "--nproc", "2"]))
     stored = parameters_json(params)
     assert "mean" not in stored["model"] and "log_dir" not in stored["launch"]
-    assert training_pipeline.validate_parameters(stored) == {**params, "training_id": None}
+    assert training_pipeline.validate_parameters(stored) == {**params, "training_id": None, "feedback": None,
+                                                             "recorded_feedback": False}
     job = JobConfig(input=Path("inbox"), output=Path("out"), fail_on_drift=True)
     assert batch_inference.validate_parameters(parameters_json({"job": job, "inbox": True}))["job"] == job
