@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/mnistops run
 
+# The suite on pytest-xdist: a test file is the unit (its module fixtures, often a trained model, are
+# made once); three processes keep a 2-core machine busy while tests wait on servers and subprocesses.
+# `make test PYTEST_ARGS=-n0` runs it in one process.
+PYTEST_ARGS ?= -n 3 --dist loadfile
+
 test: setup
 	$(QUIET) $(PY) -m pytest $(PYTEST_ARGS)
 

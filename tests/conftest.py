@@ -138,10 +138,13 @@ def prefect_api(shared_servers):
 
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
-    """A private embedded MLflow store (SQLite + artifact folder) and working folder for one test."""
+    """A private embedded MLflow store (SQLite + artifact folder) and working folder for one test; the
+    store is copied from one made once per test process (tests/stores.py)."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    from stores import empty_store
+
+    uri = empty_store(tmp_path / "mlflow.db", tmp_path / "mlartifacts")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MNISTOPS_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
     monkeypatch.setenv("MNISTOPS_HOME", str(tmp_path / "home"))

@@ -1,0 +1,51 @@
+"""Empty MLflow stores for tests, made once per test process and copied.
+
+Building a SQLite store runs MLflow's schema migrations (5-9 s of CPU on a 2-core machine, more under
+load), which every test with a store of its own paid again. `empty_store` copies one store built by
+the product's own code (common.settings.create_sqlite_store), made the first time a test asks, and
+points its Default experiment at the test's artifact folder, as a store made there would. A test that
+is about making a store (a fresh home, two commands making one at once) does not use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sqlite3
+import tempfile
+import threading
+from pathlib import Path
+
+_lock = threading.Lock()
+_template: list[Path] = []
+
+
+def _template_db() -> Path:
+    with _lock:
+        if not _template:
+            from common.settings import create_sqlite_store
+
+            db = Path(tempfile.mkdtemp(prefix="mnistops-test-store-")) / "mlflow.db"
+            create_sqlite_store(f"sqlite:///{db}", str(db.parent / "mlartifacts"))
+            _template.append(db)
+        return _template[0]
+
+
+def empty_store(db: Path, artifact_root: Path) -> str:
+    """An empty, migrated SQLite store at `db` (which must not exist) whose Default experiment keeps
+    its artifacts under `artifact_root`; returns its tracking URI."""
+    db = Path(db).resolve()
+    if db.exists():
+        raise FileExistsError(f"{db}: a store is there already")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_template_db(), db)
+    location = (Path(artifact_root).resolve() / "0").as_uri()
+    with contextlib.closing(sqlite3.connect(db)) as c, c:
+        c.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (location,))
+    return f"sqlite:///{db}"
+
+
+def home_with_store(home: Path) -> Path:
+    """A MNISTOPS_HOME whose embedded store exists already (as after a first command there)."""
+    empty_store(Path(home) / "mlflow.db", Path(home) / "mlartifacts")
+    return Path(home)
