@@ -55,9 +55,10 @@ def register(result: TrainResult, exported: ExportResult, data_path: Path, model
     version = register_candidate(result.run_id, exported.onnx_path, exported.parity, model_name,
                                  splits.val_images[:2].numpy(), task_of(splits))
     # The drift reference profile (serving.drift), stored with the version: what batch jobs compare with.
-    # It describes what the version was trained on: the training split and the feedback training parts.
+    # It describes what the version was trained on: the training split and the feedback training parts,
+    # pooled, and each feedback set as a component of its own.
     store_reference(model_name, version, result.run_id, exported.onnx_path, trained_on(splits, result),
-                    splits.val_images.numpy())
+                    splits.val_images.numpy(), feedback_components(result))
     link_model_metrics(result, model_name, version)
     return version
 
@@ -70,6 +71,18 @@ def trained_on(splits, result: TrainResult) -> np.ndarray:
         with np.load(path, allow_pickle=False) as z:
             images.append(z["images"])
     return np.concatenate(images) if parts else images[0]
+
+
+def feedback_components(result: TrainResult) -> tuple[tuple[str, np.ndarray, np.ndarray], ...]:
+    """(name, training part, held-out part) of each feedback set the training took (its parts' files)."""
+    from serving.feedback import set_name
+
+    out = []
+    for path in result.metrics.get("feedback") or []:
+        with np.load(path, allow_pickle=False) as z:
+            held_out = z["holdout_images"] if "holdout_images" in z.files else z["images"][:0]
+            out.append((set_name(str(z["digest"])), z["images"], held_out))
+    return tuple(out)
 
 
 def link_model_metrics(result: TrainResult, model_name: str, version: str) -> None:

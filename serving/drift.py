@@ -33,6 +33,20 @@ What is profiled, and why these statistics:
   expected counts of a few per class). A model that puts a noise batch into one class trips it.
 The overall false-alarm rate under the reference distribution is at most the sum of the two alphas
 (0.2%); `bench/bench_drift.py` measures it on random 1,000-image batches of the MNIST test set.
+
+A version trained on feedback sets (serving/feedback.py) was trained on more than one distribution,
+and a batch drawn from one of them is not a drift. Quantiles of the pooled training images cannot say
+so: a set of 2,400 inverted digits is the top 5% of the pooled intensity, so a batch of inverted
+digits sits in the pooled tail and alarms (measured: 43% above t with a 1,600-record set, 22% with
+4,000). So the profile keeps one component per feedback set beside the pooled one: the pixel
+quantiles of the set's training part and the confidence quantiles of its held-out part (held out from
+training, like validation half A), its scores scaled so that their 99th percentile on the other
+half of the held-out part lands on t (like validation half B), and a record's score is its lowest
+over the components: a record is unusual only if it is unlike every distribution the version was
+trained on. Without the scale, the pooled t let 6.3% of a fresh inverted batch exceed it (a
+4,000-record set, tests/test_loop.py): the set's score tails are not the training split's. A set's
+calibration rests on half its held-out part (400 records of a 4,000-record set): a set of a few
+thousand records covers its distribution; one of a few hundred may not.
 """
 
 from __future__ import annotations
@@ -98,6 +112,10 @@ class Reference:
     class_freq: list[float]  # predicted-class frequencies on the validation split
     medians: dict[str, float]  # reference medians of each feature (for the report)
     sizes: dict[str, int]  # records behind each part
+    # One per feedback set trained on: {"name", "quantiles" (F x QUANTILES), "scale" (of its scores), "sizes"};
+    # absent in profiles
+    # of versions trained without feedback (and in those stored before components existed).
+    components: list[dict[str, Any]] = field(default_factory=list)
     version: int = PROFILE_VERSION
     features: tuple[str, ...] = FEATURES
     tolerance: float = TOLERANCE
@@ -139,6 +157,22 @@ def scores(tables: np.ndarray, feats: np.ndarray) -> np.ndarray:
     return out
 
 
+def component_tables(ref: "Reference") -> list[np.ndarray]:
+    """The score tables of the pooled profile and of each component: a record's ood score is its
+    lowest score over them."""
+    return [score_tables(np.asarray(ref.quantiles, dtype=np.float64)),
+            *(score_tables(np.asarray(c["quantiles"], dtype=np.float64)) * np.float32(c["scale"])
+              for c in ref.components)]
+
+
+def lowest_scores(tables: list[np.ndarray], feats: np.ndarray) -> np.ndarray:
+    """(B,) float32 ood scores of feature bins (B, F): the lowest over the components' tables."""
+    out = scores(tables[0], feats)
+    for t in tables[1:]:
+        np.minimum(out, scores(t, feats), out=out)
+    return out
+
+
 def _predict(model_path: Path, images: np.ndarray, batch: int = 4096) -> np.ndarray:
     from serving.session import INPUT_NAME, OUTPUT_NAME, create_session
 
@@ -149,17 +183,44 @@ def _predict(model_path: Path, images: np.ndarray, batch: int = 4096) -> np.ndar
     ])
 
 
-def compute_reference(model_path: Path, train_images: np.ndarray, val_images: np.ndarray) -> Reference:
-    """The profile of a model: pixel features of the training split, its behaviour on the validation
-    split (half A: confidence and classes; half B: the calibration of the score threshold)."""
+def _quantiles(pixels: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """(F, QUANTILES): the pixel features' quantiles of `pixels` (N, 28, 28), the confidence bins'
+    of `confidence` (M,)."""
     levels = np.linspace(0.0, 1.0, QUANTILES)
+    pixel_feats = np.stack(pixel_bins(pixels), axis=1)  # (N, 2)
+    return np.vstack([np.quantile(pixel_feats, levels, axis=0).T, np.quantile(confidence, levels)[None, :]])
+
+
+def compute_reference(model_path: Path, train_images: np.ndarray, val_images: np.ndarray,
+                      components: tuple[tuple[str, np.ndarray, np.ndarray], ...] = ()) -> Reference:
+    """The profile of a model: pixel features of everything it trained on, its behaviour on the
+    validation split (half A: confidence and classes; half B: the calibration of the score
+    threshold), and one component per feedback set it trained on: (name, the set's training part,
+    its held-out part)."""
     train_feats = np.stack(pixel_bins(train_images), axis=1)  # (N, 2)
     half = len(val_images) // 2
     probs = _predict(model_path, val_images)
     val_feats = features(val_images, probs)
     a, b = val_feats[:half], val_feats[half:]
-    q = np.vstack([np.quantile(train_feats, levels, axis=0).T, np.quantile(a[:, 2], levels)[None, :]])
-    s = scores(score_tables(q), b)
+    q = _quantiles(train_images, a[:, 2])
+    base = score_tables(q)
+    t_base = float(np.quantile(scores(base, b), EXCEED_QUANTILE))
+    parts = []
+    for name, trained, held_out in components:
+        # Like the validation split's halves: the model's confidence on the first half of the held-out
+        # part (the model is more confident on what it trained on), the set's own 99th percentile of
+        # the score on the second; its scores are scaled so that this percentile lands on the pooled
+        # t (the score's tails are the set's own: a narrow feature, such as the all-white frame of an
+        # inverted digit, ties and tails unlike the training split's).
+        half_c = len(held_out) // 2
+        conf_part, calib_part = (held_out[:half_c], held_out[half_c:]) if half_c else (trained, trained)
+        qc = _quantiles(trained, confidence_bins(_predict(model_path, conf_part).max(axis=1)))
+        calib = scores(score_tables(qc), features(calib_part, _predict(model_path, calib_part)))
+        t_c = float(np.quantile(calib, EXCEED_QUANTILE))
+        parts.append({"name": name, "quantiles": qc.tolist(), "scale": t_base / max(t_c, 1e-6),
+                      "sizes": {"train": len(trained), "holdout": len(held_out)}})
+    tables = [base, *(score_tables(np.asarray(c["quantiles"])) * np.float32(c["scale"]) for c in parts)]
+    s = lowest_scores(tables, b)
     t = float(np.quantile(s, EXCEED_QUANTILE))
     counts = np.bincount(probs[:half].argmax(axis=1), minlength=10)
     medians = {name: float(np.median(train_feats[:, i])) / (BINS - 1) for i, name in enumerate(FEATURES[:2])}
@@ -167,7 +228,7 @@ def compute_reference(model_path: Path, train_images: np.ndarray, val_images: np
     return Reference(
         quantiles=q.tolist(), threshold=t, exceed_rate=float(np.mean(s > t)),
         class_freq=(counts / counts.sum()).tolist(), medians=medians,
-        sizes={"train": len(train_images), "validation_a": half, "validation_b": len(b)},
+        sizes={"train": len(train_images), "validation_a": half, "validation_b": len(b)}, components=parts,
     )
 
 
@@ -245,7 +306,7 @@ class DriftMonitor:
 
     def __init__(self, ref: Reference, source: str):
         self.ref, self.source = ref, source
-        self._tables = score_tables(np.asarray(ref.quantiles, dtype=np.float64))
+        self._tables = component_tables(ref)
         self._threshold = np.float32(ref.threshold)
         self.n = 0
         self.exceed = 0
@@ -257,9 +318,12 @@ class DriftMonitor:
         and top probabilities (B,). Thread-safe (reads only), so the job runs it beside inference."""
         intensity, border = pixel_bins(pixels)
         confidence = confidence_bins(probability)
-        s = self._tables[0][intensity]
-        np.maximum(s, self._tables[1][border], out=s)
-        np.maximum(s, self._tables[2][confidence], out=s)
+        s = None
+        for tables in self._tables:  # the lowest over the components (one, without feedback)
+            c = tables[0][intensity]
+            np.maximum(c, tables[1][border], out=c)
+            np.maximum(c, tables[2][confidence], out=c)
+            s = c if s is None else np.minimum(s, c, out=s)
         return s, intensity, confidence
 
     def count(self, scored: tuple[np.ndarray, np.ndarray, np.ndarray], prediction: np.ndarray) -> None:
@@ -330,13 +394,14 @@ class DriftMonitor:
 
 
 def store_reference(model_name: str, version: str, run_id: str, model_path: Path,
-                    train_images: np.ndarray, val_images: np.ndarray) -> str:
-    """Compute the profile of a registered version and store it with it: an artifact
-    `drift/reference.json` on the version's run and the version tag `drift.reference` pointing at it.
-    Returns that artifact URI."""
+                    train_images: np.ndarray, val_images: np.ndarray,
+                    components: tuple[tuple[str, np.ndarray, np.ndarray], ...] = ()) -> str:
+    """Compute the profile of a registered version (`compute_reference`) and store it with it: an
+    artifact `drift/reference.json` on the version's run and the version tag `drift.reference`
+    pointing at it. Returns that artifact URI."""
     from common.settings import mlflow_client
 
-    ref = compute_reference(model_path, np.asarray(train_images), np.asarray(val_images))
+    ref = compute_reference(model_path, np.asarray(train_images), np.asarray(val_images), components)
     client = mlflow_client()
     with tempfile.TemporaryDirectory(prefix="mnistops-drift-") as tmp:
         path = Path(tmp) / ARTIFACT_NAME

@@ -75,6 +75,11 @@ class Labelled:
     where: str
 
 
+def set_name(digest: str) -> str:
+    """A set's name: its slice in the gate, its component in a drift reference."""
+    return f"feedback-{digest[:12]}"
+
+
 @dataclass(frozen=True)
 class FeedbackSet:
     digest: str
@@ -88,7 +93,7 @@ class FeedbackSet:
     @property
     def name(self) -> str:
         """The set's slice name in the gate and its MLflow dataset's suffix."""
-        return f"feedback-{self.digest[:12]}"
+        return set_name(self.digest)
 
     def _train_mask(self) -> np.ndarray:
         mask = np.ones(len(self.labels), dtype=bool)
@@ -400,7 +405,9 @@ def record_job(cfg, model, client, run_id: str, where: str) -> FeedbackSet | Non
 
 def write_training_parts(sets: list[FeedbackSet], folder: Path) -> list[str]:
     """Each set's training part as `<folder>/<digest>.npz` (images, labels), written atomically; the
-    paths, for the training job. Content-addressed, so rewriting one is harmless."""
+    paths, for the training job. Content-addressed, so rewriting one is harmless. The held-out
+    images ride along (`holdout_images`, never trained on): the drift reference's component of the
+    set takes the model's confidence on them (serving.drift)."""
     from common.atomic import atomic_path
 
     paths = []
@@ -408,7 +415,8 @@ def write_training_parts(sets: list[FeedbackSet], folder: Path) -> list[str]:
         path = Path(folder) / f"{fs.digest}.npz"
         images, labels = fs.training_part()
         buf = io.BytesIO()
-        np.savez(buf, images=images, labels=labels.astype(np.int64), digest=np.array(fs.digest))
+        np.savez(buf, images=images, labels=labels.astype(np.int64), digest=np.array(fs.digest),
+                 holdout_images=fs.holdout_part()[0])
         with atomic_path(path, suffix=".npz") as tmp:
             tmp.write_bytes(buf.getvalue())
         paths.append(str(path))
