@@ -40,6 +40,7 @@ ENVIRONMENT = {
     "PREFECT_PROFILES_PATH": "Prefect's profiles file",
     "PREFECT_PROFILE": "Prefect's active profile",
     "PREFECT_LOCAL_STORAGE_PATH": "where Prefect keeps task results (default MNISTOPS_HOME/prefect-results)",
+    "OMP_NUM_THREADS": "torch threads per CPU training process (default: the usable cores shared among them)",
     "XDG_CACHE_HOME": "the user's cache folder: the dataset cache is XDG_CACHE_HOME/mnistops",
     "USER": "the user recorded on runs",
     "MLFLOW_TRACKING_INSECURE_TLS": "MLflow's client: true to skip TLS verification (the start-up check follows it)",

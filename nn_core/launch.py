@@ -69,11 +69,13 @@ def new_job(prepared, runs_dir: Path, model: MLPConfig, train: TrainConfig, trac
     return replace(job, tracking=replace(tracking_cfg, run_name=tracking_cfg.run_name or default_run_name(job)))
 
 
-def plan_workers(spec: LaunchSpec, gpu_count: int, cores: int) -> tuple[int, int | None, str]:
+def plan_workers(spec: LaunchSpec, gpu_count: int, cores: int,
+                 threads: int | None = None) -> tuple[int, int | None, str]:
     """(processes on this node, torch threads per process, device), from the machine's GPU count and
     usable cores (pure: the launcher passes what it found). With GPUs: one process per GPU of the
-    training's share (`spec.devices`, else all). On the CPU: `spec.nproc` processes, one share of the
-    cores each: more threads than cores slows every process down."""
+    training's share (`spec.devices`, else all). On the CPU: `spec.nproc` processes, `threads` each
+    when the user set them (OMP_NUM_THREADS, as torchrun reads it: the cores may be shared with other
+    work), else one share of the cores each: more threads than cores slows every process down."""
     if spec.device == "cuda" and gpu_count == 0:
         raise TrainingError("--device cuda requested but CUDA is not available on this machine")
     if spec.device != "cpu" and gpu_count > 0:
@@ -82,11 +84,21 @@ def plan_workers(spec: LaunchSpec, gpu_count: int, cores: int) -> tuple[int, int
                 raise TrainingError(f"GPU ids {list(spec.devices)}: expected distinct ids in 0..{gpu_count - 1}")
             return len(spec.devices), None, "cuda"
         return gpu_count, None, "cuda"
-    return spec.nproc, max(1, cores // spec.nproc), "cpu"
+    return spec.nproc, threads or max(1, cores // spec.nproc), "cpu"
+
+
+def threads_set() -> int | None:
+    """OMP_NUM_THREADS when the user set it; TrainingError for a value that is not a positive count."""
+    value = settings.env("OMP_NUM_THREADS")
+    if value is None or not value.strip():
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise TrainingError(f"OMP_NUM_THREADS={value!r}: expected a positive whole number of threads")
+    return int(value)
 
 
 def _processes_and_threads(spec: LaunchSpec) -> tuple[int, int | None, str]:
-    return plan_workers(spec, cuda_device_count(spec.device), usable_cores())
+    return plan_workers(spec, cuda_device_count(spec.device), usable_cores(), threads_set())
 
 
 def check_launch(spec: LaunchSpec, batch_sizes: Iterable[int] = (), dataset: str | None = None,

@@ -16,6 +16,11 @@ from needs import missing
 # No telemetry from any library the tests start (these machines have no internet); quiet progress bars.
 for _k, _v in QUIET_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
+# One torch thread per process: the suite runs several test processes (pytest-xdist) on few cores,
+# and torch's default of one thread per core in each made every CPU training there 10-20 times slower
+# (threads spinning on cores the others hold). The trainings the tests start read it too
+# (nn_core.launch.threads_set); a value set outside wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A Prefect home of this test session's own: cached task results persist under it and must not leak
 # into later sessions (or come from the user's profile). Set before anything imports prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mnistops-test-prefect-")

@@ -102,6 +102,8 @@ def test_workers_per_trial_follow_the_share():
     # CPU: nproc processes, the cores shared out; a GPU share means nothing there
     assert plan_workers(LaunchSpec(nproc=2, devices=(1,)), gpu_count=0, cores=8) == (2, 4, "cpu")
     assert plan_workers(LaunchSpec(nproc=2, device="cpu"), gpu_count=4, cores=8) == (2, 4, "cpu")
+    # threads the user set (OMP_NUM_THREADS) win over the share: the cores may be busy with other work
+    assert plan_workers(LaunchSpec(nproc=2, device="cpu"), gpu_count=0, cores=8, threads=1) == (2, 1, "cpu")
     with pytest.raises(TrainingError, match=r"GPU ids \[1, 4\]: expected distinct ids in 0..3"):
         plan_workers(LaunchSpec(devices=(1, 4)), gpu_count=4, cores=8)
     with pytest.raises(TrainingError, match="distinct"):
@@ -243,3 +245,19 @@ def test_the_floor_step_computes_the_gradients_autograd_computes():
     torch.testing.assert_close(step.loss_sum / 64, loss.detach(), rtol=1e-5, atol=1e-6)
     assert int(step.correct) == int((model(x).argmax(1) == y).sum())
     assert np.isfinite(epoch_floor(n=512, batch=256, epochs=1))
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), ("", None), ("3", 3), (" 2 ", 2), ("0", "positive"),
+                                             ("two", "positive"), ("1.5", "positive")])
+def test_omp_num_threads_is_read_as_torchrun_reads_it(monkeypatch, value, expected):
+    from nn_core.launch import threads_set
+
+    if value is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+    if isinstance(expected, str):
+        with pytest.raises(TrainingError, match=rf"OMP_NUM_THREADS='{value}': expected a positive whole number"):
+            threads_set()
+    else:
+        assert threads_set() == expected

@@ -44,8 +44,21 @@ def test_only_a_one_process_cpu_training_without_restarts_runs_in_process(monkey
 
 
 @pytest.mark.slow
-def test_in_process_training_logs_one_run_and_never_reopens_it(synthetic_cache, tmp_path, mlflow_store, caplog):
+def test_in_process_training_logs_one_run_and_never_reopens_it(synthetic_cache, tmp_path, mlflow_store, caplog,
+                                                                monkeypatch):
+    # The training takes the threads set for it (one); this process's own count (three) comes back.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        _in_process_training_logs_one_run(synthetic_cache, tmp_path, caplog)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _in_process_training_logs_one_run(synthetic_cache, tmp_path, caplog):
     threads = torch.get_num_threads()
+    assert threads == 3
     job = _job(synthetic_cache, tmp_path / "runs", epochs=2)
     with caplog.at_level(logging.INFO, logger="nn_core.launch"):
         first = launch_training(job, LaunchSpec())
