@@ -59,11 +59,12 @@ def _train(data_path, out: Path, name: str, **cfg) -> TrainResult:
 
 @pytest.fixture(scope="module")
 def versions(mnist, home):
-    """Five versions of one real MNIST candidate, registered and not gated yet: one trained and
+    """Five versions of one real MNIST candidate (one epoch of 12 steps: above the racers' threshold
+    of 0.5), registered and not gated yet: one trained and
     registered by the pipeline's own code, four more of the same logged model with the same tags.
     Equal figures make every decision an acceptance, so any two gates that overlap leave two
     acceptances of the same champion (a lost update) instead of a rejection that could hide it."""
-    result = _train(mnist.cache_path, home.parent, "candidate", epochs=1)
+    result = _train(mnist.cache_path, home.parent, "candidate", epochs=1, batch_size=4096)  # val 0.85 > 0.5
     exported = export_and_check(result, mnist.cache_path)
     first = register(result, exported, mnist.cache_path, NAME)
     c = tracking.client()
@@ -183,7 +184,7 @@ def test_forged_version_tags_never_cross_tasks(home, versions, mnist, fashion_so
     from nn_core.datasets import FASHION_MNIST
 
     fashion = prepare(FASHION_MNIST, str(fashion_source), tmp_path / "fashion-cache")
-    result = _train(fashion.cache_path, tmp_path, "fashion", epochs=1)
+    result = _train(fashion.cache_path, tmp_path, "fashion", epochs=1, batch_size=4096)
     exported = export_and_check(result, fashion.cache_path)
     own = register(result, exported, fashion.cache_path, "fashion-mnist-mlp")
     c = tracking.client()
@@ -224,9 +225,9 @@ def _half_made(result: TrainResult, onnx_path: Path, owner: str) -> str:
 
 def test_half_made_versions_are_completed_or_marked_failed(home, versions, mnist, tmp_path):
     c = tracking.client()
-    good = _train(mnist.cache_path, tmp_path, "cut-short", epochs=1, lr=2e-3)
+    good = _train(mnist.cache_path, tmp_path, "cut-short", epochs=1, batch_size=4096, lr=2e-3)
     completable = _half_made(good, export_and_check(good, mnist.cache_path).onnx_path, _dead_owner())
-    killed = _train(mnist.cache_path, tmp_path, "killed-run", epochs=1, lr=2e-3)
+    killed = _train(mnist.cache_path, tmp_path, "killed-run", epochs=1, batch_size=4096, lr=2e-3)
     broken = _half_made(killed, export_and_check(killed, mnist.cache_path).onnx_path, _dead_owner())
     c.set_terminated(killed.run_id, status="KILLED")
     assert registry.undecided(c.get_model_version(NAME, completable).tags)

@@ -78,12 +78,13 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_fashion_training_is_recorded_as_one_and_resumed_as_one(tmp_path, fashion_source, mnist_source):
-    """A Fashion-MNIST `train` killed after its first epoch: its run is in the experiment
-    fashion-mnist-mlp, named after the dataset. `run --resume` with MNIST's source in the environment
+    """A Fashion-MNIST `train` (3 epochs of 49 steps) killed after its first epoch: its run is in the
+    experiment fashion-mnist-mlp, named after the dataset. `run --resume` with MNIST's source in the environment
     and no --dataset continues it as Fashion-MNIST (its own cache and source), into the same run, and
     registers it as fashion-mnist-mlp."""
     train = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "train", "--dataset", "fashion-mnist", "--epochs", "6"],
+        [sys.executable, "-m", "flows.cli", "train", "--dataset", "fashion-mnist", "--epochs", "3",
+         "--batch-size", "1024"],
         env=_env(tmp_path, MNISTOPS_DATA_SOURCE=str(fashion_source)), cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -106,7 +107,7 @@ def test_a_fashion_training_is_recorded_as_one_and_resumed_as_one(tmp_path, fash
     assert f"resuming training {ckpt.parent.name} (fashion-mnist)" in r.stdout
     assert "fashion-mnist-mlp version 1" in r.stdout, r.stdout
     resumed = c.get_run(killed.info.run_id)
-    assert resumed.info.status == "FINISHED" and resumed.data.params["train.epochs"] == "6"
+    assert resumed.info.status == "FINISHED" and resumed.data.params["train.epochs"] == "3"
     assert {d.dataset.name for d in resumed.inputs.dataset_inputs} >= {"fashion-mnist-train"}
     assert [m.name for m in c.search_registered_models()] == ["fashion-mnist-mlp"]
     assert not (tmp_path / "data" / "mnist.pt").exists()  # MNIST was never prepared
