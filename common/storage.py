@@ -10,7 +10,8 @@ a manifest or an MLflow tag.
   of 8 MiB (memory stays flat whatever the size);
 - `upload(local, url)`: a local file put under a temporary key beside the destination, then moved
   to the destination, so the destination holds the whole file or nothing (s3fs aborts a failed
-  multipart upload itself; the temporary key is deleted on failure);
+  multipart upload itself; the temporary key is deleted on failure; what a failure could not clean
+  up, the store being unreachable, the next upload of the destination clears);
 - `create(url, data)`: an object created only if none exists (S3 `If-None-Match: *`; on a local
   folder a hard link of a complete temporary file, which fails when the name exists, like O_EXCL):
   the ledger's claims and records (serving.inbox).
@@ -22,6 +23,7 @@ failed: not found, access denied, no credentials, the endpoint unreachable.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import uuid
@@ -30,6 +32,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from common.errors import ServingError
+
+log = logging.getLogger(__name__)
 
 # Object stores a data source may name (fsspec: s3fs, gcsfs, adlfs, each an optional install); memory://
 # is fsspec's own in-process store.
@@ -90,8 +94,10 @@ def why(e: BaseException) -> str:
     name = type(e).__name__
     if isinstance(e, FileNotFoundError):
         return "not found (no such bucket, object or prefix)"
-    if isinstance(e, PermissionError):
-        return "access denied"
+    if isinstance(e, PermissionError):  # the store's reason counts: a key it does not know, a bad signature
+        detail = e.strerror or (str(e).splitlines()[0] if str(e) else "")
+        return f"access denied ({detail})" if detail.lower() not in ("", "access denied", "permission denied") \
+            else "access denied"
     if isinstance(e, FileExistsError):
         return "already exists"
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
@@ -185,19 +191,64 @@ def _fetch_one(fs: Any, path: str, dest: Path) -> None:
 
 def upload(local: Path, url: str) -> None:
     """`local` put at `url` so that `url` holds the whole file or nothing: under a temporary key
-    beside it first, then moved into place; the temporary key is removed on failure."""
+    beside it first, then moved into place; the temporary key is removed on failure. Once it is in
+    place, what earlier failed uploads of `url` left is cleared (`_clear_leftovers`)."""
     fs, path = filesystem(url)
     parent, name = path.rsplit("/", 1)
     tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         try:
-            fs.put_file(str(local), tmp)
+            fs.put_file(str(local), tmp, **_parts(fs))
             fs.mv(tmp, path)
         except BaseException:
             _remove_quietly(fs, tmp)
             raise
     except _store_errors() as e:
         raise failed(url, "writing", e) from e
+    _clear_leftovers(fs, url, parent, name)
+
+
+def _clear_leftovers(fs: Any, url: str, parent: str, name: str) -> None:
+    """The temporary keys of `url` and, on S3, their multipart uploads that an earlier upload left
+    when it could neither finish nor clean up: its process killed, or the store unreachable when
+    s3fs tried to abort (S3 keeps an unfinished multipart upload, and bills its parts, until it is
+    aborted). Cleared after this upload landed, so a failure here never costs the output; an
+    upload of the same destination in flight elsewhere at this moment then fails (one line) and
+    the destination keeps this whole file. Other stores drop an unfinished upload themselves (GCS
+    resumable uploads and Azure uncommitted blocks expire within a week)."""
+    if not _is_s3(fs):
+        return
+    bucket, _, key_parent = parent.partition("/")
+    prefix = f"{key_parent}/.{name}." if key_parent else f".{name}."
+    theirs = re.compile(rf"^{re.escape(prefix)}[0-9a-f]{{12}}\.tmp$")
+    try:
+        for u in fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", []):
+            if theirs.match(u["Key"]):
+                _gone_or(fs.call_s3, "abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+        for o in fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix).get("Contents", []):
+            if theirs.match(o["Key"]):
+                _gone_or(fs.call_s3, "delete_object", Bucket=bucket, Key=o["Key"])
+    except _store_errors() as e:  # the output is in place; leftovers are S3's lifecycle rule's to expire
+        log.warning("%s: written; could not clear what earlier failed uploads left: %s (an "
+                    "AbortIncompleteMultipartUpload lifecycle rule on the bucket clears them)", shown(url), why(e))
+
+
+def _gone_or(call: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        call(*args, **kwargs)
+    except FileNotFoundError:  # finished or cleared by another writer meanwhile
+        pass
+
+
+def _parts(fs: Any) -> dict[str, int]:
+    """s3fs uploads a file of 2 x 50 MiB or more in 50 MiB parts, 10 at a time: 500 MiB of memory for a
+    large output. Parts of BLOCK keep it at 10 x 8 MiB, as flat as a download."""
+    return {"chunksize": BLOCK} if _is_s3(fs) else {}
+
+
+def _is_s3(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool({"s3", "s3a"} & set(protocol))
 
 
 def _remove_quietly(fs: Any, path: str) -> None:
