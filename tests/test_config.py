@@ -348,38 +348,55 @@ def test_the_forms_offer_only_what_a_user_may_set():
 
 
 @pytest.mark.slow
-def test_a_deployment_run_with_defaults_shows_them(tmp_path):
-    """infra/prefect.yaml deployed to a real Prefect server: a run started with no parameters holds the
-    flows' defaults (not `{}`), and the deployment's form has no derived field. Its training deployment
-    gets the drift trigger `mnistops serve` declares, with K from MNISTOPS_RETRAIN_ALERTS at deploy time."""
+def test_a_deployment_run_with_defaults_shows_them(tmp_path, prefect_server_url):
+    """infra/prefect.yaml deployed to a real Prefect server (the session's): a run started with no
+    parameters holds the flows' defaults (not `{}`), and the deployment's form has no derived field.
+    Its training deployment gets the drift trigger `mnistops serve` declares, with K from
+    MNISTOPS_RETRAIN_ALERTS at deploy time. The server is shared: the deployments are read by their
+    flow's name, and what this test made is deleted again (a later `mnistops serve` on the server must
+    not find a run of this one's waiting for it)."""
     import json
     import os
     import subprocess
     import sys
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
 
     from flows.drift_events import RetrainTrigger, retrain_trigger
     from flows.options import deployment_defaults
-    from servers import QUIET_ENV, prefect_server
+    from servers import QUIET_ENV
 
     root = Path(__file__).resolve().parents[1]
-    prefect = [sys.executable, "-c", "from prefect.cli import app; app()"]
-    with prefect_server(f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}", home=tmp_path / "server",
-                        log_path=tmp_path / "server.log") as api_url:
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MNISTOPS_"))}, **QUIET_ENV,
-               "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / "cli"), "MNISTOPS_RETRAIN_ALERTS": "5"}
-        for args in (["work-pool", "create", "mnistops-process", "--type", "process"],
-                     ["--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"]):
-            done = subprocess.run(prefect + args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stdout + done.stderr
-        with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-            deps = {d.name: d for d in client.read_deployments()}
+    api_url = prefect_server_url
+    names = {"training-nightly": "training-pipeline/training-nightly",
+             "hyperparameter-sweep": "hyperparameter-sweep/hyperparameter-sweep",
+             "inference-hourly": "batch-inference/inference-hourly"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MNISTOPS_"))}, **QUIET_ENV,
+           "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / "cli"), "MNISTOPS_RETRAIN_ALERTS": "5"}
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        try:  # what `prefect work-pool create mnistops-process --type process` makes (README's own commands: test_infra_workpool)
+            client.create_work_pool(WorkPoolCreate(name="mnistops-process", type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+        except ObjectAlreadyExists:
+            pass
+        done = subprocess.run([sys.executable, "-c", "from prefect.cli import app; app()", "--no-prompt", "deploy",
+                               "--all", "--prefect-file", "infra/prefect.yaml"],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        deps = {name: client.read_deployment_by_name(full) for name, full in names.items()}
+        try:
             run = client.create_flow_run_from_deployment(deps["training-nightly"].id)
+            client.delete_flow_run(run.id)
             form = deps["training-nightly"].parameter_openapi_schema["definitions"]
             trigger = retrain_trigger("mnist-mlp", RetrainTrigger(retrain_alerts=5))
             (automation,) = client.read_automations_by_name(trigger.name)
+        finally:
+            for dep in deps.values():
+                client.delete_deployment(dep.id)
     trigger.set_deployment_id(deps["training-nightly"].id)
     assert automation.trigger == trigger.as_automation().trigger and automation.enabled
     assert [a.deployment_id for a in automation.actions] == [deps["training-nightly"].id]

@@ -1,9 +1,10 @@
 """The Prefect flows in-process on real MNIST against a real local Prefect API, and the scheduled
-deployments (`mnistops serve`) against a real Prefect server started here."""
+deployments (`mnistops serve`) against a real Prefect server (the session's)."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import http.server
 import os
@@ -226,16 +227,7 @@ def test_an_inbox_flow_makes_its_missing_inbox_and_names_its_owner(prefect_api, 
 
 
 # ---------------------------------------------------------------------------------------------
-# `mnistops serve` against a real Prefect server: deployments, schedules, and cancellation
-
-
-@pytest.fixture(scope="module")
-def prefect_server_url(tmp_path_factory):
-    from servers import prefect_server
-
-    root = tmp_path_factory.mktemp("prefect-server")
-    with prefect_server(f"sqlite+aiosqlite:///{root}/prefect.db", home=root / "home") as url:
-        yield url
+# `mnistops serve` against a real Prefect server (the session's): deployments, schedules, and cancellation
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -266,6 +258,7 @@ def test_serve_registers_schedules_and_cancel_stops_training(prefect_server_url,
            "MNISTOPS_DATA_SOURCE": str(mnist_source),
            # worker processes even for one process: what is checked here is that they die on cancel
            "MNISTOPS_TRAIN_IN_PROCESS": "0"}
+    since = datetime.datetime.now(datetime.timezone.utc)
     serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--training-cron", "15 3 * * *",
                               "--inference-cron", "*/30 * * * *", "--epochs", "200"],
                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -275,11 +268,15 @@ def test_serve_registers_schedules_and_cancel_stops_training(prefect_server_url,
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: prefect_server_url}), get_client(sync_client=True) as client:
+            # The session's server may hold these deployments from an earlier `serve`: wait for this
+            # one's (updated since it started, not paused).
             deadline = time.time() + 120
             deployments = {}
             while len(deployments) < 2:
                 assert serve.poll() is None and time.time() < deadline, serve.stdout.read() if serve.poll() is not None else "timeout"
-                deployments = {d.name: d for d in client.read_deployments()}
+                deployments = {d.name: d for d in client.read_deployments()
+                               if d.name in ("training-nightly", "inference-hourly") and d.updated >= since
+                               and not d.paused}
                 time.sleep(0.5)
             crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
             assert crons == {"training-nightly": ["15 3 * * *"], "inference-hourly": ["*/30 * * * *"]}

@@ -285,15 +285,13 @@ def test_skip_nan_records(model: tuple[Path, dict], tmp_path: Path) -> None:
 # --- the registry URI and tracking against a real MLflow store ----------------------------------------
 
 
-def test_registry_uri_and_tracking(model: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registry_uri_and_tracking(model: tuple[Path, dict], tmp_path: Path, mlflow_store: str,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
     import mlflow.onnx
     import onnx
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MNISTOPS_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
     onnx_model = onnx.load(str(model[0]))
@@ -331,7 +329,7 @@ def test_registry_uri_and_tracking(model: tuple[Path, dict], tmp_path: Path, mon
     assert run.data.metrics["throughput_img_per_s"] > 0
     assert run.data.tags["provider"] == "CPUExecutionProvider"
     assert [a.path for a in client.list_artifacts(res.mlflow_run_id)] == ["p.parquet.manifest.json"]
-    stored = list((tmp_path / "artifacts" / EXPERIMENT).rglob("p.parquet.manifest.json"))
+    stored = list((tmp_path / "mlartifacts" / EXPERIMENT).rglob("p.parquet.manifest.json"))
     assert len(stored) == 1 and json.loads(stored[0].read_text()) == m  # under MNISTOPS_ARTIFACT_ROOT
 
     # an explicit version, and a failing job recorded as a FAILED run
