@@ -191,9 +191,12 @@ BAD = ["count", "range", "csv_range", "empty_npy", "empty_folder"]
 @pytest.mark.parametrize("kind", BAD)
 def test_a_bad_set_is_one_line_and_nothing_is_recorded(kind, mlflow_store, tmp_path):
     folder, expected = _bad(kind, tmp_path / kind)
+    store = tmp_path / "mlflow.db"  # the fixture's empty store
+    before = (store.stat().st_mtime_ns, store.read_bytes())
     with pytest.raises(InputError, match=expected):
         fb.offer([str(folder)], MNIST_TASK)
-    assert not (tmp_path / "mlflow.db").exists()  # refused before the store was even opened
+    assert (store.stat().st_mtime_ns, store.read_bytes()) == before  # refused before the store was written
+    assert mlflow.MlflowClient().get_experiment_by_name(fb.EXPERIMENT) is None
 
 
 @pytest.mark.parametrize("kind", ["count", "empty_folder"])
