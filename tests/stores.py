@@ -49,3 +49,24 @@ def home_with_store(home: Path) -> Path:
     """A MNISTOPS_HOME whose embedded store exists already (as after a first command there)."""
     empty_store(Path(home) / "mlflow.db", Path(home) / "mlartifacts")
     return Path(home)
+
+
+@contextlib.contextmanager
+def store_for_module(root: Path, **env: str):
+    """An empty store at `root` that this process's MLflow calls and the commands it starts use
+    until the block ends (a module-scoped fixture's store: made once for all its tests). `env`:
+    more variables set for the same span (MNISTOPS_HOME, ...). Yields the tracking URI."""
+    import mlflow
+    import pytest
+
+    uri = empty_store(Path(root) / "mlflow.db", Path(root) / "mlartifacts")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MNISTOPS_ARTIFACT_ROOT", str(Path(root) / "mlartifacts"))
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)

@@ -113,15 +113,11 @@ def test_the_split_is_decided_by_the_content():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    from stores import store_for_module
+
     root = tmp_path_factory.mktemp("feedback")
-    mp = pytest.MonkeyPatch()
-    uri = f"sqlite:///{root}/mlflow.db"
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("MNISTOPS_ARTIFACT_ROOT", str(root / "mlartifacts"))
-    mlflow.set_tracking_uri(uri)
-    yield root
-    mlflow.set_tracking_uri(None)
-    mp.undo()
+    with store_for_module(root):
+        yield root
 
 
 

@@ -28,19 +28,11 @@ SEED = 0
 def store(tmp_path_factory):
     """One MLflow store (SQLite) for this module's tests, each on models of its own names: a new
     store's schema migrations take 5-9 s on this machine, paid once here instead of per test."""
-    import mlflow
+    from stores import store_for_module
 
     root = tmp_path_factory.mktemp("monitor-store")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MNISTOPS_ARTIFACT_ROOT", str(root / "mlartifacts"))
-        mp.setenv("MNISTOPS_HOME", str(root / "home"))
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield uri
-        finally:
-            mlflow.set_tracking_uri(None)
+    with store_for_module(root, MNISTOPS_HOME=str(root / "home")) as uri:
+        yield uri
 
 
 def unique(prefix: str) -> str:
@@ -120,7 +112,7 @@ def test_two_jobs_racing_on_a_new_version_share_one_record(store, monkeypatch):
             barrier.wait()  # both have looked (and found nothing) before either creates
         return runs
 
-    mlflow_client().search_experiments()  # the new store made here: two threads must not migrate it at once
+    mlflow_client().search_experiments()  # the store is whole before the two threads open it
     monkeypatch.setattr(monitor, "_runs", racing_lookup)
     now = dt.datetime.now(dt.timezone.utc)
     points = [monitor.Point(now + dt.timedelta(seconds=i), 10 + i, 0.01, 0.02, 0.9, None, "ok") for i in range(2)]

@@ -95,15 +95,11 @@ def test_gate_config_is_validated():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    from stores import store_for_module
+
     root = tmp_path_factory.mktemp("registry")
-    mp = pytest.MonkeyPatch()
-    uri = f"sqlite:///{root}/mlflow.db"
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("MNISTOPS_ARTIFACT_ROOT", str(root / "mlartifacts"))
-    mlflow.set_tracking_uri(uri)
-    yield root
-    mlflow.set_tracking_uri(None)
-    mp.undo()
+    with store_for_module(root):
+        yield root
 
 
 def _train(mnist, root: Path, name: str, **cfg) -> TrainResult:
