@@ -221,5 +221,6 @@ def score_test_split(dataset: str, data_dir: str | None, model: str) -> dict:
     predictions replace the last's: the file is this pipeline's own)."""
     cfg = settings.configure()
     images, labels = export_test_split(dataset, data_dir, cfg.outputs_dir / "inputs")
+    # The test split measures the champion; it is never feedback (it would train and gate later versions).
     return batch_inference(JobConfig(input=images, output=cfg.outputs_dir / f"{dataset}-test-predictions.parquet",
-                                     model=model, labels=labels, overwrite=True))
+                                     model=model, labels=labels, overwrite=True, feedback=False))

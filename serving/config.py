@@ -55,6 +55,8 @@ class JobConfig:
                                          ge=1, option=False)
     track: bool = setting(True, f"log the job as an MLflow run (in experiment {EXPERIMENT!r} at the current "
                                 "MLFLOW_TRACKING_URI)")
+    feedback: bool = setting(True, "keep a labelled input as a feedback set of the model's task, for the next "
+                                   "training and the gate's slices (off: labels only measure accuracy)")
     overwrite: bool = setting(False, "replace an existing output (an input is never overwritten)")
     fail_on_drift: bool = setting(False, "exit 4 (after writing the outputs) when the drift check alerts")
     drift_reference: str | None = setting(None, "drift profile (JSON file or artifact URI) to check against "

@@ -507,7 +507,7 @@ def _run_local(cfg: JobConfig, loaded: LoadedModel | None, shown: _Shown) -> Job
         log.info("model %s (version %s) on %s, %d stream(s)", loaded.ref.uri, loaded.ref.version, loaded.provider,
                  loaded.streams)
         tracking = _Tracking(cfg, loaded.ref, loaded.provider, reader) if cfg.track else None
-        if tracking is not None and labels is not None:  # a labelled batch becomes a feedback set
+        if tracking is not None and labels is not None and cfg.feedback:  # a labelled batch becomes a feedback set
             feedback.record_job(cfg, loaded.ref, tracking.client, tracking.run_id, shown.input or str(cfg.input))
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(cfg.output)

@@ -69,6 +69,8 @@ def test_pipeline_and_batch_job_against_real_servers(stack, tmp_path, mnist, mni
     assert not (tmp_path / "home" / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
     c = MlflowClient(stack.mlflow_url)
+    # The test split scored with its labels measures the champion; it never becomes a feedback set.
+    assert c.get_experiment_by_name("mnistops-feedback") is None
     (run,) = c.search_runs([c.get_experiment_by_name("mnist-mlp").experiment_id],
                            filter_string="tags.`mnistops.kind` = 'training'", max_results=50)
     assert run.info.status == "FINISHED" and run.data.metrics[M.VAL_ACCURACY] >= 0.96
