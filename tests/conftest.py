@@ -24,6 +24,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A Prefect home of this test session's own: cached task results persist under it and must not leak
 # into later sessions (or come from the user's profile). Set before anything imports prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mnistops-test-prefect-")
+# Likewise a mnistops home of the session's own for a test that names none: nothing a test runs
+# writes the user's ./.mnistops.
+os.environ["MNISTOPS_HOME"] = tempfile.mkdtemp(prefix="mnistops-test-home-")
 os.environ.pop("PREFECT_API_URL", None)
 # Prefect binds its console log handler to sys.stderr when prefect.main is first imported (that is
 # when it sets up logging). Imported here, that is pytest's session-long capture; imported inside a
@@ -139,6 +142,21 @@ def prefect_api(shared_servers):
         # Their last logs and events sent while the server is still there (after it, they retry).
         APILogWorker.drain_all(timeout=30)
         EventsWorker.drain_all(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _environment_of_its_own():
+    """Every test starts from the environment the session and its wider fixtures set, whatever the
+    tests before it in this process did. The product's in-process start-up fills in its defaults in
+    os.environ (MNISTOPS_HOME, MLFLOW_TRACKING_URI, MNISTOPS_ARTIFACT_ROOT, Prefect's result storage),
+    as a command does for the processes it starts; left there, they pointed a later test's commands
+    at an earlier test's store (its artifacts went to that store's folder, not the S3 bucket the test
+    named)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture

@@ -70,3 +70,14 @@ def store_for_module(root: Path, **env: str):
             yield uri
         finally:
             mlflow.set_tracking_uri(None)
+
+
+def experiment_id(name: str) -> str:
+    """The id of the current store's experiment `name`, made if new. For a test's own runs
+    (mlflow.start_run(experiment_id=...)): mlflow.set_experiment would leave it active in this
+    process, and the product's later start_run(run_id=...) of a run in another experiment fails."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else client.create_experiment(name)

@@ -35,7 +35,7 @@ def _states(data_dir: Path, source: str | None) -> tuple[str, object]:
 
 
 def test_cache_is_keyed_on_content_stored_as_json_and_healed(prefect_api, tmp_path, mnist, mnist_source):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     from flows.training import obtain_data
 
@@ -44,27 +44,29 @@ def test_cache_is_keyed_on_content_stored_as_json_and_healed(prefect_api, tmp_pa
     cache = data_dir / mnist.cache_path.name
     shutil.copy(mnist.cache_path, cache)
     good = cache.read_bytes()
+    results = tmp_path / "prefect-results"  # this test's own: no answer kept by an earlier test in this process
 
-    assert _states(data_dir, None)[0] == "Completed"  # verified, then kept under this content
-    name, cached = _states(data_dir, None)
-    assert name == "Cached" and cached.reused_cache
-    # The stored answer is JSON (data, not a pickle), and says what it is.
-    stored = [json.loads(p.read_text()) for p in Path(PREFECT_LOCAL_STORAGE_PATH.value()).iterdir() if p.is_file()]
-    assert any("nn_core.data.PreparedDataset" in json.dumps(s) for s in stored)
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(results)}):
+        assert _states(data_dir, None)[0] == "Completed"  # verified, then kept under this content
+        name, cached = _states(data_dir, None)
+        assert name == "Cached" and cached.reused_cache
+        # The stored answer is JSON (data, not a pickle), and says what it is.
+        stored = [json.loads(p.read_text()) for p in results.iterdir() if p.is_file()]
+        assert any("nn_core.data.PreparedDataset" in json.dumps(s) for s in stored)
 
-    # Corrupted: a different key, so the file is checked again; without a source it is refused...
-    _corrupt(cache)
-    name, error = _states(data_dir, str(tmp_path / "nowhere"))
-    assert name == "Failed" and str(cache) in str(error) and "rebuilding it from the source failed" in str(error)
-    # ... with one, rebuilt.
-    healed = obtain_data(DataConfig("mnist", str(mnist_source), str(data_dir)))
-    assert cache.read_bytes() == good and healed.digest == mnist.digest
+        # Corrupted: a different key, so the file is checked again; without a source it is refused...
+        _corrupt(cache)
+        name, error = _states(data_dir, str(tmp_path / "nowhere"))
+        assert name == "Failed" and str(cache) in str(error) and "rebuilding it from the source failed" in str(error)
+        # ... with one, rebuilt.
+        healed = obtain_data(DataConfig("mnist", str(mnist_source), str(data_dir)))
+        assert cache.read_bytes() == good and healed.digest == mnist.digest
 
-    # The very same corruption again: the answer kept under that content came from a rebuild, so it
-    # is not trusted; the file is verified and rebuilt once more.
-    _corrupt(cache)
-    healed = obtain_data(DataConfig("mnist", str(mnist_source), str(data_dir)))
-    assert cache.read_bytes() == good and healed.digest == mnist.digest
+        # The very same corruption again: the answer kept under that content came from a rebuild, so it
+        # is not trusted; the file is verified and rebuilt once more.
+        _corrupt(cache)
+        healed = obtain_data(DataConfig("mnist", str(mnist_source), str(data_dir)))
+        assert cache.read_bytes() == good and healed.digest == mnist.digest
 
 
 def test_run_with_a_corrupt_cache_is_refused_in_one_line_then_healed(prefect_env, tmp_path, mnist, mnist_source):

@@ -21,6 +21,7 @@ import pytest
 
 from dockerfile import base_python, build, instructions
 from serving_fixtures import digits, mlp_onnx, mlp_weights, reference_probabilities, save_model
+from stores import experiment_id
 
 pytestmark = pytest.mark.slow
 
@@ -100,9 +101,9 @@ def test_batch_job_from_the_registry_of_an_mlflow_server(image, tmp_path):
         # The training side (this venv, with the full mlflow) logs and registers a model...
         mlflow.set_tracking_uri(url)
         try:
-            mlflow.set_experiment("image-test")
+            exp = experiment_id("image-test")
             weights = mlp_weights(seed=3)
-            with mlflow.start_run():
+            with mlflow.start_run(experiment_id=exp):
                 info = mlflow.onnx.log_model(mlp_onnx(weights), name="model", registered_model_name=MODEL_NAME,
                                              onnx_execution_providers=["CPUExecutionProvider"],
                                              pip_requirements=["onnxruntime"])

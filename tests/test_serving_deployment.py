@@ -20,6 +20,7 @@ from needs import missing
 from common import idx
 from serving import drift
 from serving_fixtures import mlp_onnx, train_quickly, write_idx
+from stores import experiment_id
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 FASHION = Path(os.environ.get("MNISTOPS_FASHION_SOURCE", "/usr/share/datasets/fashion-mnist"))
@@ -38,8 +39,8 @@ def _champion_with_reference(store: Path, src: Path) -> None:
     onnx.save(mlp_onnx(train_quickly(x[:50_000], y[:50_000])), str(path))
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     try:
-        mlflow.set_experiment("training")
-        with mlflow.start_run() as run:
+        exp = experiment_id("training")
+        with mlflow.start_run(experiment_id=exp) as run:
             mlflow.onnx.log_model(onnx.load(str(path)), name="model", registered_model_name="mnist-mlp",
                                   onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"])
         drift.store_reference("mnist-mlp", "1", run.info.run_id, path, x[:50_000], x[50_000:])

@@ -26,6 +26,7 @@ from common.errors import DriftAlert
 from serving.images import mnist_pixels
 from serving.job import JobConfig, run_job
 from serving_fixtures import mlp_onnx, train_quickly, write_idx
+from stores import experiment_id
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
@@ -172,8 +173,8 @@ def test_reference_stored_with_the_version_and_used_by_the_job(trained, fashion,
     import mlflow.onnx
     from mlflow import MlflowClient
 
-    mlflow.set_experiment("training")
-    with mlflow.start_run() as run:
+    exp = experiment_id("training")
+    with mlflow.start_run(experiment_id=exp) as run:
         mlflow.onnx.log_model(onnx.load(str(trained["model"])), name="model", registered_model_name="mnist-mlp",
                               onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"])
     x = _mnist(Path(os.environ["MNISTOPS_DATA_SOURCE"]), "train-images-idx3-ubyte", idx.IMAGES_MAGIC)

@@ -36,6 +36,7 @@ from serving_fixtures import (
     train_quickly,
     write_idx,
 )
+from stores import experiment_id
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"ORT_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
@@ -295,11 +296,11 @@ def test_registry_uri_and_tracking(model: tuple[Path, dict], tmp_path: Path, mlf
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
     onnx_model = onnx.load(str(model[0]))
-    mlflow.set_experiment("training")
-    with mlflow.start_run():
+    exp = experiment_id("training")
+    with mlflow.start_run(experiment_id=exp):
         mlflow.onnx.log_model(onnx_model, name="model", registered_model_name="mnist-mlp",
                               onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"])
-    with mlflow.start_run() as run2:  # version 2: different weights, the champion
+    with mlflow.start_run(experiment_id=exp) as run2:  # version 2: different weights, the champion
         w2 = mlp_weights(seed=7)
         mlflow.onnx.log_model(mlp_onnx(w2), name="model", registered_model_name="mnist-mlp",
                               onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"])
