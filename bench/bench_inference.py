@@ -79,58 +79,13 @@ def mnist_like(n: int, seed: int = 0) -> np.ndarray:
 
 
 def build_models(folder: Path, seed: int = 0):
-    """The project's MLP (nn_core.model) with seeded weights, as a torch module and as a contract ONNX
-    file with the same weights."""
-    import onnx
-    from onnx import TensorProto, helper
-
+    """The project's MLP (nn_core.model) with seeded weights, as a torch module and as the ONNX file
+    nn_core.export makes of it (what the pipeline registers and the batch job serves)."""
+    from nn_core.export import export_onnx
     from nn_core.model import MLPConfig, build_model
 
     model = build_model(MLPConfig(), seed).eval()
-    nodes, inits = onnx_nodes(model)
-    graph = helper.make_graph(
-        nodes, "mnist_mlp",
-        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
-        inits,
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    path = folder / "model.onnx"
-    onnx.save(proto, str(path))
-    return model, path
-
-
-def onnx_nodes(model) -> tuple[list, list]:
-    """The contract graph of `model` (nn_core.model's MLP): its nodes and initializers, uint8 pixels ->
-    normalized -> the model's Linear (Gemm) and ReLU layers -> logits -> probabilities."""
-    import torch
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = [
-        numpy_helper.from_array(np.array([-1, 784], dtype=np.int64), "flat_shape"),
-        numpy_helper.from_array(model.mean.numpy(), "mean"),
-        numpy_helper.from_array(model.std.numpy(), "std"),
-    ]
-    nodes = [
-        helper.make_node("Cast", ["pixels"], ["x0"], to=TensorProto.FLOAT),
-        helper.make_node("Reshape", ["x0", "flat_shape"], ["x1"]),
-        helper.make_node("Sub", ["x1", "mean"], ["x2"]),
-        helper.make_node("Div", ["x2", "std"], ["h0"]),
-    ]
-    linears = [m for m in model.layers if isinstance(m, torch.nn.Linear)]
-    for i, lin in enumerate(linears):
-        inits += [
-            numpy_helper.from_array(lin.weight.detach().numpy(), f"w{i}"),
-            numpy_helper.from_array(lin.bias.detach().numpy(), f"b{i}"),
-        ]
-        out = "logits" if i == len(linears) - 1 else f"z{i}"
-        nodes.append(helper.make_node("Gemm", [f"h{i}", f"w{i}", f"b{i}"], [out], transB=1))
-        if out != "logits":
-            nodes.append(helper.make_node("Relu", [out], [f"h{i + 1}"]))
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
-    return nodes, inits
+    return model, export_onnx(model, folder / "model.onnx")
 
 
 def write_inputs(folder: Path, x: np.ndarray, pngs: int) -> dict[str, Path]:

@@ -1,8 +1,9 @@
 """ONNX export of the trained MLP and the parity check against PyTorch.
 
 Exporter: torch.export-based (`dynamo=True`). For this MLP it gives the simplest correct graph
-(Reshape, Cast, Sub, Div, Gemm, Relu, Gemm, Softmax: 8 nodes, the batch reshape folded), where the
-deprecated TorchScript exporter adds a Shape/Gather/Unsqueeze/Concat chain for the same reshape.
+(Reshape, Cast, Sub, Div, Gemm, Relu, Gemm, Softmax, and one MatMul on the cast pixels for the drift
+check's sums: 9 nodes, the batch reshape folded), where the deprecated TorchScript exporter adds a
+Shape/Gather/Unsqueeze/Concat chain for the same reshape.
 """
 
 from __future__ import annotations
@@ -21,25 +22,34 @@ from nn_core.model import MLP, MLPConfig, build_model
 
 OPSET = 20
 INPUT_NAME = "pixels"
-OUTPUT_NAMES = ("logits", "probabilities")
+OUTPUT_NAMES = ("logits", "probabilities", "pixel_sums")
 PARITY_BATCH_SIZES = (1, 7, 10_000)
 PARITY_TOLERANCE = 1e-4
 
 
 class ServingModel(torch.nn.Module):
-    """What is served: raw uint8 pixels in, logits and probabilities out."""
+    """What is served: raw uint8 pixels in; logits, probabilities and the pixel sums of the drift
+    check out. `pixel_sums` (B, 2): each image's total and the sum of its central 20x20 box, the two
+    pixel features of serving/drift.py, computed here in the same onnxruntime pass as the prediction
+    instead of a second pass over the pixels in numpy (which cost the batch job more than a quarter
+    of the session's time). Exact in float32: the sums are integers below 2**24."""
 
     def __init__(self, model: MLP):
         super().__init__()
         self.model = model
+        box = torch.zeros(28, 28)
+        box[4:24, 4:24] = 1.0
+        self.register_buffer("sum_weights", torch.stack([torch.ones(784), box.flatten()], dim=1))  # (784, 2)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model(pixels)  # (B, 10)
-        return logits, torch.softmax(logits, dim=1)
+        sums = pixels.reshape(-1, 784).to(torch.float32) @ self.sum_weights  # one small MatMul, no copies
+        return logits, torch.softmax(logits, dim=1), sums
 
 
 def export_onnx(model: MLP, path: Path) -> Path:
-    """Write `model` as ONNX (uint8 [batch, 28, 28] -> float32 [batch, 10] x2), checked, atomically."""
+    """Write `model` as ONNX (uint8 [batch, 28, 28] -> float32 [batch, 10] x2 and [batch, 2]), checked,
+    atomically."""
     example = torch.zeros(7, 28, 28, dtype=torch.uint8)
     with atomic_path(path, suffix=".onnx") as tmp:
         torch.onnx.export(

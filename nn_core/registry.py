@@ -267,9 +267,11 @@ def register_candidate(run_id: str, onnx_path: Path, parity: ParityReport, model
     else:
         from nn_core.export import onnx_session
 
-        outputs = onnx_session(onnx_path).run(None, {"pixels": example})
+        session = onnx_session(onnx_path)
+        outputs = session.run(None, {"pixels": example})
         # Named input and outputs, as the ONNX graph and the serving contract call them.
-        signature = infer_signature({"pixels": example}, {"logits": outputs[0], "probabilities": outputs[1]})
+        signature = infer_signature({"pixels": example},
+                                    {o.name: v for o, v in zip(session.get_outputs(), outputs, strict=True)})
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)),

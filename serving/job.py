@@ -45,8 +45,10 @@ from serving.session import (
     CUDA,
     INPUT_NAME,
     OUTPUT_NAME,
+    SUMS_NAME,
     create_session,
     gpu_usable,
+    has_pixel_sums,
     plan_threads,
     provider,
 )
@@ -304,13 +306,16 @@ class _Counts:
     confidence: float = 0.0  # sum of the top probabilities
 
 
-def _infer(session: ort.InferenceSession, monitor: drift.DriftMonitor | None, pixels: np.ndarray) -> _Inferred:
+def _infer(session: ort.InferenceSession, monitor: drift.DriftMonitor | None, sums: bool,
+           pixels: np.ndarray) -> _Inferred:
     """Everything per chunk that needs no ordering, run on the pool beside the other streams: only
-    the writes (in input order) are left to the consuming thread."""
-    probs = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]  # (B, 10)
+    the writes (in input order) are left to the consuming thread. `sums`: the drift check's pixel
+    sums come from the model's own run (its `pixel_sums` output)."""
+    out = session.run([OUTPUT_NAME, SUMS_NAME] if sums else [OUTPUT_NAME], {INPUT_NAME: pixels})
+    probs = out[0]  # (B, 10)
     prediction = probs.argmax(axis=1)
     probability = np.take_along_axis(probs, prediction[:, None], axis=1)[:, 0]
-    ood = monitor.scores(pixels, probability) if monitor is not None else None
+    ood = monitor.scores(pixels, probability, out[1] if sums else None) if monitor is not None else None
     return _Inferred(probs, prediction, probability, ood)
 
 
@@ -339,6 +344,7 @@ def _predict_chunks(session: ort.InferenceSession, reader: ImageReader, labels: 
     counts = _Counts()
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     assert cfg.batch_size is not None
+    sums = monitor is not None and has_pixel_sums(session)
     with (
         tqdm(total=reader.count, unit="img", unit_scale=True, disable=not show, mininterval=0.5) as bar,
         ThreadPoolExecutor(streams, thread_name_prefix="infer") as pool,
@@ -351,7 +357,7 @@ def _predict_chunks(session: ort.InferenceSession, reader: ImageReader, labels: 
             bar.update(chunk.stop - chunk.start)
 
         for chunk in read_ahead(reader.chunks(cfg.batch_size)):
-            pending.append((chunk, pool.submit(_infer, session, monitor, chunk.pixels)))
+            pending.append((chunk, pool.submit(_infer, session, monitor, sums, chunk.pixels)))
             if len(pending) >= streams:
                 write_oldest()
         while pending:

@@ -25,6 +25,9 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
+# Optional: each image's pixel total and central-box sum (B, 2), which the drift check then takes from
+# the same run instead of a pass of its own over the pixels (nn_core/export.py's models have it).
+SUMS_NAME = "pixel_sums"
 
 
 @functools.lru_cache(maxsize=1)  # a property of the machine; nvidia-smi takes a while to answer
@@ -154,7 +157,7 @@ def provider(session: ort.InferenceSession) -> str:
 
 def check_contract(session: ort.InferenceSession, model_path: Path) -> None:
     """The serving contract: one input `pixels` uint8 [batch, 28, 28], an output `probabilities`
-    float [batch, 10]."""
+    float [batch, 10], and optionally `pixel_sums` float [batch, 2]."""
     inputs = session.get_inputs()
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].type != "tensor(uint8)":
         got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
@@ -170,3 +173,11 @@ def check_contract(session: ort.InferenceSession, model_path: Path) -> None:
         raise ModelSourceError(
             f"{model_path}: outputs {sorted(outputs)}, expected `{OUTPUT_NAME}` tensor(float) [batch, 10]"
         )
+    sums = outputs.get(SUMS_NAME)
+    if sums is not None and (sums.type != "tensor(float)" or (sums.shape and sums.shape[-1] != 2)):
+        raise ModelSourceError(f"{model_path}: output `{SUMS_NAME}` is {sums.type} {sums.shape}, expected "
+                               "tensor(float) [batch, 2] (each image's pixel total and central 20x20 sum)")
+
+
+def has_pixel_sums(session: ort.InferenceSession) -> bool:
+    return any(o.name == SUMS_NAME for o in session.get_outputs())

@@ -157,13 +157,17 @@ def test_export_contract_and_batch_sizes(models, mnist, tmp_path):
     (inp,) = proto.graph.input
     assert inp.name == "pixels" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 28, 28]
-    assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities", "pixel_sums"]
     s = load_splits(mnist.cache_path)
     sess = onnx_session(path)
     for n in (1, 7, 10_000):
-        logits, probs = sess.run(None, {"pixels": s.val_images[:n].numpy()})
+        x = s.val_images[:n].numpy()
+        logits, probs, sums = sess.run(None, {"pixels": x})
         assert logits.shape == probs.shape == (n, 10) and logits.dtype == np.float32
         np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+        # the drift check's pixel sums, exactly: each image's total and its central 20x20 box's
+        expected = np.stack([x.reshape(n, 784).sum(1), x[:, 4:24, 4:24].sum((1, 2))], axis=1)
+        assert sums.dtype == np.float32 and np.array_equal(sums, expected)
     assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
 
 

@@ -6,6 +6,7 @@ scores within 0.3 points of the IDX accuracy; a raw digit is still centred."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -216,3 +217,39 @@ def test_framed_digit_is_only_resized() -> None:
     ys, xs = np.nonzero(out > 127)
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (4, 23, 11, 16)  # where it was: not re-cropped
     assert np.abs(out.astype(int) - a).max() <= 40  # only the edges soften
+
+
+def _with_pixel_sums(model: Path, out: Path, width: int = 2) -> Path:
+    """`model` plus the optional `pixel_sums` output, as nn_core/export.py makes it: one MatMul of the
+    cast, flattened pixels by a (784, 2) matrix of ones and of the central 20x20 box. `width` 3 makes
+    an output of the wrong shape."""
+    proto = onnx.load(str(model))
+    box = np.zeros((28, 28), np.float32)
+    box[4:24, 4:24] = 1.0
+    weights = np.stack([np.ones(784, np.float32), box.ravel(), *([np.zeros(784, np.float32)] * (width - 2))], axis=1)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weights, "sum_weights"))
+    proto.graph.node.append(onnx.helper.make_node("MatMul", ["x_flat", "sum_weights"], ["pixel_sums"]))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("pixel_sums", onnx.TensorProto.FLOAT, ["batch", width]))
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+    return out
+
+
+@pytest.mark.e2e
+def test_the_models_pixel_sums_give_the_drift_check_the_numpy_pass_gives(trained, fashion, tmp_path: Path) -> None:
+    from common.errors import ModelSourceError
+
+    x = np.concatenate([trained["x"][:3000], fashion[:1000]])  # records of every kind, both tails
+    np.save(tmp_path / "x.npy", x)
+    plain = run_job(job(trained, tmp_path / "x.npy", tmp_path / "plain.parquet"))
+    summed_model = _with_pixel_sums(trained["model"], tmp_path / "summed.onnx")
+    summed = run_job(dataclasses.replace(job(trained, tmp_path / "x.npy", tmp_path / "summed.parquet"),
+                                         model=str(summed_model)))
+    assert plain.drift.status == summed.drift.status == "alert"
+    assert summed.drift.statistics == plain.drift.statistics
+    a, b = (pq.read_table(r.output) for r in (plain, summed))
+    assert a["ood_score"].equals(b["ood_score"]) and a["prediction"].equals(b["prediction"])
+    wrong = _with_pixel_sums(trained["model"], tmp_path / "wrong.onnx", width=3)
+    with pytest.raises(ModelSourceError, match=r"wrong\.onnx: output `pixel_sums` is tensor\(float\) \['batch', 3\]"):
+        run_job(dataclasses.replace(job(trained, tmp_path / "x.npy", tmp_path / "w.parquet"), model=str(wrong)))
+    assert not (tmp_path / "w.parquet").exists()

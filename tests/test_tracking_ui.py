@@ -173,7 +173,7 @@ def test_pipeline_sweep_and_batch_job_read_back_through_mlflow_and_prefect(prefe
     assert [m.step for m in c.get_metric_history(outcome.run_id, M.VAL_ACCURACY)] == [1, 2]  # no duplicate
     info = mlflow.models.get_model_info("models:/mnist-mlp/1")
     assert info.signature.inputs.input_names() == ["pixels"]
-    assert info.signature.outputs.input_names() == ["logits", "probabilities"]
+    assert info.signature.outputs.input_names() == ["logits", "probabilities", "pixel_sums"]
 
     # the Prefect side: the workers' epoch lines in the flow run's logs, named task runs, links
     logs = _prefect_logs(flow_run_id)
