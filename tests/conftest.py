@@ -13,6 +13,9 @@ import pytest
 from common.settings import QUIET as QUIET_DEFAULTS
 from needs import missing
 
+# Longest test files first under pytest-xdist (tests/schedule.py); `--store-durations` measures them.
+pytest_plugins = ["schedule"]
+
 # No telemetry from any library the tests start (these machines have no internet); quiet progress bars.
 for _k, _v in QUIET_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
