@@ -7,8 +7,10 @@ everything before them. Sorted by their last measured time, longest first (the c
 longest-processing-time rule), the long files run side by side from the start and the short ones
 fill the gaps at the end. The times are `tests/durations.json`, seconds per file as
 `pytest --store-durations` measured them on a 2-core machine (a run updates the files it ran; run it
-again after adding a heavy test); a file not listed counts as long, so a new one starts early. Order only: nothing is skipped
-and the tests inside a file keep their order.
+again after adding a heavy test); a file not listed counts as long, so a new one starts early. Order
+only: nothing is skipped and the tests inside a file keep their order. Measured: 33m23s of tests
+against 33m46s in file order; the suite's wall time is mostly its files' summed time (97 minutes)
+shared by the processes.
 """
 
 from __future__ import annotations
