@@ -637,7 +637,8 @@ def _started(args, debug: bool):
     made, stale runs reaped. Its imports (MLflow's store, Prefect's settings) run with the garbage
     collector paused (common.settings.loading)."""
     from flows import prefect_api
-    from flows.settings import configure, configure_logging
+    from common.logs import configure_logging
+    from flows.settings import configure
     from common.settings import loading
 
     with contextlib.ExitStack() as stack:
@@ -666,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skip_final_collection()
     args = build_parser().parse_args(argv)
-    from flows.settings import debug_enabled
+    from common.logs import debug_enabled
 
     debug = args.debug or debug_enabled()
     if debug:

@@ -8,9 +8,7 @@ and Prefect's flow-run processes inherit them.
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,56 +48,6 @@ def configure() -> Settings:
     # Whatever Prefect stores there is JSON, data to read, never a pickle to run (its default).
     os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
     return Settings(home=home, tracking_uri=store.tracking_uri, embedded_mlflow=store.embedded_mlflow)
-
-
-class CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record comes, not the stream of start-up time (which a
-    caller such as a test harness may have swapped and closed since). Its name must not start with
-    "_": Prefect keeps its own console handler off the root logger only when the root logger already
-    has a handler that is not "private"."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-class _OneLinePerFailure(logging.Filter):
-    """Without --debug a failure is reported once, by the command line's own `error:` line: the
-    libraries' error records (Prefect's "Finished in state Failed", torch elastic's child-failure
-    report) would only repeat it with a traceback each, so they are dropped, and other records lose
-    their tracebacks."""
-
-    LOUD = ("prefect", "torch.distributed.elastic")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and record.name.startswith(self.LOUD):
-            return False
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
-
-
-def debug_enabled() -> bool:
-    return env("MNISTOPS_DEBUG", "").lower() not in ("", "0", "false", "no")
-
-
-def configure_logging(debug: bool = False) -> None:
-    """Log lines of the library code (nn_core, serving) on stderr; called by the command line only.
-    Installed before Prefect is imported, so Prefect sends its records here too (it leaves a root
-    logger that already has a handler alone) and `--debug` decides about tracebacks in one place."""
-    root = logging.getLogger()
-    handler = next((h for h in root.handlers if isinstance(h, CurrentStderrHandler)), None)
-    if handler is None:
-        handler = CurrentStderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    for f in [f for f in handler.filters if isinstance(f, _OneLinePerFailure)]:
-        handler.removeFilter(f)
-    if not debug:
-        handler.addFilter(_OneLinePerFailure())
-    root.setLevel(logging.INFO)
-    for noisy in ("alembic", "httpx", "httpcore", "mlflow.store.db.utils", "onnx_ir", "onnxscript", "urllib3",
-                  "asyncio", "matplotlib", "PIL", "git", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def mlflow_ui_base() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -143,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         "(MNISTOPS_HOME/mlflow.db unless MLFLOW_TRACKING_URI is set).",
     )
     args = add_infer_arguments(parser).parse_args(argv)
+    from common.logs import configure_logging, debug_enabled
     from common.settings import configure_store
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(debug_enabled(), fmt="%(levelname)s %(name)s: %(message)s")
     # SIGTERM (Kubernetes, Prefect cancelling a run) as SystemExit, so the temp file is removed on the
     # way out; only SIGKILL leaves one behind (the next job removes it).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
