@@ -360,8 +360,34 @@ def listing(url: str) -> list[dict[str, Any]]:
     for e in entries:
         name = e["name"].rstrip("/").rsplit("/", 1)[-1]
         if e["name"].rstrip("/") != path.rstrip("/"):
-            out.append({"name": name, "type": e["type"], "size": e.get("size") or 0})
+            out.append({"name": name, "type": e["type"], "size": e.get("size") or 0, "version": _version(e)})
     return sorted(out, key=lambda e: e["name"])
+
+
+# What names an object's content in each store's listing: S3's ETag and LastModified, GCS's
+# generation and md5Hash, Azure's etag and last_modified.
+_VERSION_KEYS = ("ETag", "LastModified", "generation", "md5Hash", "etag", "last_modified")
+
+
+def _version(info: dict[str, Any]) -> str | None:
+    """The object's version as its store names it (None where the store names none: a local file).
+    Times in whole seconds: a listing gives milliseconds where a HEAD request does not."""
+    if info.get("type") != "file" or not any(info.get(k) for k in _VERSION_KEYS[::2]):
+        return None
+    parts = [info[k] for k in _VERSION_KEYS if info.get(k) is not None]
+    return " ".join(str(int(p.timestamp())) if hasattr(p, "timestamp") else str(p) for p in parts)
+
+
+def version(url: str) -> str | None:
+    """The version `listing` gives the object at `url` now (None: no object, or no version)."""
+    fs, path = filesystem(url)
+    try:
+        fs.invalidate_cache(path)
+        return _version(fs.info(path))
+    except FileNotFoundError:
+        return None
+    except _store_errors() as e:
+        raise failed(url, "reading", e) from e
 
 
 def remove(url: str) -> None:

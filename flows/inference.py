@@ -38,17 +38,19 @@ def inbox_job(inbox: Path | str, output: Path | str, cfg: JobConfig, rescore: bo
 
 
 @task(name="inbox-worker", cache_policy=NO_CACHE, task_run_name="inbox worker {worker}")
-def inbox_worker(inbox: Path | str, output: Path | str, cfg: JobConfig, rescore: bool, worker: int) -> InboxResult:
+def inbox_worker(inbox: Path | str, output: Path | str, cfg: JobConfig, rescore: bool, worker: int,
+                 workers: int) -> InboxResult:
     """One of the fan-out's workers, in a Dask worker process: the batch job's own inbox loop, which
-    claims each input through the ledger (so the workers share the inbox out between them)."""
-    return run_inbox(inbox, output, cfg, rescore=rescore)
+    claims each input through the ledger (so the workers share the inbox out between them), starting
+    at its own share of the inbox."""
+    return run_inbox(inbox, output, cfg, rescore=rescore, worker=(worker, workers))
 
 
 @flow(name="inbox-fan-out")
 def inbox_fan_out(job: JobConfig, rescore: bool, workers: int) -> InboxResult:
     """`workers` inbox workers side by side on the task runner given with `with_options` (Dask);
     their results merged, every input once."""
-    futures = [inbox_worker.submit(job.input, job.output, job, rescore, w) for w in range(workers)]
+    futures = [inbox_worker.submit(job.input, job.output, job, rescore, w, workers) for w in range(workers)]
     return merged([f.result() for f in futures])
 
 

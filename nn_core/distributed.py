@@ -69,6 +69,10 @@ def ddp_context(device_preference: str = "auto", devices: tuple[int, ...] | None
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     try:
         yield DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
+        if in_ddp:
+            # Every rank done with the group before any tears it down: rank 0 hosts the workers' store,
+            # and a peer whose store went away mid-teardown could abort (see nn_core.worker.main).
+            dist.barrier()
     finally:
         if in_ddp and dist.is_initialized():
             dist.destroy_process_group()

@@ -50,6 +50,17 @@ def main(argv: list[str]) -> None:
     # record: the exception goes to torchelastic's error file, so the launcher reports the worker's
     # real error rather than a bare exit code.
     record(local_worker if where == "local" else worker_main)(job)
+    # Done, and everything it wrote is closed (MLflow's run ended, the checkpoint and results renamed
+    # into place). Leave without the interpreter's teardown: the C++ destructors of torch's
+    # distributed runtime ran there racing the other ranks' exits, and once in a CI run a finished
+    # rank aborted ("terminate called without an active exception", SIGABRT), failing a training whose
+    # every epoch had completed.
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def local_worker(job):

@@ -6,6 +6,7 @@ once per content, by any number of workers on any number of machines.
       scans/  (image folder)       scans.<sha12>.parquet (+ .manifest.json)
       README.txt  (ignored)        ledger/<sha256>.json            one record per scored input content
                                    ledger/<sha256>.claim-<k>       the leases taken on it, k = 0, 1, ...
+                                   ledger/digests/<sha256>.json    an entry's identity -> its digest
 
 Inputs are the non-hidden entries of INBOX: IDX image files (gzipped or not), `.npy` arrays, and
 folders of images. Anything else is ignored and listed. A symbolic link is never an input and never
@@ -14,7 +15,7 @@ is listed under `links_not_followed`, and an entry swapped for a link after the 
 when it is opened (O_NOFOLLOW; links inside an image folder likewise, see serving.readers).
 Uploaders should write under a hidden name (a leading dot) and rename when complete, so a
 half-copied file is never taken for an input. An input in a bucket is copied to a private temporary
-folder in blocks (memory stays flat) and scored from there.
+folder in blocks (memory stays flat) when its bytes are needed, and scored from there.
 
 The ledger is plain objects created with a conditional write (common.storage.create: S3's
 `If-None-Match: *`, a hard link on a local folder, both failing when the name exists), the same
@@ -38,16 +39,27 @@ a worker that finds a finished output whose manifest carries the input's digest 
 of scoring it again.
 `rescore` scores recorded inputs again with the current model (same output name, replaced whole; the
 record is then rewritten under the claim, keeping the history).
+
+Knowing an input's digest costs a read of all of it (and a download from a bucket), and a rerun, or
+each of N workers, would read every input again only to find its record. So the ledger also keeps
+`digests/<sha256 of the entry's identity>.json`: the digest an entry had when it was read, under what
+identifies its content without reading it: a bucket object's name, size, ETag and modification time;
+a local file's name, device, inode, size and the nanosecond modification and change times (ctime,
+which no user can set, moves with every write), taken only for a file untouched for SETTLED_S (so a
+write within one timestamp tick cannot go unseen). Folders are read every time. Workers start at
+different places in the inbox (`worker=(w, n)`), so each reads its own part first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -66,6 +78,8 @@ log = logging.getLogger(__name__)
 
 LEDGER = "ledger"
 LEASE_SECONDS = 600.0  # a claim's life without renewal; renewed every third of it while scoring
+DIGESTS = "digests"  # ledger/digests/: an entry's identity -> its content digest
+SETTLED_S = 2.0  # a local file unchanged this long has its digest remembered
 
 
 @dataclass
@@ -331,11 +345,70 @@ class _Scoring:
         return storage.join(storage.join(self.out_dir, LEDGER), name)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Entry:
     name: str  # in the inbox
-    path: Path  # readable here: the inbox's own entry, or its copy from a bucket
     source: str  # how it is shown: the path, or the URL
+    path: Path | None  # readable here: the inbox's own entry, or its copy from a bucket once fetched
+    identity: str | None = None  # names its content without reading it (see the module doc); None: read it
+
+
+def _identity(path: Path) -> str | None:
+    """A settled local file's identity; None for a folder or a file written within SETTLED_S."""
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode) or time.time() - max(st.st_mtime, st.st_ctime) < SETTLED_S:
+        return None
+    return f"file {path.name} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def _index_url(s: _Scoring, identity: str) -> str:
+    return s.ledger(f"{DIGESTS}/{hashlib.sha256(identity.encode()).hexdigest()}.json")
+
+
+def _known_digest(s: _Scoring, e: _Entry) -> str | None:
+    """The digest the ledger remembers for this entry's identity, if any."""
+    if e.identity is None:
+        return None
+    try:
+        data = storage.read_bytes(_index_url(s, e.identity))
+        entry = json.loads(data) if data else None
+    except (storage.StoreError, ValueError):
+        return None  # unreadable: read the input instead
+    ok = isinstance(entry, dict) and entry.get("identity") == e.identity and len(str(entry.get("sha256"))) == 64
+    return entry["sha256"] if ok else None
+
+
+def _remember_digest(s: _Scoring, e: _Entry, digest: str) -> None:
+    """Remembered only when the entry's identity is still the one listed after its bytes were read:
+    an entry replaced meanwhile is read again by its next reader."""
+    if e.identity is None:
+        return
+    try:
+        if storage.is_url(e.source):
+            if f"object {e.name} {e.path.stat().st_size} {storage.version(e.source)}" != e.identity:
+                return
+        elif _identity(e.path) != e.identity:
+            return
+        storage.create(_index_url(s, e.identity), _encoded({"identity": e.identity, "sha256": digest}))
+    except (storage.StoreError, OSError) as err:  # only a saving lost
+        log.warning("inbox: could not remember the digest of %s: %s", e.source, err)
+
+
+def _readable(e: _Entry, spool: Path, result: InboxResult) -> bool:
+    """The entry's bytes here (a bucket's object copied into the spool); False when it cannot be read
+    (recorded as failed: the next run tries again) or is not an input (ignored)."""
+    if e.path is not None:
+        return True
+    try:
+        local = storage.fetch(e.source, spool / e.name)
+    except storage.StoreError as err:  # deleted since the listing, or unreadable: the next run retries it
+        result.failed.append({"input": e.name, "error": str(err)})
+        return False
+    if not is_input(local):
+        result.ignored.append(e.name)
+        return False
+    e.path = local
+    return True
 
 
 def _score_claimed(s: _Scoring, e: _Entry, digest: str) -> None:
@@ -387,44 +460,41 @@ def _put_record(s: _Scoring, e: _Entry, digest: str, url: str, new: dict[str, An
     return False
 
 
-def _entries(inbox: Path | str, result: InboxResult, spool: Path) -> list[_Entry]:
-    """The inbox's inputs, in name order. A bucket's entries are copied into `spool` first (one
-    download: the digest and the scoring read the copy)."""
+def _entries(inbox: Path | str, result: InboxResult) -> list[_Entry]:
+    """The inbox's inputs, in name order. A bucket's objects are listed, not read: each is copied into
+    the spool when its digest or its scoring needs the bytes (one download for both)."""
     if isinstance(inbox, Path):
         inputs, result.ignored, result.links = list_inbox(inbox)
-        return [_Entry(p.name, p, str(p)) for p in inputs]
+        return [_Entry(p.name, str(p), p, _identity(p)) for p in inputs]
     out = []
     for item in storage.listing(inbox):
         if item["name"].startswith("."):
             continue
-        url = storage.join(inbox, item["name"])
-        try:
-            local = storage.fetch(url, spool / item["name"])
-        except storage.StoreError as err:  # deleted since the listing, or unreadable: the next run retries it
-            result.failed.append({"input": item["name"], "error": str(err)})
-            continue
-        if is_input(local):
-            out.append(_Entry(item["name"], local, url))
-        else:
-            result.ignored.append(item["name"])
+        version = item.get("version") if item["type"] == "file" else None
+        identity = f"object {item['name']} {item['size']} {version}" if version else None
+        out.append(_Entry(item["name"], storage.join(inbox, item["name"]), None, identity))
     return out
 
 
 def run_inbox(inbox: Path | str, out_dir: Path | str, template: JobConfig, rescore: bool = False,
-              lease_seconds: float = LEASE_SECONDS) -> InboxResult:
+              lease_seconds: float = LEASE_SECONDS, worker: tuple[int, int] = (0, 1)) -> InboxResult:
     """Score every not-yet-scored input of `inbox` into `out_dir` (see the module doc); each may be a
     folder or a URL. `template` holds the job settings; its input and output are set per input. Bad
     inputs are recorded as failed (not retried until their content changes) and do not stop the
-    others; with `template.fail_on_drift`, any drift alert raises DriftAlert at the end."""
+    others; with `template.fail_on_drift`, any drift alert raises DriftAlert at the end. Worker w of n
+    (a fan-out) starts at the w/n-th input and goes round."""
     inbox, out = _checked_locations(inbox, out_dir)
     result = InboxResult(inbox, out)
     fmt = template.format or "parquet"
     s = _Scoring(dataclasses.replace(template, fail_on_drift=False, overwrite=True, format=fmt), out, fmt,
                  rescore, lease_seconds, result)
+    entries = _entries(inbox, result)
+    w, n = worker
+    first = len(entries) * w // n
     with tempfile.TemporaryDirectory(prefix="mnistops-inbox-") as spool:
         seen: dict[str, str] = {}
-        for e in _entries(inbox, result, Path(spool)):
-            _one(s, e, seen)
+        for e in entries[first:] + entries[:first]:
+            _one(s, e, seen, Path(spool))
     log.info("inbox %s: %d scored, %d already scored, %d in progress elsewhere, %d failed, %d ignored",
              storage.shown(inbox), len(result.scored), len(result.already), len(result.busy), len(result.failed),
              len(result.ignored))
@@ -435,12 +505,17 @@ def run_inbox(inbox: Path | str, out_dir: Path | str, template: JobConfig, resco
     return result
 
 
-def _one(s: _Scoring, e: _Entry, seen: dict[str, str]) -> None:
-    try:
-        digest = content_digest(e.path)
-    except OSError as err:
-        s.result.failed.append({"input": e.name, "error": f"{e.source}: unreadable ({err.strerror or err})"})
-        return
+def _one(s: _Scoring, e: _Entry, seen: dict[str, str], spool: Path) -> None:
+    digest = _known_digest(s, e)
+    if digest is None:
+        if not _readable(e, spool, s.result):
+            return
+        try:
+            digest = content_digest(e.path)
+        except OSError as err:
+            s.result.failed.append({"input": e.name, "error": f"{e.source}: unreadable ({err.strerror or err})"})
+            return
+        _remember_digest(s, e, digest)
     if digest in seen:
         s.result.already.append({"input": e.name, "sha256": digest, "same_as": seen[digest]})
         return
@@ -455,7 +530,8 @@ def _one(s: _Scoring, e: _Entry, seen: dict[str, str]) -> None:
         s.result.busy.append(e.name)
         return
     try:
-        _score_claimed(s, e, digest)
+        if _readable(e, spool, s.result):
+            _score_claimed(s, e, digest)
     finally:
         lease.release()
     if lease.lost.is_set():

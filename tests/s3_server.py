@@ -7,6 +7,7 @@ Import the fixture into a test module: `from s3_server import s3  # noqa: F401`.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -63,6 +64,11 @@ class S3Server:
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def records(self, bucket: str, out: str) -> list[str]:
+        """The keys of the inbox ledger's records under the output prefix `out` (one per input content)."""
+        prefix = f"{out}/ledger/"
+        return [k for k in self.keys(bucket, prefix) if re.fullmatch(r"[0-9a-f]{64}\.json", k[len(prefix):])]
 
     def uploads(self, bucket: str) -> list[str]:
         """Multipart uploads begun and neither completed nor aborted."""

@@ -80,7 +80,7 @@ def test_two_workers_score_a_bucket_inbox_exactly_once(s3: S3Server, model: Path
                        cwd=tmp_path, env=env_for(tmp_path, s3.env()), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(s3.client().get_object(Bucket=bucket, Key=k)["Body"].read())
-               for k in s3.keys(bucket, "out/ledger/") if k.endswith(".json")]
+               for k in s3.records(bucket, "out")]
     check_exactly_once(json.loads(r.stdout), records, names, r.stderr)
     assert len([k for k in s3.keys(bucket, "out/") if k.endswith(".parquet")]) == len(names)
 

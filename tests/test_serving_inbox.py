@@ -37,8 +37,10 @@ def cfg(model: tuple[Path, dict], inp: Path, out: Path, **kw) -> JobConfig:
 
 
 def files(folder: Path) -> list[str]:
-    """The files under `folder`, less the ledger's leases (claim generations, see serving.inbox)."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and ".claim-" not in p.name)
+    """The files under `folder`, less the ledger's leases (claim generations) and its index of digests
+    (see serving.inbox)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and ".claim-" not in p.name and "digests" not in p.parts)
 
 
 # --- outputs that explain themselves ------------------------------------------------------------------
@@ -222,6 +224,42 @@ def test_inbox_scores_each_input_once(model, tmp_path: Path) -> None:
     assert len(r4.scored) == 4 and len(files(out)) == len(outputs) + 3
     record = json.loads((out / "ledger" / f"{r1.scored[0].input_digest}.json").read_text())
     assert len(record["history"]) == 2
+
+
+def test_a_rerun_reads_no_settled_file_again_and_a_rewritten_one_is_read(model, tmp_path: Path, monkeypatch) -> None:
+    from serving import inbox as inbox_module
+
+    inbox, out = make_inbox(tmp_path), tmp_path / "out"
+    monkeypatch.setattr(inbox_module, "SETTLED_S", 3600.0)  # every file just written: none remembered
+    run_inbox(inbox, out, cfg(model, inbox, out))
+    assert not (out / "ledger" / "digests").exists()
+
+    read: list[str] = []
+    digest = inbox_module.content_digest
+    monkeypatch.setattr(inbox_module, "content_digest", lambda p: read.append(p.name) or digest(p))
+    monkeypatch.setattr(inbox_module, "SETTLED_S", 0.0)
+    again = run_inbox(inbox, out, cfg(model, inbox, out))  # reads each once more, and remembers the files
+    assert again.scored == [] and sorted(read) == ["a.npy", "b-images-idx3-ubyte.gz", "scans"]
+    index = [json.loads(p.read_text()) for p in (out / "ledger" / "digests").glob("*.json")]
+    assert sorted(e["sha256"] for e in index) == sorted(digest(inbox / n) for n in ("a.npy", "b-images-idx3-ubyte.gz"))
+
+    read.clear()
+    third = run_inbox(inbox, out, cfg(model, inbox, out))
+    assert third.scored == [] and len(third.already) == 3 and read == ["scans"]  # a folder is read every time
+
+    read.clear()
+    np.save(inbox / "a.npy", digits(20, seed=77))  # rewritten in place: same name and size, new content
+    fourth = run_inbox(inbox, out, cfg(model, inbox, out))
+    assert [r.input_path.name for r in fourth.scored] == ["a.npy"] and sorted(read) == ["a.npy", "scans"]
+
+
+def test_worker_w_of_n_starts_at_its_share_of_the_inbox(model, tmp_path: Path) -> None:
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    for i in range(4):
+        np.save(inbox / f"d{i}.npy", digits(3, seed=i))
+    r = run_inbox(inbox, out, cfg(model, inbox, out), worker=(1, 2))
+    assert [x.input_path.name for x in r.scored] == ["d2.npy", "d3.npy", "d0.npy", "d1.npy"]
 
 
 def test_inbox_bad_input_is_recorded_and_does_not_stop_the_others(model, tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def test_inbox_in_a_bucket_scored_once_then_none_then_the_new_one(s3: S3Server, 
     keys = s3.keys(bucket, "scored/")
     outputs = [k for k in keys if k.endswith(".parquet")]
     assert len(outputs) == 3 and not [k for k in keys if k.endswith(".tmp") or "/." in k]
-    assert len([k for k in keys if k.startswith("scored/ledger/") and k.endswith(".json")]) == 3
+    assert len(s3.records(bucket, "scored")) == 3
     scans = next(k for k in outputs if k.startswith("scored/scans."))
     table = pq.read_table(io.BytesIO(s3.client().get_object(Bucket=bucket, Key=scans)["Body"].read()))
     assert table.column("id").to_pylist() == ["0.png", "1.png", "2.png", "3.png"]
@@ -99,7 +99,32 @@ def test_inbox_in_a_bucket_scored_once_then_none_then_the_new_one(s3: S3Server, 
     third = serving(s3, model, *args, cwd=tmp_path)
     assert third.returncode == 0, third.stderr
     assert [x["input"] for x in json.loads(third.stdout)["scored"]] == [f"s3://{bucket}/inbox/c.npy"]
-    assert len([k for k in s3.keys(bucket, "scored/ledger/") if k.endswith(".json")]) == 4
+    assert len(s3.records(bucket, "scored")) == 4
+
+
+def test_a_rerun_downloads_nothing_already_scored_and_a_replaced_object_is_scored(s3: S3Server, model: Path,
+                                                                                 tmp_path: Path, monkeypatch) -> None:
+    from common import storage
+    from serving.inbox import run_inbox
+    from serving.job import JobConfig
+
+    bucket = s3.bucket()
+    put(s3, bucket, "inbox/a.npy", npy_bytes(digits(20, seed=1)))
+    put(s3, bucket, "inbox/b.npy", npy_bytes(digits(20, seed=2)))
+    inbox, out = f"s3://{bucket}/inbox", f"s3://{bucket}/scored"
+    job = JobConfig(input=inbox, output=out, model=str(model), track=False, device="cpu")
+    assert len(run_inbox(inbox, out, job).scored) == 2
+    fetched: list[str] = []
+    fetch = storage.fetch
+    monkeypatch.setattr(storage, "fetch", lambda url, dest: fetched.append(url) or fetch(url, dest))
+
+    again = run_inbox(inbox, out, job)
+    assert again.scored == [] and len(again.already) == 2 and fetched == []
+
+    put(s3, bucket, "inbox/a.npy", npy_bytes(digits(20, seed=3)))  # replaced: same name and size
+    third = run_inbox(inbox, out, job)
+    assert [str(r.input_path) for r in third.scored] == [f"{inbox}/a.npy"] and fetched == [f"{inbox}/a.npy"]
+    assert len(s3.records(bucket, "scored")) == 3
 
 
 def test_two_workers_with_separate_homes_score_every_input_exactly_once(s3: S3Server, model: Path,
@@ -122,7 +147,7 @@ def test_two_workers_with_separate_homes_score_every_input_exactly_once(s3: S3Se
     scored = [Path(x["input"]).name for o, _ in outs for x in json.loads(o)["scored"]]
     assert sorted(scored) == names  # each input by exactly one of the two
     records = [json.loads(s3.client().get_object(Bucket=bucket, Key=k)["Body"].read())
-               for k in s3.keys(bucket, "out/ledger/") if k.endswith(".json")]
+               for k in s3.records(bucket, "out")]
     assert sorted(r["input"] for r in records) == names
     assert all(r["status"] == "scored" and len(r["history"]) == 1 for r in records)
     assert len([k for k in s3.keys(bucket, "out/") if k.endswith(".parquet")]) == len(names)
