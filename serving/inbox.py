@@ -15,7 +15,8 @@ is listed under `links_not_followed`, and an entry swapped for a link after the 
 when it is opened (O_NOFOLLOW; links inside an image folder likewise, see serving.readers).
 Uploaders should write under a hidden name (a leading dot) and rename when complete, so a
 half-copied file is never taken for an input. An input in a bucket is copied to a private temporary
-folder in blocks (memory stays flat) when its bytes are needed, and scored from there.
+folder in blocks (memory stays flat) when its bytes are needed, scored from there, and removed (the
+folder holds one input at a time).
 
 The ledger is plain objects created with a conditional write (common.storage.create: S3's
 `If-None-Match: *`, a hard link on a local folder, both failing when the name exists), the same
@@ -58,6 +59,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import stat
 import tempfile
@@ -494,7 +496,11 @@ def run_inbox(inbox: Path | str, out_dir: Path | str, template: JobConfig, resco
     with tempfile.TemporaryDirectory(prefix="mnistops-inbox-") as spool:
         seen: dict[str, str] = {}
         for e in entries[first:] + entries[:first]:
-            _one(s, e, seen, Path(spool))
+            try:
+                _one(s, e, seen, Path(spool))
+            finally:  # the spool holds one input at a time, whatever the inbox's size
+                if e.path is not None and storage.is_url(e.source):
+                    shutil.rmtree(e.path) if e.path.is_dir() else e.path.unlink(missing_ok=True)
     log.info("inbox %s: %d scored, %d already scored, %d in progress elsewhere, %d failed, %d ignored",
              storage.shown(inbox), len(result.scored), len(result.already), len(result.busy), len(result.failed),
              len(result.ignored))

@@ -113,10 +113,17 @@ def test_a_rerun_downloads_nothing_already_scored_and_a_replaced_object_is_score
     put(s3, bucket, "inbox/b.npy", npy_bytes(digits(20, seed=2)))
     inbox, out = f"s3://{bucket}/inbox", f"s3://{bucket}/scored"
     job = JobConfig(input=inbox, output=out, model=str(model), track=False, device="cpu")
-    assert len(run_inbox(inbox, out, job).scored) == 2
     fetched: list[str] = []
     fetch = storage.fetch
-    monkeypatch.setattr(storage, "fetch", lambda url, dest: fetched.append(url) or fetch(url, dest))
+
+    def spied(url: str, dest: Path) -> Path:
+        assert list(dest.parent.iterdir()) == [], "the spool holds one input at a time"
+        fetched.append(url)
+        return fetch(url, dest)
+
+    monkeypatch.setattr(storage, "fetch", spied)
+    assert len(run_inbox(inbox, out, job).scored) == 2 and len(fetched) == 2
+    fetched.clear()
 
     again = run_inbox(inbox, out, job)
     assert again.scored == [] and len(again.already) == 2 and fetched == []
