@@ -83,7 +83,7 @@ def test_k_pods_command_lines_score_one_bucket_inbox_exactly_once(s3: S3Server, 
     scored = [x["input"].rsplit("/", 1)[1] for o, _ in outs for x in json.loads(o)["scored"]]
     assert sorted(scored) == names  # each input by exactly one pod
     records = [json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
-               for key in s3.keys(bucket, "scored/ledger/") if key.endswith(".json")]
+               for key in s3.records(bucket, "scored")]
     assert sorted(r["input"] for r in records) == names
     assert all(r["status"] == "scored" and len(r["history"]) == 1 for r in records)
     assert len([key for key in s3.keys(bucket, "scored/") if key.endswith(".parquet")]) == len(names)
