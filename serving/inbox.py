@@ -356,8 +356,12 @@ class _Entry:
 
 
 def _identity(path: Path) -> str | None:
-    """A settled local file's identity; None for a folder or a file written within SETTLED_S."""
-    st = path.lstat()
+    """A settled local file's identity; None for a folder, a file written within SETTLED_S, or one gone
+    since the listing (its read then fails, and is reported, like any unreadable input's)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
     if not stat.S_ISREG(st.st_mode) or time.time() - max(st.st_mtime, st.st_ctime) < SETTLED_S:
         return None
     return f"file {path.name} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"

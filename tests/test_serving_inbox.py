@@ -253,6 +253,24 @@ def test_a_rerun_reads_no_settled_file_again_and_a_rewritten_one_is_read(model, 
     assert [r.input_path.name for r in fourth.scored] == ["a.npy"] and sorted(read) == ["a.npy", "scans"]
 
 
+def test_an_input_deleted_after_the_listing_is_reported_and_the_others_scored(model, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    from serving import inbox as inbox_module
+
+    inbox, out = make_inbox(tmp_path), tmp_path / "out"
+    listed = inbox_module.list_inbox
+
+    def list_then_delete(folder: Path):
+        found = listed(folder)
+        (folder / "a.npy").unlink()  # another process removes it between the listing and the read
+        return found
+
+    monkeypatch.setattr(inbox_module, "list_inbox", list_then_delete)
+    r = run_inbox(inbox, out, cfg(model, inbox, out))
+    assert sorted(x.input_path.name for x in r.scored) == ["b-images-idx3-ubyte.gz", "scans"]
+    assert [f["input"] for f in r.failed] == ["a.npy"] and "unreadable" in r.failed[0]["error"]
+
+
 def test_worker_w_of_n_starts_at_its_share_of_the_inbox(model, tmp_path: Path) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
