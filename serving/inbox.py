@@ -367,6 +367,11 @@ def _identity(path: Path) -> str | None:
     return f"file {path.name} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
 
 
+def _object_identity(name: str, size: int, version: str | None) -> str | None:
+    """A bucket object's identity, from its listing or a HEAD request; None where the store names no version."""
+    return f"object {name} {size} {version}" if version else None
+
+
 def _index_url(s: _Scoring, identity: str) -> str:
     return s.ledger(f"{DIGESTS}/{hashlib.sha256(identity.encode()).hexdigest()}.json")
 
@@ -391,7 +396,7 @@ def _remember_digest(s: _Scoring, e: _Entry, digest: str) -> None:
         return
     try:
         if storage.is_url(e.source):
-            if f"object {e.name} {e.path.stat().st_size} {storage.version(e.source)}" != e.identity:
+            if _object_identity(e.name, e.path.stat().st_size, storage.version(e.source)) != e.identity:
                 return
         elif _identity(e.path) != e.identity:
             return
@@ -477,8 +482,8 @@ def _entries(inbox: Path | str, result: InboxResult) -> list[_Entry]:
         if item["name"].startswith("."):
             continue
         version = item.get("version") if item["type"] == "file" else None
-        identity = f"object {item['name']} {item['size']} {version}" if version else None
-        out.append(_Entry(item["name"], storage.join(inbox, item["name"]), None, identity))
+        out.append(_Entry(item["name"], storage.join(inbox, item["name"]), None,
+                          _object_identity(item["name"], item["size"], version)))
     return out
 
 
