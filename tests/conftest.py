@@ -31,6 +31,12 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mnistops-test-prefect-")
 # writes the user's ./.mnistops.
 os.environ["MNISTOPS_HOME"] = tempfile.mkdtemp(prefix="mnistops-test-home-")
 os.environ.pop("PREFECT_API_URL", None)
+# The folder of the session's templates (an empty MLflow store, a migrated Prefect database:
+# tests/stores.py): named by the first process, so the test processes pytest-xdist starts from it
+# inherit it and share one set; removed by that process at the end.
+_OWN_TEMPLATES = "MNISTOPS_TEST_TEMPLATES" not in os.environ
+if _OWN_TEMPLATES:
+    os.environ["MNISTOPS_TEST_TEMPLATES"] = tempfile.mkdtemp(prefix="mnistops-test-templates-")
 # Prefect binds its console log handler to sys.stderr when prefect.main is first imported (that is
 # when it sets up logging). Imported here, that is pytest's session-long capture; imported inside a
 # test using capsys, it would be a stream closed when that test ends, and every later Prefect log
@@ -106,6 +112,8 @@ def pytest_unconfigure(config):
     if servers is not None:
         servers.stop()
         shutil.rmtree(_shared.pop("root"), ignore_errors=True)
+    if _OWN_TEMPLATES:
+        shutil.rmtree(os.environ["MNISTOPS_TEST_TEMPLATES"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
