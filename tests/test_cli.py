@@ -1,19 +1,16 @@
-"""The `mnistops` command itself: help everywhere, clear errors on bad input, the MLflow UI."""
+"""The `mnistops` command itself: help everywhere, clear errors on bad input. (The MLflow UI on
+localhost, and `train` without Prefect: tests/test_lifecycle.py, which starts those commands anyway.)"""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 
 from flows.cli import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, build_parser, main
 from nn_core.tracking import redact_url
+from _h1_probe import run_probed
 
 COMMANDS = ["prepare-data", "train", "run", "models", "promote", "rollback", "ui", "infer", "sweep", "serve", "monitor"]
 
@@ -47,31 +44,13 @@ def test_every_command_is_there_and_has_help(capsys):
 # Bad input, as a user meets it: a real `mnistops` process, one line, the documented exit code,
 # nothing written, and (checked before anything starts) neither torch nor Prefect imported.
 
-# Runs the command line like the console script does, then records which heavy packages it imported.
-_PROBE = """
-import json, os, sys
-from flows.cli import main
-code = 0
-try:
-    code = main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
-finally:
-    with open(os.environ["MNISTOPS_TEST_PROBE"], "w") as f:
-        json.dump(sorted(m for m in ("torch", "prefect", "mlflow") if m in sys.modules), f)
-sys.exit(code)
-"""
-
 
 def _mnistops(tmp_path, argv, **env_extra):
-    probe = tmp_path / "imported.json"
     env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home"), "MNISTOPS_DATA_DIR": str(tmp_path / "data"),
-           "MNISTOPS_TEST_PROBE": str(probe), **env_extra}
+           **env_extra}
     for key in ("MLFLOW_TRACKING_URI", "MNISTOPS_DATA_SOURCE", "MNISTOPS_DEBUG", "MNISTOPS_ARTIFACT_ROOT"):
         env.pop(key, None) if key not in env_extra else None
-    r = subprocess.run([sys.executable, "-c", _PROBE, *argv], env=env, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
-    return r, json.loads(probe.read_text()) if probe.exists() else None
+    return run_probed(argv, env, tmp_path)
 
 
 def _inputs(tmp_path):
@@ -131,15 +110,6 @@ def test_bad_input_is_one_line_before_anything_starts(tmp_path, argv, code, word
     assert imported == [], f"imported {imported} before refusing"
 
 
-@pytest.mark.e2e
-def test_bare_training_starts_without_prefect(tmp_path, mnist):
-    """`mnistops train` is nn_core only: it trains, logs and checkpoints without importing Prefect."""
-    r, imported = _mnistops(tmp_path, ["train", "--epochs", "1"], MNISTOPS_DATA_DIR=str(mnist.cache_path.parent))
-    assert r.returncode == 0, r.stderr
-    assert "validation accuracy" in r.stdout and (tmp_path / "home" / "runs").is_dir()
-    assert "torch" in imported and "prefect" not in imported, imported
-
-
 def test_debug_adds_the_traceback(tmp_path):
     r, _ = _mnistops(tmp_path, ["--debug", "run", "--resume", "x"])
     assert r.returncode == EXIT_ERROR and "Traceback" in r.stderr
@@ -196,39 +166,6 @@ def test_credentials_never_leave_a_url():
     assert redact_url("https://user:s3cret@mirror.example/mnist/") == "https://mirror.example/mnist/"
     assert redact_url("http://tok@127.0.0.1:5000/x?y=1") == "http://127.0.0.1:5000/x?y=1"
     assert redact_url("file:///data/mnist") == "file:///data/mnist"
-
-
-@pytest.mark.slow
-def test_ui_serves_the_embedded_store_on_localhost(tmp_path):
-    from servers import free_port
-
-    port = free_port()
-    env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        first = proc.stdout.readline()
-        assert f"MLflow UI on http://127.0.0.1:{port}" in first and "mlflow.db" in first
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "the UI did not come up"
-                time.sleep(0.5)
-        import psutil
-
-        listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
-        assert listening == {"127.0.0.1"}
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
 
 
 def test_loading_pauses_the_collector_and_freezes_what_was_loaded():

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -23,6 +24,7 @@ from flows.cli import EXIT_REJECTED, EXIT_SIGTERM
 from nn_core import metrics as M
 from common.owner import Owner
 from nn_core.reaping import KILLED_REASON_TAG, OWNER_TAG
+from _h1_probe import run_probed
 from waiting import wait_for
 
 pytestmark = [pytest.mark.slow]
@@ -50,10 +52,16 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _assert_all_gone(procs: list[psutil.Process], what: str) -> None:
+def _leftovers(procs: list[psutil.Process]) -> list[tuple[int, str]]:
+    """Those of `procs` still running LEFTOVER_S from now."""
     _, alive = psutil.wait_procs(procs, timeout=LEFTOVER_S)
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"{what}: still running: {[(p.pid, ' '.join(p.cmdline())[:120]) for p in alive]}"
+    return [(p.pid, " ".join(p.cmdline())[:120]) for p in alive]
+
+
+def _assert_all_gone(procs: list[psutil.Process], what: str) -> None:
+    left = _leftovers(procs)
+    assert not left, f"{what}: still running: {left}"
 
 
 def _cleanup(proc: subprocess.Popen) -> None:
@@ -105,58 +113,120 @@ def _runs(home: Path):
     return c.search_runs([e.experiment_id for e in c.search_experiments() if e.name == "mnist-mlp"])
 
 
-@pytest.mark.e2e
-def test_sigkill_of_run_leaves_nothing_and_resume_finishes_the_same_run(tmp_path, mnist, mnist_source):
-    home, data = tmp_path / "home", {"MNISTOPS_DATA_DIR": str(mnist.cache_path.parent),
-                                     "MNISTOPS_DATA_SOURCE": str(mnist_source)}
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, mnist, mnist_source):
+    """One training's life on the temporary Prefect API, run once for the tests below: `mnistops run`
+    SIGKILLed after its first checkpoint; then the next command, `mnistops run --resume`, which reaps
+    it, continues it into the same MLflow run and, as the first candidate of a new store held to
+    --threshold 0.999, is rejected; and an uninterrupted `mnistops train` of the same settings in
+    another home, for its weights. What each step left is recorded here and checked by the tests."""
+    tmp = tmp_path_factory.mktemp("killed-and-resumed")
+    home, data = tmp / "home", {"MNISTOPS_DATA_DIR": str(mnist.cache_path.parent),
+                                "MNISTOPS_DATA_SOURCE": str(mnist_source)}
     args = ["--epochs", "4", "--seed", "3", "--nproc", "1", "--device", "cpu"]
     # A worker process even for one process (MNISTOPS_TRAIN_IN_PROCESS=0): the launcher's children must
     # go with it. The uninterrupted reference below trains in-process, the default: the same weights.
-    proc = _start(tmp_path, "run", *args, "--no-inference", MNISTOPS_TRAIN_IN_PROCESS="0", **data)
+    proc = _start(tmp, "run", *args, "--no-inference", MNISTOPS_TRAIN_IN_PROCESS="0", **data)
     try:
         ckpt = wait_for(lambda: list(home.glob("runs/*/checkpoint.pt")), 300, proc, "the first checkpoint")[0]
         started = _tree(proc.pid)
-        kinds = " ".join(" ".join(p.cmdline()) for p in started)
-        assert "prefect.server.api.server" in kinds and "nn_core.worker" in kinds  # our API server, a DDP worker
+        kinds = [" ".join(p.cmdline()) for p in started]
         proc.send_signal(signal.SIGKILL)  # an OOM kill, a closed laptop: no chance to clean up
         proc.wait(10)
-        _assert_all_gone(started, "after SIGKILL of `mnistops run`")
+        left = _leftovers(started)
+        result_after_kill = (ckpt.parent / "result.json").exists()
     finally:
         _cleanup(proc)
-    (run,) = _runs(home)
-    assert run.info.status == "RUNNING" and run.data.tags[OWNER_TAG].split(":")[1] == str(proc.pid)
-    assert (ckpt.parent / "result.json").exists() is False
+    (killed,) = _runs(home)
+    resume = _start(tmp, "run", "--resume", "--threshold", "0.999", **data)
+    try:
+        out, _ = resume.communicate(timeout=600)
+    finally:
+        _cleanup(resume)
+    ref = tmp / "reference"
+    ref.mkdir()
+    trained, imported = run_probed(["train", *args], _env(ref, **data), ref, timeout=600)
+    return SimpleNamespace(home=home, ckpt=ckpt, pid=proc.pid, started=kinds, left=left,
+                           result_after_kill=result_after_kill, killed=killed, resume=resume, out=out,
+                           trained=trained, imported=imported,
+                           ref_ckpts=list((ref / "home").glob("runs/*/checkpoint.pt")))
 
-    # The next command reaps it.
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "models"], env=_env(tmp_path), cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    (run,) = _runs(home)
-    assert run.info.status == "KILLED" and str(proc.pid) in run.data.tags[KILLED_REASON_TAG]
 
-    # --resume continues it from its checkpoint into the same MLflow run, then the gate.
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--resume", "--no-inference"], env=_env(tmp_path, **data),
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert r.returncode in (0, EXIT_REJECTED), r.stdout + r.stderr
-    assert f"resuming training {ckpt.parent.name}" in r.stdout
-    assert "resuming from the checkpoint after epoch" in r.stdout + r.stderr  # the worker's line, in the logs
-    (resumed,) = _runs(home)
-    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
-    steps = [m.step for m in _mlflow(home).get_metric_history(run.info.run_id, M.VAL_ACCURACY)]
+@pytest.mark.e2e
+def test_sigkill_of_run_leaves_nothing(killed_and_resumed):
+    k = killed_and_resumed
+    kinds = " ".join(k.started)
+    assert "prefect.server.api.server" in kinds and "nn_core.worker" in kinds  # our API server, a DDP worker
+    assert not k.left, f"after SIGKILL of `mnistops run`: still running: {k.left}"
+    # What it was doing is left as it was: the run RUNNING, owned by the killed process, no result.
+    assert k.killed.info.status == "RUNNING" and k.killed.data.tags[OWNER_TAG].split(":")[1] == str(k.pid)
+    assert k.result_after_kill is False
+
+
+@pytest.mark.e2e
+def test_the_next_command_reaps_a_sigkilled_run_and_resume_finishes_it(killed_and_resumed):
+    k = killed_and_resumed
+    assert k.resume.returncode == EXIT_REJECTED, k.out
+    # The next command marked it KILLED (its owner gone) before resuming it.
+    assert f"MLflow run {k.killed.info.run_id} marked KILLED" in k.out, k.out
+    assert f"resuming training {k.ckpt.parent.name}" in k.out
+    assert "resuming from the checkpoint after epoch" in k.out  # the worker's line, in the logs
+    (resumed,) = _runs(k.home)
+    assert resumed.info.run_id == k.killed.info.run_id and resumed.info.status == "FINISHED"
+    assert str(k.pid) in resumed.data.tags[KILLED_REASON_TAG]
+    steps = [m.step for m in _mlflow(k.home).get_metric_history(resumed.info.run_id, M.VAL_ACCURACY)]
     assert sorted(steps) == [1, 2, 3, 4]  # each epoch once: the ones before the kill are not repeated
-    states = [(name, state) for name, state, _, _ in _flow_runs(home)]
+    states = [(name, state) for name, state, _, _ in _flow_runs(k.home)]
     assert states == [("training-pipeline", "CRASHED"), ("training-pipeline", "COMPLETED")]
 
-    # The same weights as a training that was never interrupted.
-    ref = tmp_path / "reference"
-    ref.mkdir()
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "train", *args], env=_env(ref, **data), cwd=ref,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    (ref_ckpt,) = (ref / "home").glob("runs/*/checkpoint.pt")
-    a = torch.load(ckpt, weights_only=True)["model_state"]
+
+@pytest.mark.e2e
+def test_a_resumed_training_has_the_weights_of_an_uninterrupted_one(killed_and_resumed):
+    k = killed_and_resumed
+    assert k.trained.returncode == 0, k.trained.stderr
+    (ref_ckpt,) = k.ref_ckpts
+    a = torch.load(k.ckpt, weights_only=True)["model_state"]
     b = torch.load(ref_ckpt, weights_only=True)["model_state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.e2e
+def test_bare_training_runs_without_prefect(killed_and_resumed):
+    """`mnistops train` (the reference above) is nn_core only: it trains, logs and checkpoints
+    without importing Prefect."""
+    r, imported = killed_and_resumed.trained, killed_and_resumed.imported
+    assert r.returncode == 0, r.stderr
+    assert "validation accuracy" in r.stdout and killed_and_resumed.ref_ckpts
+    assert "torch" in imported and "prefect" not in imported, imported
+
+
+@pytest.mark.e2e
+def test_rejected_first_candidate_exits_3_and_skips_the_batch_job(killed_and_resumed):
+    k = killed_and_resumed
+    assert k.resume.returncode == EXIT_REJECTED, k.out
+    assert "NOT promoted" in k.out
+    assert "no champion of 'mnist-mlp' yet: the batch inference over the test set is skipped" in k.out
+    assert "Traceback" not in k.out
+    assert not (k.home / "outputs").exists()
+
+
+def test_a_run_on_the_temporary_api_keeps_only_the_bookkeeping_it_needs(killed_and_resumed):
+    """The owner labels the flow run, and no task run carries it as a tag (a tagged task run asks the
+    API for a concurrency slot before it starts), and nothing sends heartbeats to an API that ends with the
+    command: the state changes are recorded, no heartbeat is."""
+    k = killed_and_resumed
+    (crashed, completed) = _flow_runs(k.home)
+    assert completed[:2] == ("training-pipeline", "COMPLETED")
+    assert _owned_like_a_deployment_run(*crashed[2:], k.pid), crashed
+    assert _owned_like_a_deployment_run(*completed[2:], k.resume.pid), completed
+    task_tags = _task_run_tags(k.home)
+    # Task run names: "<task>-<3 hex>", or "train <run name>"
+    tasks = {n.split(" ")[0] if " " in n else n.rsplit("-", 1)[0] for n in task_tags}
+    assert {"prepare-data", "train", "export-and-parity", "register", "gate"} <= tasks, task_tags
+    assert not any(t.startswith("mnistops-owner:") for tags in task_tags.values() for t in tags), task_tags
+    events = _events(k.home)
+    assert events.get("prefect.flow-run.Completed") == 1, events
+    assert "prefect.flow-run.heartbeat" not in events, events
 
 
 @pytest.mark.e2e
@@ -184,41 +254,6 @@ def test_sigterm_stops_run_cancels_its_flow_run_and_leaves_nothing(tmp_path, mni
     assert task_tags and not any(t.startswith("mnistops-owner:") for tags in task_tags.values() for t in tags), task_tags
 
 
-@pytest.mark.e2e
-def test_rejected_first_candidate_exits_3_and_skips_the_batch_job(tmp_path, mnist, mnist_source):
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--threshold", "0.999"],
-                       env=_env(tmp_path, MNISTOPS_DATA_DIR=str(mnist.cache_path.parent),
-                                MNISTOPS_DATA_SOURCE=str(mnist_source)),
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert r.returncode == EXIT_REJECTED, r.stdout + r.stderr
-    assert "no champion of 'mnist-mlp' yet: the batch inference over the test set is skipped" in r.stdout
-    assert "Traceback" not in r.stderr + r.stdout
-    assert not (tmp_path / "home" / "outputs").exists()
-
-
-def test_a_run_on_the_temporary_api_keeps_only_the_bookkeeping_it_needs(tmp_path, mnist, mnist_source):
-    """The owner labels the flow run, and no task run carries it as a tag (a tagged task run asks the
-    API for a concurrency slot before it starts), and nothing sends heartbeats to an API that ends with the
-    command: the state changes are recorded, no heartbeat is."""
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--no-inference"],
-                       env=_env(tmp_path, MNISTOPS_DATA_DIR=str(mnist.cache_path.parent),
-                                MNISTOPS_DATA_SOURCE=str(mnist_source)),
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert r.returncode in (0, EXIT_REJECTED), r.stdout + r.stderr
-    home = tmp_path / "home"
-    ((name, state, tags, labels),) = _flow_runs(home)
-    assert (name, state) == ("training-pipeline", "COMPLETED")
-    assert _owned_like_a_deployment_run(tags, labels, None), (tags, labels)
-    task_tags = _task_run_tags(home)
-    # Task run names: "<task>-<3 hex>", or "train <run name>"
-    tasks = {n.split(" ")[0] if " " in n else n.rsplit("-", 1)[0] for n in task_tags}
-    assert {"prepare-data", "train", "export-and-parity", "register", "gate"} <= tasks, task_tags
-    assert not any(t.startswith("mnistops-owner:") for tags in task_tags.values() for t in tags), task_tags
-    events = _events(home)
-    assert events.get("prefect.flow-run.Completed") == 1, events
-    assert "prefect.flow-run.heartbeat" not in events, events
-
-
 def _health(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
@@ -227,26 +262,31 @@ def _health(port: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGKILL, True)],
-                         ids=["SIGTERM", "SIGKILL", "SIGKILL-to-its-process-group"])
-def test_ui_server_goes_with_the_command(tmp_path, sig, group):
-    """However the command ends, the server and the server's own children (mlflow ui starts
-    uvicorn) go too, also when the kill reaches the command's whole process group at once (a
-    terminal's group, `timeout -s KILL`, a CI job's cleanup): the lifeline that stops them is not
-    in that group."""
+@pytest.mark.parametrize("group", [False, True], ids=["SIGTERM", "SIGKILL-to-its-process-group"])
+def test_ui_server_goes_with_the_command(tmp_path, group):
+    """`mnistops ui` serves the home's store on localhost only; however the command ends, the server
+    and the server's own children (mlflow ui starts uvicorn) go too, also when a SIGKILL reaches the
+    command's whole process group at once (a terminal's group, `timeout -s KILL`, a CI job's cleanup):
+    the lifeline that stops them is not in that group. (A SIGKILL of the command alone takes the same
+    path, the lifeline's: test_sigkill_of_run_leaves_nothing checks it for the temporary API's server.)"""
     from servers import free_port
 
     port = free_port()
     proc = _start(tmp_path, "ui", "--port", str(port))
     try:
+        first = proc.stdout.readline()
+        assert f"MLflow UI on http://127.0.0.1:{port}" in first and "mlflow.db" in first, first
         wait_for(lambda: _health(port), 120, proc, "the MLflow UI")
+        listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}
         started = _tree(proc.pid)
         assert any("uvicorn" in " ".join(p.cmdline()) for p in started)  # the server's own child
-        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        os.killpg(proc.pid, signal.SIGKILL) if group else proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
-        if sig == signal.SIGTERM:
+        if not group:
             assert proc.returncode == EXIT_SIGTERM and "mnistops ui: interrupted (SIGTERM)" in out
-        _assert_all_gone(started, f"after {sig.name} of `mnistops ui`{' and its process group' if group else ''}")
+        how = "SIGKILL of `mnistops ui` and its process group" if group else "SIGTERM of `mnistops ui`"
+        _assert_all_gone(started, f"after {how}")
         assert not _health(port)
     finally:
         _cleanup(proc)
