@@ -219,9 +219,10 @@ def test_mlflow_unreachable_during_training_loses_nothing(tmp_path, mnist, mnist
                 runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
                 return runs and client.get_metric_history(runs[0].info.run_id, M.VAL_ACCURACY)
 
-            logged = max(m.step for m in _wait_for(first_epoch_logged, 120, proc, "the first epoch in MLflow"))
+            logged = max(m.step for m in _wait_for(first_epoch_logged, 300, proc, "the first epoch in MLflow"))
             relay.cut()  # the server is gone for the command now, mid-training; it trains two more epochs
-            _wait_for(lambda: _checkpoint_epoch(tmp_path / "home") >= logged + 2, 120, proc, "two epochs without MLflow")
+            home = tmp_path / "home"
+            _wait_for(lambda: _checkpoint_epoch(home) >= logged + 2, 300, proc, "two epochs without MLflow")
             relay.restore()
             out, _ = proc.communicate(timeout=300)
         finally:
@@ -246,7 +247,8 @@ def test_a_corrupted_dataset_cache_without_its_source_is_refused(tmp_path, mnist
     cache = _corrupt_copy(mnist, tmp_path / "data")
     empty = tmp_path / "no-source"
     empty.mkdir()
-    for key, value in _env(tmp_path, mnist, MNISTOPS_DATA_SOURCE=str(empty), MNISTOPS_DATA_DIR=str(cache.parent)).items():
+    env = _env(tmp_path, mnist, MNISTOPS_DATA_SOURCE=str(empty), MNISTOPS_DATA_DIR=str(cache.parent))
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--epochs", "1"]) == 1
