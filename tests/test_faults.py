@@ -22,13 +22,19 @@ from nn_core import metrics as M
 from nn_core.launch import LaunchSpec, TrainingError, launch_training
 from nn_core.train import TrackingConfig, TrainJob
 from nn_core.worker import WORKER_MODULE
+from stores import home_with_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _env(tmp_path: Path, mnist, tracking_uri: str | None = None, **extra) -> dict:
-    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{tmp_path}/mlflow.db",
-            "MNISTOPS_HOME": str(tmp_path / "home"), "MNISTOPS_DATA_DIR": str(mnist.cache_path.parent), **extra}
+    """The command's environment: a home whose embedded store exists already (copied, not migrated
+    again: tests/stores.py) unless a tracking server is given, and the session's verified MNIST cache."""
+    home = tmp_path / "home"
+    if tracking_uri is None:
+        home_with_store(home)
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{home}/mlflow.db",
+            "MNISTOPS_HOME": str(home), "MNISTOPS_DATA_DIR": str(mnist.cache_path.parent), **extra}
 
 
 def _mnistops(*args: str) -> list[str]:
@@ -37,36 +43,57 @@ def _mnistops(*args: str) -> list[str]:
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
     deadline = time.time() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"process ended while waiting for {what}:\n{proc.stdout.read()}")
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+    return value
 
 
-def _worker_of_rank(pid: int, rank: int) -> psutil.Process:
-    """The DDP worker with global rank `rank` (one node: its local rank), found by the log files torch
-    redirected its output to (<log_dir>/<run>/attempt_<n>/<rank>/stdout.log), not by child order."""
-    workers = [p for p in psutil.Process(pid).children(recursive=True) if WORKER_MODULE in " ".join(p.cmdline())]
-    assert len(workers) == 2, workers
-    (worker,) = [p for p in workers if any(Path(f.path).parent.name == str(rank) and Path(f.path).name == "stdout.log"
-                                            for f in p.open_files())]
-    return worker
+def _worker_of_rank(pid: int, rank: int, attempt: int) -> psutil.Process | None:
+    """The DDP worker of restart round `attempt` with global rank `rank` (one node: its local rank),
+    found by the log file torch redirected its output to (<log_dir>/<run>/attempt_<n>/<rank>/stdout.log),
+    not by child order; None while that round's two workers are not both up."""
+    def log_of(p: psutil.Process) -> Path | None:
+        try:
+            logs = [Path(f.path) for f in p.open_files() if Path(f.path).name == "stdout.log"]
+        except psutil.NoSuchProcess:
+            return None
+        return logs[0] if logs else None
+
+    workers = {}
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if WORKER_MODULE in " ".join(p.cmdline()) and (log := log_of(p)) is not None:
+                workers[(log.parent.parent.name, log.parent.name)] = p
+        except psutil.NoSuchProcess:
+            pass
+    both = all((f"attempt_{attempt}", str(r)) in workers for r in (0, 1))
+    return workers[(f"attempt_{attempt}", str(rank))] if both else None
 
 
-@pytest.mark.parametrize("rank", [0, 1])  # 0: the rank that logs and checkpoints
-def test_killed_worker_restarts_resumes_and_the_model_is_promoted(prefect_env, tmp_path, mnist, mnist_source, rank):
+def test_killed_workers_restart_resume_and_the_model_is_promoted(prefect_env, tmp_path, mnist, mnist_source):
+    """One `mnistops run --nproc 2`, two kills: rank 1 in the first round of workers, then rank 0 (the
+    rank that logs and checkpoints) in the round that resumed. Each round resumes from the checkpoint;
+    the one MLflow run has every epoch once and its model is promoted."""
     env = _env(tmp_path, mnist, MNISTOPS_DATA_SOURCE=str(mnist_source))
-    proc = subprocess.Popen(_mnistops("run", "--nproc", "2", "--max-restarts", "1", "--epochs", "6", "--no-inference"),
+    proc = subprocess.Popen(_mnistops("run", "--nproc", "2", "--max-restarts", "2", "--epochs", "6", "--no-inference"),
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    home = tmp_path / "home"
     try:
-        _wait_for(lambda: list((tmp_path / "home" / "runs").glob("*/checkpoint.pt")), 180, proc, "a checkpoint")
-        _worker_of_rank(proc.pid, rank).send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=300)
+        _wait_for(lambda: _checkpoint_epoch(home) >= 1, 600, proc, "a checkpoint")  # deadlines for a loaded machine
+        _wait_for(lambda: _worker_of_rank(proc.pid, 1, 0), 60, proc, "round 0's workers").send_signal(signal.SIGKILL)
+        # The next round is up once its two workers are: what they resumed from is the checkpoint now.
+        _wait_for(lambda: _worker_of_rank(proc.pid, 0, 1), 300, proc, "round 1's workers")
+        resumed = _checkpoint_epoch(home)
+        _wait_for(lambda: _checkpoint_epoch(home) > resumed, 300, proc, "a checkpoint of round 1")
+        _wait_for(lambda: _worker_of_rank(proc.pid, 0, 1), 10, proc, "round 1's rank 0").send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
     finally:
         proc.kill()
     assert proc.returncode == 0, out  # 0 = promoted
-    assert "resuming from the checkpoint after epoch" in out
+    assert out.count("resuming from the checkpoint after epoch") == 2, out
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     try:
         runs = mlflow.search_runs(experiment_names=["mnist-mlp"], output_format="list")
@@ -151,46 +178,8 @@ def _checkpoint_epoch(home: Path) -> int:
         return 0
 
 
-def test_mlflow_server_stopped_during_training_loses_nothing(tmp_path, mnist, mnist_source):
-    from servers import free_port, mlflow_server
-
-    backend, artifacts, port = f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts", free_port()
-    proc = None
-    try:
-        with mlflow_server(backend, artifacts, port=port) as url:
-            env = _env(tmp_path, mnist, tracking_uri=url, MNISTOPS_DATA_SOURCE=str(mnist_source),
-                       # a client that gives up quickly: the outage outlasts its retries
-                       MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
-                       MLFLOW_HTTP_REQUEST_TIMEOUT="5")
-            proc = subprocess.Popen(_mnistops("train", "--epochs", "30"), env=env, cwd=tmp_path,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            client = MlflowClient(url)
-
-            def first_epoch_logged():
-                runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-                return runs and client.get_metric_history(runs[0].info.run_id, M.VAL_ACCURACY)
-
-            _wait_for(first_epoch_logged, 120, proc, "the first epoch in MLflow")
-            logged = max(m.step for m in first_epoch_logged())
-        # The server is down now, mid-training; the run keeps training through two more epochs.
-        _wait_for(lambda: _checkpoint_epoch(tmp_path / "home") >= logged + 2, 120, proc, "two epochs without MLflow")
-        with mlflow_server(backend, artifacts, port=port) as url:
-            out, _ = proc.communicate(timeout=300)
-            assert proc.returncode == 0, out
-            assert "MLflow unreachable" in out  # reported clearly while it was down
-            client = MlflowClient(url)
-            (run,) = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == "mnist-mlp"])
-            assert run.info.status == "FINISHED"
-            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY))
-            assert steps == list(range(1, 31))  # every epoch logged exactly once, the missed ones late
-            assert run.data.metrics[M.VAL_ACCURACY] >= 0.96
-    finally:
-        if proc is not None:
-            proc.kill()
-
-
-def test_corrupted_dataset_cache_is_refused_before_training(tmp_path, mnist, mnist_source):
-    data_dir = tmp_path / "data"
+def _corrupt_copy(mnist, data_dir: Path) -> Path:
+    """A copy of the verified cache in `data_dir` with one byte flipped."""
     data_dir.mkdir()
     cache = data_dir / mnist.cache_path.name
     shutil.copy(mnist.cache_path, cache)
@@ -199,20 +188,73 @@ def test_corrupted_dataset_cache_is_refused_before_training(tmp_path, mnist, mni
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
+    return cache
+
+
+def test_mlflow_unreachable_during_training_loses_nothing(tmp_path, mnist, mnist_source):
+    """`mnistops train` on a real MLflow server that goes away after the first logged epoch (every
+    connection to it cut, its port refusing: tests/_h2_relay.py) and answers again two epochs later:
+    the run trains on, says so, and logs the missed epochs late, each once. Its dataset cache starts
+    corrupt, with the source at hand: it is rebuilt from the source before training (the other half
+    of test_a_corrupted_dataset_cache_without_its_source_is_refused)."""
+    from _h2_relay import Relay
+    from servers import mlflow_server
+    from stores import empty_store
+
+    backend = empty_store(tmp_path / "server.db", tmp_path / "artifacts")  # migrated already: a faster boot
+    cache = _corrupt_copy(mnist, tmp_path / "data")
+    proc = None
+    with mlflow_server(backend, tmp_path / "artifacts") as url, Relay(int(url.rsplit(":", 1)[1])) as relay:
+        env = _env(tmp_path, mnist, tracking_uri=relay.url, MNISTOPS_DATA_SOURCE=str(mnist_source),
+                   MNISTOPS_DATA_DIR=str(cache.parent),
+                   # a client that gives up quickly: the outage outlasts its retries
+                   MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+                   MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+        try:
+            proc = subprocess.Popen(_mnistops("train", "--epochs", "8"), env=env, cwd=tmp_path,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            client = MlflowClient(url)  # the test's own view: the server itself, never cut
+
+            def first_epoch_logged():
+                runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+                return runs and client.get_metric_history(runs[0].info.run_id, M.VAL_ACCURACY)
+
+            logged = max(m.step for m in _wait_for(first_epoch_logged, 300, proc, "the first epoch in MLflow"))
+            relay.cut()  # the server is gone for the command now, mid-training; it trains two more epochs
+            home = tmp_path / "home"
+            _wait_for(lambda: _checkpoint_epoch(home) >= logged + 2, 300, proc, "two epochs without MLflow")
+            relay.restore()
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            if proc is not None:
+                proc.kill()
+        assert proc.returncode == 0, out
+        assert "MLflow unreachable" in out  # reported clearly while it was down
+        assert "rebuilding it from the source" in out and cache.read_bytes() == mnist.cache_path.read_bytes()
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == "mnist-mlp"])
+        assert run.info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, M.VAL_ACCURACY))
+        assert steps == list(range(1, 9))  # every epoch logged exactly once, the missed ones late
+        assert run.data.metrics[M.VAL_ACCURACY] >= 0.96
+
+
+def test_a_corrupted_dataset_cache_without_its_source_is_refused(tmp_path, mnist, monkeypatch, capsys):
+    """Refused before training, one line naming the cache; run in this process (flows.cli.main: the
+    installed command's exit code and line). With the source at hand the cache is rebuilt: see
+    test_mlflow_unreachable_during_training_loses_nothing."""
+    from flows.cli import main
+
+    cache = _corrupt_copy(mnist, tmp_path / "data")
     empty = tmp_path / "no-source"
     empty.mkdir()
-    env = {**_env(tmp_path, mnist, MNISTOPS_DATA_SOURCE=str(empty)), "MNISTOPS_DATA_DIR": str(data_dir)}
-    r = subprocess.run(_mnistops("train", "--epochs", "1"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
-    assert str(cache) in r.stderr and "fails its checksum" in r.stderr and "rebuilding it from the source failed" in r.stderr
+    env = _env(tmp_path, mnist, MNISTOPS_DATA_SOURCE=str(empty), MNISTOPS_DATA_DIR=str(cache.parent))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert str(cache) in err and "fails its checksum" in err and "rebuilding it from the source failed" in err
     assert not (tmp_path / "home" / "runs").exists()  # refused before any training started
-
-    # With the source at hand the corrupt cache is replaced by a verified one, then training runs.
-    env["MNISTOPS_DATA_SOURCE"] = str(mnist_source)
-    r = subprocess.run(_mnistops("train", "--epochs", "1"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
-    assert "rebuilding it from the source" in r.stderr
-    assert cache.read_bytes() == mnist.cache_path.read_bytes()
 
 
 def test_workers_refuse_a_cache_corrupted_after_preparation(tmp_path, mnist, mlflow_store):

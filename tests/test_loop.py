@@ -86,10 +86,13 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def test_inverted_digits_alert_retrain_promote_score_ok_and_roll_back(tmp_path, mnist, mnist_source, shared_servers):
+def test_inverted_digits_alert_retrain_promote_score_ok_and_roll_back(tmp_path, mnist, mnist_source, shared_servers,
+                                                                      capsys):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from nn_core.data import load_splits
@@ -137,7 +140,8 @@ def test_inverted_digits_alert_retrain_promote_score_ok_and_roll_back(tmp_path, 
                                   "--batch-size", str(TRAIN["batch_size"]), "--no-inference"],
                                  cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deploy_env = {**base, "MNISTOPS_RETRAIN_ALERTS": "2", "MNISTOPS_RETRAIN_WINDOW": "600"}
-        prefect("work-pool", "create", pool, "--type", "process")
+        with temporary_settings(updates={PREFECT_API_URL: prefect_url}), get_client(sync_client=True) as pc:
+            pc.create_work_pool(WorkPoolCreate(name=pool, type="process"))  # `prefect work-pool create`'s call
         prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(_deployed_file(tmp_path, pool)))
         worker_home = tmp_path / "worker-home"
         worker_home.mkdir()
@@ -213,18 +217,22 @@ def test_inverted_digits_alert_retrain_promote_score_ok_and_roll_back(tmp_path, 
                 v1_points, v2_points = history(client, NAME, "1"), history(client, NAME, "2")
             assert [p.status for p in v1_points] == ["alert", "alert"] and [p.status for p in v2_points] == ["ok"]
             assert v2_points[0].accuracy > v1_points[1].accuracy
-            r = mnistops("monitor", "--model", NAME)
-            assert r.returncode == 0, r.stderr
-            assert f"{NAME} version 2 (champion): 1 batch(es), 0 alert(s)" in r.stdout, r.stdout
-            assert f"{NAME} version 1: 2 batch(es), 2 alert(s)" in r.stdout, r.stdout
+            # The last three commands run in this process (flows.cli.main: the installed command's exit
+            # codes and lines, without ~5 s of imports each), on the same servers.
+            with _tracking(mlflow_url), temporary_settings(updates={PREFECT_API_URL: prefect_url}):
+                code, out = _main(capsys, env, "monitor", "--model", NAME)
+                assert code == 0, out
+                assert f"{NAME} version 2 (champion): 1 batch(es), 0 alert(s)" in out, out
+                assert f"{NAME} version 1: 2 batch(es), 2 alert(s)" in out, out
 
-            # 7. The team rolls back: version 1 is the champion again, and the history says why.
-            r = mnistops("rollback")
-            assert r.returncode == 0, r.stdout + r.stderr
-            assert client.get_model_version_by_alias(NAME, "champion").version == "1"
-            r = mnistops("models")
-            assert r.returncode == 0, r.stderr
-            assert "2 -> 1  mnistops rollback" in r.stdout, r.stdout
+                # 7. The team rolls back: version 1 is the champion again, and the history says why.
+                code, out = _main(capsys, env, "rollback")
+                assert code == 0, out
+                assert client.get_model_version_by_alias(NAME, "champion").version == "1"
+                code, out = _main(capsys, env, "models")
+                assert code == 0, out
+                assert "2 -> 1  mnistops rollback" in out, out
+                EventsWorker.drain_all(timeout=30)  # what they sent, sent while the settings still say where
         finally:
             if first.poll() is None:
                 first.kill()
@@ -235,6 +243,19 @@ def test_inverted_digits_alert_retrain_promote_score_ok_and_roll_back(tmp_path, 
                     pc.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
                     pc.delete_deployment(deployment_id)
                 pc.delete_work_pool(pool)
+
+
+def _main(capsys, env: dict, *argv: str) -> tuple[int, str]:
+    """`mnistops ARGV` in this process, in `env`'s working setup (its home; the caller set the servers):
+    (exit code, stdout and stderr)."""
+    from flows.cli import main
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MNISTOPS_HOME", env["MNISTOPS_HOME"])
+        code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out + err
 
 
 def _manifest(output: Path) -> dict:

@@ -68,9 +68,9 @@ def home(tmp_path_factory, mnist):
     uri = f"sqlite:///{home}/mlflow.db"
     os.environ.update(MNISTOPS_HOME=str(home), MLFLOW_TRACKING_URI=uri, MNISTOPS_ARTIFACT_ROOT=str(home / "mlartifacts"),
                       MNISTOPS_DATA_DIR=str(Path(mnist.cache_path).parent))
-    from common.settings import create_sqlite_store
+    from stores import home_with_store
 
-    create_sqlite_store()
+    home_with_store(home)  # the embedded store a first command there makes, copied (not migrated again)
     mlflow.set_tracking_uri(uri)
     yield home
     mlflow.set_tracking_uri(None)
