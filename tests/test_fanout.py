@@ -1,7 +1,9 @@
 """`mnistops infer --inbox --workers N`: the inbox scored by N Prefect tasks on a real Dask cluster
 (local worker processes), on a folder and in the loopback S3 bucket (tests/s3_server.py); the ledger
-makes the workers share it out. Real processes throughout: the command, its temporary Prefect API,
-the Dask scheduler and workers."""
+makes the workers share it out. Real processes throughout: the command, the Dask scheduler and
+workers, and the Prefect API: the session's server where the inbox is scored to the end (a command
+with PREFECT_API_URL set takes the same path as one that starts its temporary API), the command's
+temporary API where the command is killed (it must go with the command)."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def check_exactly_once(summary: dict, records: list[dict], names: list[str], std
     assert "inbox worker 0" in stderr and "inbox worker 1" in stderr, stderr[-3000:]
 
 
-def test_two_workers_score_a_local_inbox_exactly_once(model: Path, tmp_path: Path) -> None:
+def test_two_workers_score_a_local_inbox_exactly_once(model: Path, tmp_path: Path, prefect_env) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     names = [f"in{i}.npy" for i in range(6)]
@@ -70,7 +72,7 @@ def test_two_workers_score_a_local_inbox_exactly_once(model: Path, tmp_path: Pat
     assert len(list(out.glob("*.parquet"))) == len(names)
 
 
-def test_two_workers_score_a_bucket_inbox_exactly_once(s3: S3Server, model: Path, tmp_path: Path) -> None:
+def test_two_workers_score_a_bucket_inbox_exactly_once(s3: S3Server, model: Path, tmp_path: Path, prefect_env) -> None:
     bucket = s3.bucket()
     names = [f"in{i}.npy" for i in range(6)]
     for i, n in enumerate(names):

@@ -1,8 +1,9 @@
 """infra/k8s/inbox-scoring-job.yaml exercised without a cluster: its container's command line, read
 from the YAML with its $(VAR) references expanded as the kubelet does, run as K local processes (K =
 the Job's parallelism) against one inbox in the loopback S3 bucket (tests/s3_server.py), each with a
-home and temporary folder of its own as in a pod; every input is scored exactly once. Its schema is
-checked with the other manifests (tests/test_infra_files.py)."""
+home and temporary folder of its own as in a pod (so also the check of workers on separate machines
+sharing nothing but the bucket); every input is scored exactly once. Its schema is checked with the
+other manifests (tests/test_infra_files.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import yaml
 
 from s3_server import S3Server, s3  # noqa: F401 (the fixture)
 from serving_fixtures import digits, save_model
+from stores import home_with_store
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "infra" / "k8s" / "inbox-scoring-job.yaml"
@@ -65,12 +67,15 @@ def test_k_pods_command_lines_score_one_bucket_inbox_exactly_once(s3: S3Server, 
     save_model(tmp_path / "m.onnx")
     # What differs from the cluster: the bucket, a model file instead of the registry (the registry
     # path is tests/test_mlflow_s3.py's), the pod's folders; the Secret's variables are the server's.
+    # The jobs are tracked (the manifest's command has no --no-track): MLflow's Secret is stood in for
+    # by a store already made in each pod's home, as a tracking server would be there already.
     values = {"INBOX_URL": f"s3://{bucket}/incoming/", "OUTPUT_URL": f"s3://{bucket}/scored/",
               "MODEL_URI": str(tmp_path / "m.onnx")}
     procs = []
     for pod in range(k):
         scratch = tmp_path / f"pod{pod}"
         scratch.mkdir()
+        home_with_store(scratch / "mnistops")
         env = {**{e["name"]: e["value"] for e in c["env"]}, **values, "TMPDIR": str(scratch),
                "MNISTOPS_HOME": str(scratch / "mnistops")}
         cmd = _expanded(c["command"], env)
@@ -87,3 +92,15 @@ def test_k_pods_command_lines_score_one_bucket_inbox_exactly_once(s3: S3Server, 
     assert sorted(r["input"] for r in records) == names
     assert all(r["status"] == "scored" and len(r["history"]) == 1 for r in records)
     assert len([key for key in s3.keys(bucket, "scored/") if key.endswith(".parquet")]) == len(names)
+    # each pod tracked its own jobs, in its own store
+    assert [run_inputs(tmp_path / f"pod{pod}" / "mnistops") for pod in range(k)] == [
+        sorted(x["input"].rsplit("/", 1)[1] for x in json.loads(o)["scored"]) for o, _ in outs]
+
+
+def run_inputs(home: Path) -> list[str]:
+    """The names of the inputs of the batch-job runs tracked in the store of a pod's home."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return sorted(r.data.params["input"].rsplit("/", 1)[-1] for r in client.search_runs(exps))

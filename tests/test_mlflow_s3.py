@@ -1,7 +1,8 @@
 """MLflow's artifacts in an object store (issue 23, point 4), as the compose stack runs it: a real
 `mlflow server --artifacts-destination s3://...` on the loopback S3 server (tests/s3_server.py),
 `mnistops run` against it, then the batch job loading `models:/NAME@champion` through it. The clients
-get no S3 credentials: the tracking server proxies every artifact to and from the bucket."""
+get no S3 credentials: the tracking server proxies every artifact to and from the bucket. The run's
+flows go to the session's Prefect server (a temporary Prefect API is tests/test_lifecycle.py's)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def test_run_and_batch_job_with_the_mlflow_server_keeping_artifacts_in_a_bucket(s3: S3Server, tmp_path: Path,
-                                                                                 mnist, mnist_source) -> None:
+                                                                                 mnist, mnist_source,
+                                                                                 prefect_env) -> None:
     from mlflow import MlflowClient
 
     from nn_core.data import load_splits
@@ -32,7 +34,7 @@ def test_run_and_batch_job_with_the_mlflow_server_keeping_artifacts_in_a_bucket(
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},  # no S3 keys on the client
                "MLFLOW_TRACKING_URI": url, "MNISTOPS_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO),
                "MNISTOPS_DATA_DIR": str(mnist.cache_path.parent), "MNISTOPS_DATA_SOURCE": str(mnist_source)}
-        r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--epochs", "2", "--threshold", "0.5",
+        r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--epochs", "1", "--threshold", "0.5",
                             "--no-inference", "--model-name", "s3-mlp"], env=env, cwd=tmp_path, capture_output=True,
                            text=True, timeout=900)
         assert r.returncode == 0, r.stdout + r.stderr[-3000:]

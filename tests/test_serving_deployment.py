@@ -19,27 +19,29 @@ from needs import missing
 
 from common import idx
 from serving import drift
-from serving_fixtures import mlp_onnx, train_quickly, write_idx
-from stores import experiment_id
+from _h3_trained import digit_weights, train_images
+from serving_fixtures import mlp_onnx, write_idx
+from stores import empty_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 FASHION = Path(os.environ.get("MNISTOPS_FASHION_SOURCE", "/usr/share/datasets/fashion-mnist"))
 
 
-def _champion_with_reference(store: Path, src: Path) -> None:
-    """A digit model registered as mnist-mlp@champion in the SQLite store, its drift reference stored
-    the way registration stores it."""
+def _champion_with_reference(store: Path, src: Path) -> str:
+    """A digit model registered as mnist-mlp@champion in a SQLite store under `store` (copied from the
+    process's empty one: tests/stores.py), its drift reference stored the way registration stores it.
+    Returns the store's URI."""
     import mlflow
     import mlflow.onnx
     from mlflow import MlflowClient
 
-    x = idx.read_idx(src / "train-images-idx3-ubyte.gz", magic=idx.IMAGES_MAGIC)
-    y = idx.read_idx(src / "train-labels-idx1-ubyte.gz", magic=idx.LABELS_MAGIC)
+    x = train_images(src)
     path = store / "m.onnx"
-    onnx.save(mlp_onnx(train_quickly(x[:50_000], y[:50_000])), str(path))
-    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    onnx.save(mlp_onnx(digit_weights(src)), str(path))
+    uri = empty_store(store / "mlflow.db", store / "artifacts")
+    mlflow.set_tracking_uri(uri)
     try:
-        exp = experiment_id("training")
+        exp = MlflowClient().create_experiment("training", artifact_location=(store / "artifacts" / "t").as_uri())
         with mlflow.start_run(experiment_id=exp) as run:
             mlflow.onnx.log_model(onnx.load(str(path)), name="model", registered_model_name="mnist-mlp",
                                   onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"])
@@ -47,6 +49,7 @@ def _champion_with_reference(store: Path, src: Path) -> None:
         MlflowClient().set_registered_model_alias("mnist-mlp", "champion", "1")
     finally:
         mlflow.set_tracking_uri(None)
+    return uri
 
 
 def _final_state(client, run_id, timeout: float = 240):
@@ -68,7 +71,7 @@ def test_hourly_inbox_deployment_fails_its_run_on_drift(prefect_server_url, tmp_
 
     store = tmp_path / "store"
     store.mkdir()
-    _champion_with_reference(store, mnist_source)
+    tracking_uri = _champion_with_reference(store, mnist_source)
     inbox, out = tmp_path / "inbox", tmp_path / "scored"
     inbox.mkdir()
     test = idx.read_idx(mnist_source / "t10k-images-idx3-ubyte.gz", magic=idx.IMAGES_MAGIC)
@@ -76,7 +79,7 @@ def test_hourly_inbox_deployment_fails_its_run_on_drift(prefect_server_url, tmp_
     write_idx(inbox / "digits-b-idx3-ubyte", test[1000:3000])
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server_url, "MNISTOPS_HOME": str(tmp_path / "home"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "MNISTOPS_ARTIFACT_ROOT": str(store / "artifacts")}
+           "MLFLOW_TRACKING_URI": tracking_uri, "MNISTOPS_ARTIFACT_ROOT": str(store / "artifacts")}
     serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--inference-cron", "0 0 1 1 *",
                               "--infer-inbox", str(inbox), "--infer-output", str(out)],
                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -26,7 +26,8 @@ from serving import drift
 from common.errors import DriftAlert
 from serving.images import mnist_pixels
 from serving.job import JobConfig, run_job
-from serving_fixtures import mlp_onnx, train_quickly, write_idx
+from _h3_trained import digit_weights, read, train_images
+from serving_fixtures import mlp_onnx, write_idx
 from stores import experiment_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,25 +57,16 @@ def test_chi_square_tail_known_values() -> None:
 # --- real data ------------------------------------------------------------------------------------------
 
 
-def _mnist(src: Path, name: str, magic: int) -> np.ndarray:
-    for f in (src / name, src / f"{name}.gz"):
-        if f.is_file():
-            return idx.read_idx(f, magic=magic)
-    missing(f"{src} has no {name}")
-
-
 @pytest.fixture(scope="module")
 def trained(mnist_source: Path, tmp_path_factory: pytest.TempPathFactory):
     """A model trained on real MNIST (one epoch, ~94%), its drift reference, and the test set."""
-    x = _mnist(mnist_source, "train-images-idx3-ubyte", idx.IMAGES_MAGIC)
-    y = _mnist(mnist_source, "train-labels-idx1-ubyte", idx.LABELS_MAGIC)
+    x = train_images(mnist_source)
     d = tmp_path_factory.mktemp("drift")
-    weights = train_quickly(x[:50_000], y[:50_000])
-    onnx.save(mlp_onnx(weights), str(d / "m.onnx"))
+    onnx.save(mlp_onnx(digit_weights(mnist_source)), str(d / "m.onnx"))
     ref = drift.compute_reference(d / "m.onnx", x[:50_000], x[50_000:])
     (d / "reference.json").write_text(json.dumps(ref.to_dict()))
-    test_x = _mnist(mnist_source, "t10k-images-idx3-ubyte", idx.IMAGES_MAGIC)
-    test_y = _mnist(mnist_source, "t10k-labels-idx1-ubyte", idx.LABELS_MAGIC)
+    test_x = read(mnist_source, "t10k-images-idx3-ubyte", idx.IMAGES_MAGIC)
+    test_y = read(mnist_source, "t10k-labels-idx1-ubyte", idx.LABELS_MAGIC)
     return {"dir": d, "model": d / "m.onnx", "reference": d / "reference.json", "x": test_x, "y": test_y}
 
 
@@ -119,8 +111,10 @@ def test_mnist_test_set_in_every_faithful_form_is_ok(trained, tmp_path: Path) ->
     assert m["drift"]["status"] == "ok" and m["drift"]["reference"] == str(trained["reference"])
     assert set(m["drift"]["statistics"]) >= {"exceed_fraction", "exceed_p_value", "class_tv", "median_confidence"}
     assert m["drift"]["thresholds"]["tolerated_exceed_fraction"] == drift.TOLERANCE
-    forms = [(56, "RGB", "PNG"), (100, "L", "PNG"), (56, "L", "JPEG"), (100, "RGB", "JPEG"), (28, "RGB", "JPEG")]
-    for size, mode, fmt in forms:  # the whole test set each time: the 0.3-point bound is on it
+    # Each size (28: no resizing; 56 and 100: enlarged), mode and format at least once; the whole test
+    # set each time: the 0.3-point bound is on it.
+    forms = [(56, "RGB", "PNG"), (100, "L", "JPEG"), (28, "RGB", "JPEG")]
+    for size, mode, fmt in forms:
         d = _folder(tmp_path / f"{size}-{mode}-{fmt}", x, size, mode, fmt, y)
         res = run_job(job(trained, d, tmp_path / f"{d.name}.parquet"))
         assert res.drift.status == "ok", (d.name, res.drift.reason)
@@ -160,9 +154,9 @@ def test_fail_on_drift_exit_code(trained, fashion: np.ndarray, tmp_path: Path) -
     assert len(errors) == 1 and "drift alert" in errors[0] and "Traceback" not in r.stderr
     assert json.loads(r.stdout)["drift"] == "alert"
     assert (tmp_path / "f.parquet").is_file() and (tmp_path / "f.parquet.manifest.json").is_file()  # the evidence
-    ok = subprocess.run([*base, "--input", str(tmp_path / "digits.idx"), "--output", str(tmp_path / "d.parquet")],
-                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0, ok.stderr
+    # digits pass: no alert raised, so no exit 4 (the same run_job under the command's main)
+    ok = run_job(job(trained, tmp_path / "digits.idx", tmp_path / "d.parquet", fail_on_drift=True))
+    assert ok.drift.status == "ok" and ok.output.is_file()
     with pytest.raises(DriftAlert):  # the library raises it too, after writing
         run_job(job(trained, tmp_path / "fashion.idx", tmp_path / "f2.parquet", fail_on_drift=True))
     assert (tmp_path / "f2.parquet").is_file()
@@ -178,7 +172,7 @@ def test_reference_stored_with_the_version_and_used_by_the_job(trained, fashion,
     with mlflow.start_run(experiment_id=exp) as run:
         mlflow.onnx.log_model(onnx.load(str(trained["model"])), name="model", registered_model_name="mnist-mlp",
                               onnx_execution_providers=["CPUExecutionProvider"], pip_requirements=["onnxruntime"])
-    x = _mnist(Path(os.environ["MNISTOPS_DATA_SOURCE"]), "train-images-idx3-ubyte", idx.IMAGES_MAGIC)
+    x = train_images(Path(os.environ["MNISTOPS_DATA_SOURCE"]).resolve())
     uri = drift.store_reference("mnist-mlp", "1", run.info.run_id, trained["model"], x[:50_000], x[50_000:])
     client = MlflowClient()
     assert client.get_model_version("mnist-mlp", "1").tags[drift.VERSION_TAG] == uri

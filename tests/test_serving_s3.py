@@ -1,5 +1,7 @@
-"""The batch job and its inbox on an object store: real processes (`python -m serving`, `mnistops`)
-against the loopback S3 server (tests/s3_server.py), through the standard AWS settings only."""
+"""The batch job and its inbox on an object store: `python -m serving` against the loopback S3 server
+(tests/s3_server.py), through the standard AWS settings only; what a command reports without needing
+a process of its own (its one error line for a bad store) through its main in this process
+(tests/_h3_inproc.py). Workers with homes of their own sharing one bucket inbox: tests/test_k8s_scoring.py."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from _h3_inproc import serving_main
 from s3_server import S3Server, s3  # noqa: F401 (the fixture)
 from serving_fixtures import digits, save_model, write_idx
 
@@ -50,6 +53,10 @@ def serving(s3: S3Server, model: Path, *args: str, cwd: Path, env: dict | None =
                           capture_output=True, text=True, timeout=300)
 
 
+def options(model: Path) -> tuple[str, ...]:
+    return ("--model", str(model), "--no-track", "--device", "cpu")
+
+
 def one_error(r: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in r.stderr, r.stderr
     lines = [line for line in r.stderr.splitlines() if "error:" in line]
@@ -68,15 +75,24 @@ def three_inputs(s3: S3Server, bucket: str, tmp_path: Path) -> None:
     put(s3, bucket, "inbox/.c.npy.part", b"an upload in progress")
 
 
-def test_inbox_in_a_bucket_scored_once_then_none_then_the_new_one(s3: S3Server, model: Path, tmp_path: Path) -> None:
+def test_inbox_in_a_bucket_scored_once_then_only_what_is_new_or_replaced(s3: S3Server, model: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """The command scores every kind of input once; a rerun downloads no object already scored (only
+    the folder, whose objects carry no single version: it is read every time), and scores a new
+    object and one replaced under the same name and size, one download each into a spool that holds
+    one input at a time."""
+    from common import storage
+    from serving.inbox import run_inbox
+    from serving.job import JobConfig
+
     bucket = s3.bucket()
     three_inputs(s3, bucket, tmp_path)
-    args = ("--inbox", f"s3://{bucket}/inbox/", "--output", f"s3://{bucket}/scored")
-    r = serving(s3, model, *args, cwd=tmp_path)
+    inbox, out = f"s3://{bucket}/inbox", f"s3://{bucket}/scored"
+    r = serving(s3, model, "--inbox", inbox + "/", "--output", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    assert sorted(x["input"] for x in s["scored"]) == [f"s3://{bucket}/inbox/{n}"
-                                                      for n in ("a.npy", "b-images-idx3-ubyte", "scans")]
+    names = ("a.npy", "b-images-idx3-ubyte", "scans")
+    assert sorted(x["input"] for x in s["scored"]) == [f"{inbox}/{n}" for n in names]
     assert {Path(x["input"]).name: x["records"] for x in s["scored"]} == {"a.npy": 20, "b-images-idx3-ubyte": 30,
                                                                          "scans": 4}
     keys = s3.keys(bucket, "scored/")
@@ -88,30 +104,9 @@ def test_inbox_in_a_bucket_scored_once_then_none_then_the_new_one(s3: S3Server, 
     assert table.column("id").to_pylist() == ["0.png", "1.png", "2.png", "3.png"]
     assert table.column("label").to_pylist() == [1, 2, 3, 4]
     manifest = json.loads(s3.client().get_object(Bucket=bucket, Key=scans + ".manifest.json")["Body"].read())
-    assert manifest["input"]["path"] == f"s3://{bucket}/inbox/scans"
+    assert manifest["input"]["path"] == f"{inbox}/scans"
     assert manifest["output"]["path"] == f"s3://{bucket}/{scans}"
 
-    again = serving(s3, model, *args, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["scored"] == [] and len(json.loads(again.stdout)["already_scored"]) == 3
-
-    put(s3, bucket, "inbox/c.npy", npy_bytes(digits(5, seed=9)))
-    third = serving(s3, model, *args, cwd=tmp_path)
-    assert third.returncode == 0, third.stderr
-    assert [x["input"] for x in json.loads(third.stdout)["scored"]] == [f"s3://{bucket}/inbox/c.npy"]
-    assert len(s3.records(bucket, "scored")) == 4
-
-
-def test_a_rerun_downloads_nothing_already_scored_and_a_replaced_object_is_scored(s3: S3Server, model: Path,
-                                                                                 tmp_path: Path, monkeypatch) -> None:
-    from common import storage
-    from serving.inbox import run_inbox
-    from serving.job import JobConfig
-
-    bucket = s3.bucket()
-    put(s3, bucket, "inbox/a.npy", npy_bytes(digits(20, seed=1)))
-    put(s3, bucket, "inbox/b.npy", npy_bytes(digits(20, seed=2)))
-    inbox, out = f"s3://{bucket}/inbox", f"s3://{bucket}/scored"
     job = JobConfig(input=inbox, output=out, model=str(model), track=False, device="cpu")
     fetched: list[str] = []
     fetch = storage.fetch
@@ -122,45 +117,19 @@ def test_a_rerun_downloads_nothing_already_scored_and_a_replaced_object_is_score
         return fetch(url, dest)
 
     monkeypatch.setattr(storage, "fetch", spied)
-    assert len(run_inbox(inbox, out, job).scored) == 2 and len(fetched) == 2
+    again = run_inbox(inbox, out, job)
+    assert again.scored == [] and len(again.already) == 3 and fetched == [f"{inbox}/scans"]
     fetched.clear()
 
-    again = run_inbox(inbox, out, job)
-    assert again.scored == [] and len(again.already) == 2 and fetched == []
-
     put(s3, bucket, "inbox/a.npy", npy_bytes(digits(20, seed=3)))  # replaced: same name and size
+    put(s3, bucket, "inbox/c.npy", npy_bytes(digits(5, seed=9)))  # new
     third = run_inbox(inbox, out, job)
-    assert [str(r.input_path) for r in third.scored] == [f"{inbox}/a.npy"] and fetched == [f"{inbox}/a.npy"]
-    assert len(s3.records(bucket, "scored")) == 3
+    assert sorted(str(x.input_path) for x in third.scored) == [f"{inbox}/a.npy", f"{inbox}/c.npy"]
+    assert sorted(fetched) == [f"{inbox}/a.npy", f"{inbox}/c.npy", f"{inbox}/scans"]
+    assert len(s3.records(bucket, "scored")) == 5
 
 
-def test_two_workers_with_separate_homes_score_every_input_exactly_once(s3: S3Server, model: Path,
-                                                                         tmp_path: Path) -> None:
-    bucket = s3.bucket()
-    names = [f"in{i}.npy" for i in range(8)]
-    for i, n in enumerate(names):
-        put(s3, bucket, f"inbox/{n}", npy_bytes(digits(3000, seed=20 + i)))
-    cmd = [sys.executable, "-m", "serving", "--inbox", f"s3://{bucket}/inbox", "--output", f"s3://{bucket}/out",
-           "--model", str(model), "--no-track", "--device", "cpu", "--batch-size", "64"]
-    procs = []
-    for w in range(2):  # as on two machines: nothing shared but the bucket
-        home = tmp_path / f"home{w}"
-        home.mkdir()
-        env = {**s3.env(), **QUIET, "PYTHONPATH": str(REPO), "MNISTOPS_HOME": str(home), "TMPDIR": str(home)}
-        procs.append(subprocess.Popen(cmd, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
-    scored = [Path(x["input"]).name for o, _ in outs for x in json.loads(o)["scored"]]
-    assert sorted(scored) == names  # each input by exactly one of the two
-    records = [json.loads(s3.client().get_object(Bucket=bucket, Key=k)["Body"].read())
-               for k in s3.records(bucket, "out")]
-    assert sorted(r["input"] for r in records) == names
-    assert all(r["status"] == "scored" and len(r["history"]) == 1 for r in records)
-    assert len([k for k in s3.keys(bucket, "out/") if k.endswith(".parquet")]) == len(names)
-
-
-def test_one_job_from_and_to_the_bucket(s3: S3Server, model: Path, tmp_path: Path) -> None:
+def test_one_job_from_and_to_the_bucket(s3: S3Server, model: Path, tmp_path: Path, capfd) -> None:
     bucket = s3.bucket()
     put(s3, bucket, "data/x.npy", npy_bytes(digits(50, seed=4)))
     put(s3, bucket, "data/y.npy", npy_bytes(np.arange(50) % 10))
@@ -175,16 +144,17 @@ def test_one_job_from_and_to_the_bucket(s3: S3Server, model: Path, tmp_path: Pat
     manifest = json.loads(s3.client().get_object(Bucket=bucket, Key="results/p.csv.manifest.json")["Body"].read())
     assert manifest["labels"]["path"] == f"s3://{bucket}/data/y.npy" and manifest["counts"]["predicted"] == 50
     # never clobber: an existing output only with --overwrite
-    again = serving(s3, model, "--input", f"s3://{bucket}/data/x.npy", "--output", out, cwd=tmp_path)
+    again = serving_main(capfd, "--input", f"s3://{bucket}/data/x.npy", "--output", out, *options(model))
     assert again.returncode == 1 and one_error(again).endswith(f"{out}: already exists; pass --overwrite to replace it")
+    assert s3.client().get_object(Bucket=bucket, Key="results/p.csv")["Body"].read().decode() == body
 
 
-def test_bad_stores_are_one_line_naming_the_url(s3: S3Server, model: Path, tmp_path: Path) -> None:
+def test_bad_stores_are_one_line_naming_the_url(s3: S3Server, model: Path, tmp_path: Path, capfd, monkeypatch) -> None:
     bucket = s3.bucket()
     put(s3, bucket, "x.npy", npy_bytes(digits(5)))
     good_in = f"s3://{bucket}/x.npy"
-    no_creds = {k: v for k, v in s3.env().items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    closed = s3.env(AWS_ENDPOINT_URL="http://127.0.0.1:9")  # nothing listens on port 9 (discard)
+    no_creds = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}
+    closed = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # nothing listens on port 9 (discard)
     cases = [
         (("--input", "s3://no-such-bucket-x1/x.npy", "--output", "o1.parquet"), None,
          "s3://no-such-bucket-x1/x.npy: listing the bucket failed: not found"),
@@ -201,8 +171,9 @@ def test_bad_stores_are_one_line_naming_the_url(s3: S3Server, model: Path, tmp_p
         (("--input", "s3://AKIDEXAMPLE:wJalrXUtnFEMI@no-such-bucket-x4/x.npy", "--output", "o7.parquet"), None,
          "s3://no-such-bucket-x4/x.npy: listing the bucket failed"),
     ]
+    monkeypatch.chdir(tmp_path)
     for args, env, expected in cases:
-        r = serving(s3, model, *args, cwd=tmp_path, env=env)
+        r = serving_main(capfd, *args, *options(model), env=env)
         assert r.returncode == 1, (args, r.stderr)
         line = one_error(r)
         assert expected in line, (args, line)

@@ -1,7 +1,10 @@
 """Two store faults of the batch job, against real loopback servers (issue 23, "Bad input and faults"):
 access denied, on a moto server that enforces IAM; and the S3 endpoint killed in the middle of a
 multipart upload, through a TCP proxy process that is SIGKILLed. Each: one line naming the URL,
-exit 1, nothing at the destination, and a ledger from which a rerun scores the input exactly once."""
+exit 1, nothing at the destination, and a ledger from which a rerun scores the input exactly once.
+The job killed mid-upload and the first refusal are real processes (`mnistops infer`, `python -m
+serving`); the other runs of the command line, each with a user's keys, run its main in this
+process (tests/_h3_inproc.py): one error line and exit code each, as a process reports them."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import boto3
 import numpy as np
 import pytest
 
+from _h3_inproc import serving_main
 from s3_server import CREDENTIALS, S3Server, s3, start_server, stop_server  # noqa: F401 (the fixture)
 from serving_fixtures import digits, save_model
 
@@ -59,6 +63,7 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedP
 
 
 def serving(model: Path, *args: str) -> list[str]:
+    """The arguments of `python -m serving` (its main's are those after the third)."""
     return [sys.executable, "-m", "serving", "--model", str(model), "--no-track", "--device", "cpu", *args]
 
 
@@ -114,8 +119,8 @@ def iam_s3() -> Iterator[IamS3]:
         stop_server(server.process)
 
 
-def test_access_denied_is_one_line_and_a_rerun_with_rights_scores_the_input(iam_s3: IamS3, model: Path,
-                                                                             tmp_path: Path) -> None:
+def test_access_denied_is_one_line_and_a_rerun_with_rights_scores_the_input(iam_s3: IamS3, model: Path, tmp_path: Path,
+                                                                             capfd, monkeypatch) -> None:
     s3c = iam_s3.client()
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     s3c.create_bucket(Bucket=bucket)
@@ -136,7 +141,8 @@ def test_access_denied_is_one_line_and_a_rerun_with_rights_scores_the_input(iam_
     assert [o["Key"] for o in s3c.list_objects_v2(Bucket=bucket).get("Contents", [])] == ["inbox/a.npy"]
 
     # the inbox: the lease is taken and released, the output refused, no record
-    r = run(serving(model, *inbox), reader, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = serving_main(capfd, *serving(model, *inbox)[3:], env=reader)
     assert r.returncode == 1, r.stderr
     line = one_error(r)
     assert f"s3://{bucket}/scored/a.npy." in line and line.endswith(".parquet: writing failed: access denied"), line
@@ -149,14 +155,14 @@ def test_access_denied_is_one_line_and_a_rerun_with_rights_scores_the_input(iam_
     assert s3c.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
     # no rights at all: refused before anything is read or claimed
-    r = run(serving(model, *inbox), iam_s3.user([]), tmp_path)
+    r = serving_main(capfd, *serving(model, *inbox)[3:], env=iam_s3.user([]))
     assert r.returncode == 1, r.stderr
     assert one_error(r).endswith(f"s3://{bucket}/inbox: listing the bucket failed: access denied")
     assert ledger(s3c, bucket) == after_denied
 
     # a key the store does not know: its reason is in the line
-    r = run(serving(model, *inbox), iam_s3.server.env(AWS_ACCESS_KEY_ID="AKIAUNKNOWNKEY000000",
-                                                      AWS_SECRET_ACCESS_KEY="wrong-secret-key-x9"), tmp_path)
+    r = serving_main(capfd, *serving(model, *inbox)[3:], env=iam_s3.server.env(
+        AWS_ACCESS_KEY_ID="AKIAUNKNOWNKEY000000", AWS_SECRET_ACCESS_KEY="wrong-secret-key-x9"))
     assert r.returncode == 1, r.stderr
     assert one_error(r).endswith("listing the bucket failed: access denied (The AWS Access Key Id you provided "
                                  "does not exist in our records.)")
@@ -164,7 +170,7 @@ def test_access_denied_is_one_line_and_a_rerun_with_rights_scores_the_input(iam_
 
     # the same inbox with the rights to write: scored once, one record
     writer = iam_s3.user([{"Effect": "Allow", "Action": "s3:*", "Resource": [arn, f"{arn}/*"]}])
-    r = run(serving(model, *inbox), writer, tmp_path)
+    r = serving_main(capfd, *serving(model, *inbox)[3:], env=writer)
     assert r.returncode == 0, r.stderr
     assert [Path(x["input"]).name for x in json.loads(r.stdout)["scored"]] == ["a.npy"]
     records = [json.loads(v) for k, v in ledger(s3c, bucket).items() if k.endswith(".json")]
@@ -182,7 +188,7 @@ BIG = 140_000
 
 
 def test_the_endpoint_killed_mid_upload_leaves_nothing_and_a_rerun_scores_once(s3: S3Server, model: Path,
-                                                                              tmp_path: Path) -> None:
+                                                                              tmp_path: Path, capfd) -> None:
     bucket = s3.bucket()
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -226,7 +232,7 @@ def test_the_endpoint_killed_mid_upload_leaves_nothing_and_a_rerun_scores_once(s
     assert not [k for k in ledger(c, bucket) if k.endswith(".json")]  # no record: not scored
 
     # the endpoint back (the store itself): the input is taken over (its worker is gone) and scored once
-    again = run(args, s3.env(**ONE_TRY), tmp_path)
+    again = serving_main(capfd, *args[3:], env=ONE_TRY)
     assert again.returncode == 0, again.stderr
     assert [(Path(x["input"]).name, x["records"]) for x in json.loads(again.stdout)["scored"]] == [("big.npy", BIG)]
     assert [k for k in s3.keys(bucket) if "/ledger/" not in k] == [output, output + ".manifest.json"]
