@@ -103,27 +103,27 @@ def _chain_holds(before: str | None, decided: dict[str, dict]) -> str | None:
     return current
 
 
-def test_promotions_race_on_one_store(home, versions, mnist, tmp_path):
-    from servers import prefect_server
-
-    with prefect_server(f"sqlite+aiosqlite:///{tmp_path}/prefect.db", home=tmp_path / "prefect") as api:
-        # Racers 0 and 1 gate as `run`/`sweep`/`serve` do: on the command's own temporary API.
-        temporary = {"PREFECT_API_URL": api, "MNISTOPS_TEMPORARY_PREFECT_API": api}
-        logs = [open(tmp_path / f"racer-{i}.log", "wb") for i in range(RACERS)]  # noqa: SIM115
-        procs = [subprocess.Popen(
-            [sys.executable, str(TESTS / "promote_racer.py"), str(tmp_path), str(i), str(ROUNDS),
-             "--threshold", "0.5"],
-            env=_env(home, mnist, **(temporary if i < 2 else {})), stdout=logs[i], stderr=subprocess.STDOUT)
-            for i in range(RACERS)]
-        try:
-            _run_rounds(procs, versions, tmp_path)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-            for f in logs:
-                f.close()
+def test_promotions_race_on_one_store(home, versions, mnist, tmp_path, prefect_server_url):
+    # Racers 0 and 1 gate as `run`/`sweep`/`serve` do: on the command's own temporary API, which
+    # the product knows by its URL in MNISTOPS_TEMPORARY_PREFECT_API (the session's real server
+    # stands in for it: booting one more is not what this is about).
+    api = prefect_server_url
+    temporary = {"PREFECT_API_URL": api, "MNISTOPS_TEMPORARY_PREFECT_API": api}
+    logs = [open(tmp_path / f"racer-{i}.log", "wb") for i in range(RACERS)]  # noqa: SIM115
+    procs = [subprocess.Popen(
+        [sys.executable, str(TESTS / "promote_racer.py"), str(tmp_path), str(i), str(ROUNDS),
+         "--threshold", "0.5"],
+        env=_env(home, mnist, **(temporary if i < 2 else {})), stdout=logs[i], stderr=subprocess.STDOUT)
+        for i in range(RACERS)]
+    try:
+        _run_rounds(procs, versions, tmp_path)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
 
 
 def _logs(folder: Path) -> str:
@@ -173,11 +173,25 @@ def _mnistops(home: Path, mnist, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=600)
 
 
+def _in_process(mnist, capsys, *args: str) -> subprocess.CompletedProcess:
+    """A command's own code in this process, for a check that is not about its start-up (a real
+    process costs ~6 s of CPU in imports), in the environment _mnistops gives one: its exit code,
+    stdout and stderr."""
+    from flows.cli import main
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MNISTOPS_DATA_DIR", str(Path(mnist.cache_path).parent))
+        code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["mnistops", *args], code, out.out, out.err)
+
+
 def _error_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("mnistops promote: error:")]
 
 
-def test_forged_version_tags_never_cross_tasks(home, versions, mnist, fashion_source, tmp_path):
+def test_forged_version_tags_never_cross_tasks(home, versions, mnist, fashion_source, tmp_path, capsys):
     """A Fashion-MNIST run registered into mnist-mlp by hand, its version tags saying MNIST: refused
     by its run's own record, with and without --force; nothing changes."""
     from nn_core.data import prepare
@@ -192,8 +206,8 @@ def test_forged_version_tags_never_cross_tasks(home, versions, mnist, fashion_so
                                     tags={"dataset": "mnist", "dataset_digest": mnist.digest,
                                           "parity_passed": "true", "promotion": "pending"}).version
     champion_before = registry.champion(NAME)
-    for extra in ([], ["--force"]):
-        p = _mnistops(home, mnist, "promote", str(forged), "--threshold", "0.0", *extra)
+    for p in (_in_process(mnist, capsys, "promote", str(forged), "--threshold", "0.0"),
+              _mnistops(home, mnist, "promote", str(forged), "--threshold", "0.0", "--force")):
         assert p.returncode == 1, p.stdout + p.stderr
         (line,) = _error_lines(p.stderr)
         assert f"version {forged}" in line and "is fashion-mnist" in line and "bound to mnist" in line, line
@@ -223,7 +237,7 @@ def _half_made(result: TrainResult, onnx_path: Path, owner: str) -> str:
     return str(c.create_model_version(NAME, info.model_uri, run_id=result.run_id).version)
 
 
-def test_half_made_versions_are_completed_or_marked_failed(home, versions, mnist, tmp_path):
+def test_half_made_versions_are_completed_or_marked_failed(home, versions, mnist, tmp_path, capsys):
     c = tracking.client()
     good = _train(mnist.cache_path, tmp_path, "cut-short", epochs=1, batch_size=4096, lr=2e-3)
     completable = _half_made(good, export_and_check(good, mnist.cache_path).onnx_path, _dead_owner())
@@ -231,7 +245,7 @@ def test_half_made_versions_are_completed_or_marked_failed(home, versions, mnist
     broken = _half_made(killed, export_and_check(killed, mnist.cache_path).onnx_path, _dead_owner())
     c.set_terminated(killed.run_id, status="KILLED")
     assert registry.undecided(c.get_model_version(NAME, completable).tags)
-    listing = _mnistops(home, mnist, "models")
+    listing = _in_process(mnist, capsys, "models")
     rows = {line.split()[0]: line for line in listing.stdout.splitlines() if line.split()[:1] in ([completable], [broken])}
     assert "cut short" in rows[completable] and "cut short" in rows[broken], listing.stdout + listing.stderr
 
@@ -247,6 +261,6 @@ def test_half_made_versions_are_completed_or_marked_failed(home, versions, mnist
     assert "is KILLED, not FINISHED" in p.stdout
     assert c.get_model_version(NAME, broken).tags["promotion"] == "failed"
     # promoting the failed one: one line, exit 1, and it is never champion
-    p = _mnistops(home, mnist, "promote", broken, "--force")
+    p = _in_process(mnist, capsys, "promote", broken, "--force")
     assert p.returncode == 1 and len(_error_lines(p.stderr)) == 1, p.stdout + p.stderr
     assert f"version {broken} is marked failed" in p.stderr and registry.champion(NAME) != broken

@@ -135,19 +135,25 @@ def test_two_pipelines_finishing_together(stack, tmp_path, mnist, mnist_source):
 
     # A rollback on the server, under the same limit: the other version forced in by hand, then the
     # champion before it restored; its decision record (on the server's artifact store) in the history.
-    other = next(v.version for v in versions if v.version != champion.version)
-    r = _mnistops("promote", str(other), "--force", "--model-name", "race-mlp", env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = _mnistops("rollback", "--model-name", "race-mlp", env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert c.get_model_version_by_alias("race-mlp", "champion").version == champion.version
+    # The two commands' code in this process, in the commands' environment (what starting one does is
+    # checked above).
     import mlflow
 
+    from flows.cli import main
     from nn_core import rollback
 
-    mlflow.set_tracking_uri(stack.mlflow_url)
-    try:
-        last = rollback.history("race-mlp")[-1]
-    finally:
-        mlflow.set_tracking_uri(None)
+    other = next(v.version for v in versions if v.version != champion.version)
+    # (Prefect's settings too: this process's Prefect read its environment when it was imported.)
+    with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: stack.prefect_url}):
+        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MNISTOPS_HOME", "MNISTOPS_DATA_DIR", "MNISTOPS_DATA_SOURCE"):
+            mp.setenv(key, env[key])
+        mp.chdir(tmp_path)
+        try:
+            assert main(["promote", str(other), "--force", "--model-name", "race-mlp"]) == 0
+            assert main(["rollback", "--model-name", "race-mlp"]) == 0
+            assert c.get_model_version_by_alias("race-mlp", "champion").version == champion.version
+            mlflow.set_tracking_uri(stack.mlflow_url)
+            last = rollback.history("race-mlp")[-1]
+        finally:
+            mlflow.set_tracking_uri(None)
     assert (last.before, last.after, last.by.command) == (str(other), str(champion.version), "mnistops rollback")

@@ -18,11 +18,14 @@ import pytest
 from common.errors import EXIT_OK, EXIT_REJECTED
 
 
+EMBEDDED = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MNISTOPS_ARTIFACT_ROOT", "MNISTOPS_DEBUG")
+
+
 def _env(tmp_path: Path, **extra) -> dict:
-    env = {**os.environ, "MNISTOPS_HOME": str(tmp_path / "home"), "MNISTOPS_DATA_DIR": str(tmp_path / "data"), **extra}
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MNISTOPS_ARTIFACT_ROOT", "MNISTOPS_DEBUG"):
-        env.pop(key, None)  # the embedded defaults: a store under the home, a temporary Prefect API
-    return env
+    """The embedded MLflow default (a store under the home), and `extra` (a PREFECT_API_URL: the
+    session's server, where booting a command's temporary Prefect API is not what a test is about)."""
+    env = {k: v for k, v in os.environ.items() if k not in EMBEDDED}
+    return {**env, "MNISTOPS_HOME": str(tmp_path / "home"), "MNISTOPS_DATA_DIR": str(tmp_path / "data"), **extra}
 
 
 def _store(tmp_path: Path):
@@ -31,13 +34,14 @@ def _store(tmp_path: Path):
     return MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
 
 
-def test_models_lists_every_registered_model(tmp_path):
-    """Two registered models in the store: `models` lists both with their versions, `--dataset`
-    and `--model-name` one of them."""
-    from common.settings import create_sqlite_store
+def test_models_lists_every_registered_model(tmp_path, monkeypatch, capsys):
+    """Two registered models in the home's store: `models` lists both with their versions, `--dataset`
+    and `--model-name` one of them. In this process (the command's own code, not its start-up, is
+    what this is about)."""
+    from flows.cli import main
+    from stores import home_with_store
 
-    uri = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
-    create_sqlite_store(uri, str(tmp_path / "home" / "mlartifacts"))
+    home_with_store(tmp_path / "home")
     c = _store(tmp_path)
     exp = c.create_experiment("registered", artifact_location=(tmp_path / "artifacts").as_uri())
     for name, versions in (("mnist-mlp", 2), ("fashion-mnist-mlp", 1)):
@@ -46,22 +50,29 @@ def test_models_lists_every_registered_model(tmp_path):
             run = c.create_run(exp)
             c.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
                                    tags={"promotion": "rejected"})
+    for key in EMBEDDED:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MNISTOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
 
     def models(*args: str) -> str:
-        r = subprocess.run([sys.executable, "-m", "flows.cli", "models", *args], env=_env(tmp_path), cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == EXIT_OK, r.stderr
-        return r.stdout
+        assert main(["models", *args]) == EXIT_OK, capsys.readouterr().err
+        return capsys.readouterr().out
 
-    listed = models()
-    assert "fashion-mnist-mlp: bound to" in listed and "mnist-mlp: bound to" in listed
-    assert listed.index("fashion-mnist-mlp:") < listed.index("\nmnist-mlp:")  # by name
-    rows = [line.split() for line in listed.splitlines() if line.strip()[:1].isdigit()]
-    assert sorted(r[0] for r in rows) == ["1", "1", "2"], listed
-    only = models("--dataset", "fashion-mnist")
-    assert "fashion-mnist-mlp: bound to" in only and "\nmnist-mlp:" not in only and not only.startswith("mnist-mlp")
-    assert models("--model-name", "mnist-mlp").startswith("mnist-mlp: bound to")
-    assert "no registered model 'cifar-mlp'" in models("--model-name", "cifar-mlp")
+    try:
+        listed = models()
+        assert "fashion-mnist-mlp: bound to" in listed and "mnist-mlp: bound to" in listed
+        assert listed.index("fashion-mnist-mlp:") < listed.index("\nmnist-mlp:")  # by name
+        rows = [line.split() for line in listed.splitlines() if line.strip()[:1].isdigit()]
+        assert sorted(r[0] for r in rows) == ["1", "1", "2"], listed
+        only = models("--dataset", "fashion-mnist")
+        assert "fashion-mnist-mlp: bound to" in only and "\nmnist-mlp:" not in only and not only.startswith("mnist-mlp")
+        assert models("--model-name", "mnist-mlp").startswith("mnist-mlp: bound to")
+        assert "no registered model 'cifar-mlp'" in models("--model-name", "cifar-mlp")
+    finally:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # the command set this home's store for the process
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
@@ -77,11 +88,14 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_a_fashion_training_is_recorded_as_one_and_resumed_as_one(tmp_path, fashion_source, mnist_source):
+def test_a_fashion_training_is_recorded_as_one_and_resumed_as_one(tmp_path, fashion_source, mnist_source, prefect_env):
     """A Fashion-MNIST `train` (3 epochs of 49 steps) killed after its first epoch: its run is in the
     experiment fashion-mnist-mlp, named after the dataset. `run --resume` with MNIST's source in the environment
     and no --dataset continues it as Fashion-MNIST (its own cache and source), into the same run, and
     registers it as fashion-mnist-mlp."""
+    from stores import home_with_store
+
+    home_with_store(tmp_path / "home")  # a new home's first store is not what this is about
     train = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "train", "--dataset", "fashion-mnist", "--epochs", "3",
          "--batch-size", "1024"],
@@ -101,7 +115,8 @@ def test_a_fashion_training_is_recorded_as_one_and_resumed_as_one(tmp_path, fash
     assert killed.info.run_name.startswith("fashion-mnist-mlp50-")
 
     r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--resume", "--no-inference", "--threshold", "0.5"],
-                       env=_env(tmp_path, MNISTOPS_DATA_SOURCE=str(mnist_source)), cwd=tmp_path,
+                       env=_env(tmp_path, MNISTOPS_DATA_SOURCE=str(mnist_source), PREFECT_API_URL=prefect_env),
+                       cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode in (EXIT_OK, EXIT_REJECTED), r.stdout + r.stderr
     assert f"resuming training {ckpt.parent.name} (fashion-mnist)" in r.stdout
