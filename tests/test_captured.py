@@ -4,8 +4,9 @@ plugged into the one training loop (nn_core.train.run_epoch) as its `full_batch`
 On the CPU: the loop against a full-batch step that handles memory as a graphed one does (its inputs
 copied into tensors of one shape, its outputs the same tensors every call, overwritten by the next),
 which must train exactly as the eager loop. That checks the loop's side of the plug, not a CUDA graph.
-The graphs themselves run only on a CUDA machine: the tests marked `cuda` below (skipped without one;
-none has run them yet) and `make gpu-check`, which trains one GPU both ways."""
+A real graph needs a CUDA machine, and none has run one yet: the tests marked `cuda` below are skipped
+without one, and `make gpu-check` (bench/gpu_check.py, which would train one GPU both ways and compare)
+has not been run on a GPU either."""
 
 from __future__ import annotations
 

@@ -124,26 +124,21 @@ def _check_prefect(api_url: str) -> None:
             assert client.read_flow(run.flow_id).name == "infra-smoke"
 
 
-def test_servers_answer_and_stop(tmp_path):
+def test_servers_answer_and_stop_also_when_the_body_raises(tmp_path):
+    """Each server stops in the `finally` of its context manager, one path whether its body ended or
+    raised: here the MLflow and Prefect servers (servers._server_process) are left by an exception,
+    PostgreSQL by its body's normal end, and every process of the three is gone afterwards. (Two tests
+    did this before, each booting PostgreSQL and MLflow again for the other way out of the same
+    `finally`.)"""
     with postgres_server(tmp_path) as dsn:
-        with mlflow_server(f"{dsn}/mlflow", tmp_path / "artifacts") as mlflow_url, \
-             prefect_server(f"{dsn}/prefect") as prefect_url:
-            assert all(u.startswith("http://127.0.0.1:") for u in (mlflow_url, prefect_url))
-            procs = _server_processes(_port(dsn), _port(mlflow_url), _port(prefect_url))
-            _check_mlflow(mlflow_url, tmp_path)
-            _check_prefect(prefect_url)
-            # The artifact landed in the server's local destination, not in the client's folder.
-            assert list((tmp_path / "artifacts").rglob("MLmodel"))
-    _assert_all_gone(procs)
-
-
-def test_servers_stop_when_the_body_raises(tmp_path):
-    """The HTTP servers stop through one path (servers._server_process), so the MLflow server stands
-    for the Prefect one here: the ~20 s of a second Prefect boot would check the same lines."""
-    procs = []
-    with pytest.raises(RuntimeError, match="boom"):
-        with postgres_server(tmp_path, databases=("mlflow",)) as dsn:
-            with mlflow_server(f"{dsn}/mlflow", tmp_path / "artifacts") as mlflow_url:
-                procs = _server_processes(_port(dsn), _port(mlflow_url))
+        with pytest.raises(RuntimeError, match="boom"):
+            with mlflow_server(f"{dsn}/mlflow", tmp_path / "artifacts") as mlflow_url, \
+                 prefect_server(f"{dsn}/prefect") as prefect_url:
+                assert all(u.startswith("http://127.0.0.1:") for u in (mlflow_url, prefect_url))
+                procs = _server_processes(_port(dsn), _port(mlflow_url), _port(prefect_url))
+                _check_mlflow(mlflow_url, tmp_path)
+                _check_prefect(prefect_url)
+                # The artifact landed in the server's local destination, not in the client's folder.
+                assert list((tmp_path / "artifacts").rglob("MLmodel"))
                 raise RuntimeError("boom")
     _assert_all_gone(procs)

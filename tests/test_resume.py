@@ -21,12 +21,14 @@ from nn_core.tracking import ResumeError
 from nn_core.train import TrackingConfig, TrainConfig, TrainJob, train
 
 
-@pytest.fixture
-def caches(tmp_path):
-    a = synthetic_dataset(tmp_path / "a", n_train=600, n_test=100, seed=0)
-    b = synthetic_dataset(tmp_path / "b", n_train=600, n_test=100, seed=1)
-    return (prepare(a, str(tmp_path / "a"), tmp_path / "data-a").cache_path,
-            prepare(b, str(tmp_path / "b"), tmp_path / "data-b").cache_path)
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """Two datasets (different digests), made once for the module: the tests only read them."""
+    root = tmp_path_factory.mktemp("resume-data")
+    a = synthetic_dataset(root / "a", n_train=600, n_test=100, seed=0)
+    b = synthetic_dataset(root / "b", n_train=600, n_test=100, seed=1)
+    return (prepare(a, str(root / "a"), root / "data-a").cache_path,
+            prepare(b, str(root / "b"), root / "data-b").cache_path)
 
 
 def _job(cache, out: Path, tid: str, hidden=(8,), **train_cfg) -> TrainJob:
