@@ -10,7 +10,7 @@ import pytest
 
 from flows.cli import EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, build_parser, main
 from nn_core.tracking import redact_url
-from _h1_probe import run_probed
+from import_probe import run_probed
 
 COMMANDS = ["prepare-data", "train", "run", "models", "promote", "rollback", "ui", "infer", "sweep", "serve", "monitor"]
 

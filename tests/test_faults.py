@@ -193,11 +193,11 @@ def _corrupt_copy(mnist, data_dir: Path) -> Path:
 
 def test_mlflow_unreachable_during_training_loses_nothing(tmp_path, mnist, mnist_source):
     """`mnistops train` on a real MLflow server that goes away after the first logged epoch (every
-    connection to it cut, its port refusing: tests/_h2_relay.py) and answers again two epochs later:
+    connection to it cut, its port refusing: tests/cut_relay.py) and answers again two epochs later:
     the run trains on, says so, and logs the missed epochs late, each once. Its dataset cache starts
     corrupt, with the source at hand: it is rebuilt from the source before training (the other half
     of test_a_corrupted_dataset_cache_without_its_source_is_refused)."""
-    from _h2_relay import Relay
+    from cut_relay import Relay
     from servers import mlflow_server
     from stores import empty_store
 

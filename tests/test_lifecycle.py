@@ -24,7 +24,8 @@ from flows.cli import EXIT_REJECTED, EXIT_SIGTERM
 from nn_core import metrics as M
 from common.owner import Owner
 from nn_core.reaping import KILLED_REASON_TAG, OWNER_TAG
-from _h1_probe import run_probed
+from import_probe import run_probed
+from stores import migrated_prefect_home
 from waiting import wait_for
 
 pytestmark = [pytest.mark.slow]
@@ -40,6 +41,10 @@ def _env(tmp_path: Path, **extra) -> dict:
 
 
 def _start(tmp_path: Path, *args: str, **env) -> subprocess.Popen:
+    """A command in the home under `tmp_path`. Its temporary Prefect API finds the database migrated
+    (tests/stores.py): the first boot of a new home is test_two_commands_booting_a_new_home_at_once's."""
+    if args[0] != "ui" and not (tmp_path / "home" / "prefect.db").exists():
+        migrated_prefect_home(tmp_path / "home")
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=_env(tmp_path, **env), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

@@ -19,7 +19,7 @@ from needs import missing
 
 from common import idx
 from serving import drift
-from _h3_trained import digit_weights, train_images
+from trained_model import digit_weights, train_images
 from serving_fixtures import mlp_onnx, write_idx
 from stores import empty_store
 

@@ -26,7 +26,7 @@ from serving import drift
 from common.errors import DriftAlert
 from serving.images import mnist_pixels
 from serving.job import JobConfig, run_job
-from _h3_trained import digit_weights, read, train_images
+from trained_model import digit_weights, read, train_images
 from serving_fixtures import mlp_onnx, write_idx
 from stores import experiment_id
 

@@ -35,7 +35,7 @@ from serving_fixtures import (
     save_model,
     write_idx,
 )
-from _h3_trained import digit_weights
+from trained_model import digit_weights
 from stores import experiment_id
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The batch job and its inbox on an object store: `python -m serving` against the loopback S3 server
 (tests/s3_server.py), through the standard AWS settings only; what a command reports without needing
 a process of its own (its one error line for a bad store) through its main in this process
-(tests/_h3_inproc.py). Workers with homes of their own sharing one bucket inbox: tests/test_k8s_scoring.py."""
+(tests/serving_main.py). Workers with homes of their own sharing one bucket inbox: tests/test_k8s_scoring.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from _h3_inproc import serving_main
+from serving_main import serving_main
 from s3_server import S3Server, s3  # noqa: F401 (the fixture)
 from serving_fixtures import digits, save_model, write_idx
 

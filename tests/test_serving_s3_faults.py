@@ -4,7 +4,7 @@ multipart upload, through a TCP proxy process that is SIGKILLed. Each: one line 
 exit 1, nothing at the destination, and a ledger from which a rerun scores the input exactly once.
 The job killed mid-upload and the first refusal are real processes (`mnistops infer`, `python -m
 serving`); the other runs of the command line, each with a user's keys, run its main in this
-process (tests/_h3_inproc.py): one error line and exit code each, as a process reports them."""
+process (tests/serving_main.py): one error line and exit code each, as a process reports them."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import boto3
 import numpy as np
 import pytest
 
-from _h3_inproc import serving_main
+from serving_main import serving_main
 from s3_server import CREDENTIALS, S3Server, s3, start_server, stop_server  # noqa: F401 (the fixture)
 from serving_fixtures import digits, save_model
 
