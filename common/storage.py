@@ -75,13 +75,31 @@ def shown(location: str | os.PathLike) -> str:
     return redact_url(s) if is_url(s) else s
 
 
+# The filesystems this process made, by (process, store, bucket or host, the store's environment).
+_filesystems: dict[tuple, Any] = {}
+_CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCE_", "AZURE_", "FSSPEC_")
+
+
 def filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path in it) for `url`. A fresh instance each time: listings must be fresh
-    (an inbox is listed again on every run) and s3fs instances are not fork-safe."""
+    """(fsspec filesystem, path in it) for `url`. One instance per store and bucket in a process:
+    making an s3fs filesystem makes a botocore session (~0.3 s of CPU, more than scoring an input),
+    and a bucket inbox asks for one per object it lists, reads or records. A new one is made in a new
+    process (s3fs instances are not fork-safe) and when the store's environment changes (other
+    credentials, another endpoint). Listings are never cached: an inbox is listed afresh on every run."""
     import fsspec
 
+    parts = urlsplit(str(url))
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CREDENTIAL_PREFIXES)))
+    key = (os.getpid(), parts.scheme, parts.netloc, env)
     try:
-        return fsspec.core.url_to_fs(url, skip_instance_cache=True)
+        fs = _filesystems.get(key)
+        if fs is None:
+            fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, use_listings_cache=False)
+            if len(_filesystems) >= 16:
+                _filesystems.clear()
+            _filesystems[key] = fs
+            return fs, path
+        return fs, fsspec.core.strip_protocol(url)
     except ImportError as e:  # the store's package is missing: e.g. s3fs for s3://
         raise StoreError(f"{shown(url)}: no support for this kind of URL installed ({e}); "
                          "install mnistops[object-store]") from e
