@@ -82,16 +82,24 @@ def empty_store(db: Path, artifact_root: Path) -> str:
     return f"sqlite:///{db}"
 
 
+def migrated_prefect_db(db: Path) -> str:
+    """A migrated Prefect SQLite database at `db` (which must not exist), for a Prefect server of a
+    test's own; returns its connection URL."""
+    db = Path(db).resolve()
+    if db.exists():
+        raise FileExistsError(f"{db}: a Prefect database is there already")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_template("prefect.db", _make_prefect_db), db)
+    return f"sqlite+aiosqlite:///{db}"
+
+
 def migrated_prefect_home(home: Path) -> Path:
     """A MNISTOPS_HOME whose temporary Prefect API's database is migrated already (as after a first
     command there): a command's API boots there without migrating. Returns `home`."""
     from flows.prefect_api import MIGRATED
 
     home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
-    if (home / "prefect.db").exists():
-        raise FileExistsError(f"{home / 'prefect.db'}: a Prefect database is there already")
-    shutil.copyfile(_template("prefect.db", _make_prefect_db), home / "prefect.db")
+    migrated_prefect_db(home / "prefect.db")
     (home / MIGRATED).touch()
     return home
 

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from servers import QUIET_ENV, _venv_script, prefect_server
+from stores import migrated_prefect_db
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -98,7 +99,7 @@ def test_deployments_run_on_a_process_work_pool(tmp_path, mnist, mnist_source):
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("PREFECT_", "MLFLOW_", "MNISTOPS_"))}
     base.update(QUIET_ENV)
-    with prefect_server(f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}", home=tmp_path / "prefect-server",
+    with prefect_server(migrated_prefect_db(tmp_path / "prefect.db"), home=tmp_path / "prefect-server",
                         log_path=tmp_path / "prefect-server.log") as api_url:
         cli_env = {**base, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / "prefect-cli")}
         # infra/README.md's commands, verbatim, from the repository root; the worker last.
