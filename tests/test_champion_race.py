@@ -25,6 +25,7 @@ from nn_core.distributed import ddp_context
 from nn_core.launch import TrainResult
 from nn_core.release import export_and_check, register
 from nn_core.train import TrackingConfig, TrainConfig, TrainJob, train
+from racers import racers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -109,21 +110,10 @@ def test_promotions_race_on_one_store(home, versions, mnist, tmp_path, prefect_s
     # stands in for it: booting one more is not what this is about).
     api = prefect_server_url
     temporary = {"PREFECT_API_URL": api, "MNISTOPS_TEMPORARY_PREFECT_API": api}
-    logs = [open(tmp_path / f"racer-{i}.log", "wb") for i in range(RACERS)]  # noqa: SIM115
-    procs = [subprocess.Popen(
-        [sys.executable, str(TESTS / "promote_racer.py"), str(tmp_path), str(i), str(ROUNDS),
-         "--threshold", "0.5"],
-        env=_env(home, mnist, **(temporary if i < 2 else {})), stdout=logs[i], stderr=subprocess.STDOUT)
-        for i in range(RACERS)]
-    try:
+    args = [[str(tmp_path), str(i), str(ROUNDS), "--threshold", "0.5"] for i in range(RACERS)]
+    envs = [_env(home, mnist, **(temporary if i < 2 else {})) for i in range(RACERS)]
+    with racers(tmp_path, args, envs) as procs:
         _run_rounds(procs, versions, tmp_path)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for f in logs:
-            f.close()
 
 
 def _logs(folder: Path) -> str:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +18,7 @@ import pytest
 from common.errors import EXIT_ERROR, EXIT_NO_ROLLBACK, EXIT_OK
 from nn_core import registry, rollback, tracking
 from nn_core.rollback import Change, Decided
+from racers import racers
 
 NAME = "mnist-mlp"
 TESTS = Path(__file__).resolve().parent
@@ -294,10 +293,7 @@ def test_rollbacks_racing_promotions(home, candidate, tmp_path, capsys):
     extra = _new_version(candidate)
     for v in ("1", "2", "3"):
         _promote(capsys, v)
-    logs = [open(tmp_path / f"racer-{i}.log", "wb") for i in range(2)]  # noqa: SIM115
-    procs = [subprocess.Popen([sys.executable, str(TESTS / "promote_racer.py"), str(tmp_path), str(i), "2"],
-                              env=_env(home), stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
-    try:
+    with racers(tmp_path, [[str(tmp_path), str(i), "2"] for i in range(2)], [_env(home)] * 2) as procs:
         deadline = time.monotonic() + 300
         while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
@@ -311,10 +307,3 @@ def test_rollbacks_racing_promotions(home, candidate, tmp_path, capsys):
         codes = _round(tmp_path, 1, [["rollback"], ["rollback"]], procs)
         assert codes == [0, 0]
         assert _agree() == stack[-3]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for f in logs:
-            f.close()
