@@ -46,7 +46,12 @@ class IntegrityError(DataError):
 
 
 class SourceUnavailableError(DataError):
-    """The source could not be reached or lacks a file (network, missing folder). May be retried."""
+    """The source could not be reached or read (network, a mirror down, a read error). May be retried."""
+
+
+class SourceMissingError(DataError):
+    """The source was reached but lacks the folder or a file: the source is named wrong or incomplete,
+    which no retry fixes (a run on an empty folder failed after 22 s of retries before)."""
 
 
 @dataclass(frozen=True)
@@ -192,17 +197,17 @@ def _find_in_store(prefix: str, spec: FileSpec, dest: Path) -> Path:
                 return storage.fetch(url, dest / name)
     except storage.StoreError as e:
         raise SourceUnavailableError(f"data source: {e}") from e
-    raise SourceUnavailableError(f"{storage.shown(prefix)}/{spec.filename}(.gz): missing; expected it under "
+    raise SourceMissingError(f"{storage.shown(prefix)}/{spec.filename}(.gz): missing; expected it under "
                                  "the data source prefix")
 
 
 def _find_local(folder: Path, spec: FileSpec) -> Path:
     if not folder.is_dir():
-        raise SourceUnavailableError(f"{folder}: data source folder does not exist")
+        raise SourceMissingError(f"{folder}: data source folder does not exist")
     for name in (spec.filename, spec.filename + ".gz"):
         if (folder / name).is_file():
             return folder / name
-    raise SourceUnavailableError(f"{folder / spec.filename}(.gz): missing; expected it in the data source folder")
+    raise SourceMissingError(f"{folder / spec.filename}(.gz): missing; expected it in the data source folder")
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.settings import QUIET as QUIET_DEFAULTS
+from environ import restore
 from needs import missing
 
 # Longest test files first under pytest-xdist (tests/schedule.py); `--store-durations` measures them.
@@ -166,8 +167,7 @@ def _environment_of_its_own():
     saved = dict(os.environ)
     yield
     if os.environ != saved:
-        os.environ.clear()
-        os.environ.update(saved)
+        restore(saved)
 
 
 @pytest.fixture

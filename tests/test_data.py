@@ -17,6 +17,7 @@ import torch
 from idx_files import raw_content, rewrite, synthetic_dataset
 from nn_core.data import (
     IntegrityError,
+    SourceMissingError,
     SourceUnavailableError,
     dataset_digest,
     load_splits,
@@ -120,9 +121,9 @@ def test_truncated_gzip_is_refused(tmp_path):
 def test_missing_file_and_missing_folder(tmp_path):
     spec = synthetic_dataset(tmp_path / "src")
     (tmp_path / "src" / (FILES[3] + ".gz")).unlink()
-    with pytest.raises(SourceUnavailableError, match=FILES[3]):
+    with pytest.raises(SourceMissingError, match=FILES[3]):
         prepare(spec, str(tmp_path / "src"), tmp_path / "data")
-    with pytest.raises(SourceUnavailableError, match="does not exist"):
+    with pytest.raises(SourceMissingError, match="does not exist"):
         prepare(spec, str(tmp_path / "nowhere"), tmp_path / "data")
 
 

@@ -26,6 +26,7 @@ from nn_core import registry, tracking
 from nn_core.config import DataConfig, GateConfig, TrainConfig
 from nn_core.release import logged_model_id
 from nn_core.sweep import SweepSpec
+from environ import restore
 from serving.config import JobConfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -45,8 +46,7 @@ def store(tmp_path_factory, mnist, prefect_api):
             mp.chdir(root)
             yield root
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        restore(saved)
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +306,20 @@ def test_corrupt_source_is_not_retried(prefect_api, tmp_path):
     first, last = "GET /train-images-idx3-ubyte.gz", "GET /t10k-labels-idx1-ubyte.gz"
     assert last in _Flaky.requested
     assert max(i for i, r in enumerate(_Flaky.requested) if r == first) < _Flaky.requested.index(last)
+
+
+def test_a_source_missing_its_files_is_not_retried(prefect_api, tmp_path):
+    from prefect import get_client
+
+    from flows.training import prepare_data
+
+    (tmp_path / "empty").mkdir()
+    for source, says in ((tmp_path / "empty", "missing; expected it in the data source folder"),
+                         (tmp_path / "nowhere", "data source folder does not exist")):
+        state = prepare_data(DataConfig("mnist", str(source), str(tmp_path / "d")), return_state=True)
+        assert state.is_failed() and says in str(state.message)
+        with get_client(sync_client=True) as client:  # one attempt, not the 3 retries of an unreachable source
+            assert client.read_task_run(state.state_details.task_run_id).run_count == 1
 
 
 def test_a_flow_output_is_a_folder_unless_it_names_a_predictions_file(tmp_path):

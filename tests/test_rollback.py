@@ -18,6 +18,7 @@ import pytest
 from common.errors import EXIT_ERROR, EXIT_NO_ROLLBACK, EXIT_OK
 from nn_core import registry, rollback, tracking
 from nn_core.rollback import Change, Decided
+from environ import restore
 from racers import racers
 
 NAME = "mnist-mlp"
@@ -73,8 +74,7 @@ def home(tmp_path_factory, mnist):
     mlflow.set_tracking_uri(uri)
     yield home
     mlflow.set_tracking_uri(None)
-    os.environ.clear()
-    os.environ.update(saved)
+    restore(saved)
 
 
 @pytest.fixture(scope="module")
