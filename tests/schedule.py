@@ -30,6 +30,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help=f"write each test file's time (setup, call and teardown) to {DURATIONS.name}")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist sorts the files again, by their number of tests (a file of one 80-second test went
+    # last), unless told not to: the order here is the one it keeps.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def _file(nodeid: str) -> str:
     return nodeid.split("::", 1)[0]
 
