@@ -51,7 +51,7 @@ class PipelineResult:
 
 
 def _retry_on_network_errors(task, task_run, state) -> bool:
-    """Retry only what a retry can fix: an unreachable source, not a corrupt file."""
+    """Retry only what a retry can fix: an unreachable source, not a corrupt file or a missing one."""
     try:
         state.result()
     except SourceUnavailableError:

@@ -198,7 +198,7 @@ def _find_in_store(prefix: str, spec: FileSpec, dest: Path) -> Path:
     except storage.StoreError as e:
         raise SourceUnavailableError(f"data source: {e}") from e
     raise SourceMissingError(f"{storage.shown(prefix)}/{spec.filename}(.gz): missing; expected it under "
-                                 "the data source prefix")
+                             "the data source prefix")
 
 
 def _find_local(folder: Path, spec: FileSpec) -> Path:
