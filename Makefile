@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# gpu: onnxruntime-gpu with its CUDA/cuDNN extras; torch's CUDA build already brings those
 	# libraries, so it adds only the runtime's own wheel. Never `serving` beside it (pyproject.toml).
 	# Installed by uv, from the indexes, wheel folders and constraints pip is configured with
-	# (infra/scripts/uv_install.py): 36 s here against pip's 81 s with its bytecode.
+	# (infra/scripts/uv_install.py says why and what it saves).
 	$(PY) infra/scripts/uv_install.py $(PY) -e '.[train,gpu,test]'
 	touch $@
 

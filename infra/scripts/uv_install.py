@@ -32,10 +32,14 @@ def pip_settings(python: str) -> dict[str, str]:
     for line in listed.splitlines():
         key, sep, value = line.partition("=")
         section, _, name = key.rpartition(".")
-        if sep and name in NAMES:
+        if sep:
             found[(section, name)] = value.strip().strip("'\"")
-    return {name: next(found[(s, name)] for s in SECTIONS if (s, name) in found)
-            for name in NAMES if any((s, name) in found for s in SECTIONS)}
+    settings = {}
+    for name in NAMES:
+        values = [found[(s, name)] for s in SECTIONS if (s, name) in found]
+        if values:
+            settings[name] = values[0]  # the first in pip's precedence
+    return settings
 
 
 def uv_command(python: str, settings: dict[str, str], requirements: list[str]) -> list[str]:
@@ -49,12 +53,20 @@ def uv_command(python: str, settings: dict[str, str], requirements: list[str]) -
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print("uv_install: usage: uv_install.py VENV_PYTHON REQUIREMENT...", file=sys.stderr)
+        return 2
     python, *requirements = argv
-    settings = pip_settings(python)
-    env = dict(os.environ)
-    if "cert" in settings:  # the CA bundle pip trusts (a proxy's), for uv's downloads too
-        env.setdefault("SSL_CERT_FILE", settings["cert"])
-    return subprocess.run(uv_command(python, settings, requirements), env=env).returncode
+    try:
+        settings = pip_settings(python)
+        env = dict(os.environ)
+        if "cert" in settings:  # the CA bundle pip trusts (a proxy's), for uv's downloads too
+            env.setdefault("SSL_CERT_FILE", settings["cert"])
+        return subprocess.run(uv_command(python, settings, requirements), env=env).returncode
+    except (OSError, subprocess.CalledProcessError) as e:  # no such interpreter, no pip or uv in it
+        print(f"uv_install: {python}: cannot read pip's settings or run uv ({e}); expected a venv's python "
+              "with pip and uv installed", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
