@@ -29,6 +29,12 @@ class InputError(ServingError, ValueError):
     count that does not match. The message names the file or record index."""
 
 
+class InputChanged(InputError):
+    """An input whose bytes changed while it was scored: what was read is not the content it was
+    claimed under (an inbox's ledger keys by content). Nothing was written; it is not recorded as bad,
+    since its content was never shown bad: the next run scores it as it is then."""
+
+
 class OutputError(ServingError, ValueError):
     """An output that would clobber something: an input, an existing file without --overwrite, or a
     path whose parent is a file."""

@@ -31,7 +31,9 @@ mechanism on a local folder and in a bucket, with no lock server and no shared f
   hold its inputs for the lease's length). Expiry is judged by the clocks of the workers, which must
   agree to well within the lease.
 - the record `D.json` is created conditionally, only after the output and its manifest are at
-  their destination: one record per input content, ever, whoever scored it.
+  their destination: one record per input content, ever, whoever scored it. The job checks that the
+  bytes it scored are D's: an entry rewritten after its digest was taken gets no output and no
+  record (it is reported as failed), and the next run scores its new content.
 So: **exactly once** - the ledger record of an input, and the input's appearance in one run's
 `scored` list where the record was written; **at least once** - the scoring itself and the writing of
 its output: a worker that dies (or stalls past its lease) after writing the output but before the
@@ -71,8 +73,8 @@ from pathlib import Path
 from typing import Any
 
 from common import idx, storage
-from common.errors import DriftAlert, InputError, OutputError
-from serving.job import JobConfig, JobResult, LoadedModel, load_model, run_job
+from common.errors import DriftAlert, InputChanged, InputError, OutputError
+from serving.job import Expected, JobConfig, JobResult, LoadedModel, load_model, run_job
 from serving.readers import content_digest
 from serving.writers import manifest_path
 
@@ -422,6 +424,16 @@ def _readable(e: _Entry, spool: Path, result: InboxResult) -> bool:
     return True
 
 
+def _expected(e: _Entry, digest: str) -> Expected:
+    """What the job must find in the entry: `digest`'s content. A settled local file is vouched for
+    by its identity, unchanged from the listing to the end of its scoring (a write moves its change
+    time, a replacement its inode), instead of by hashing its bytes a second time; anything else
+    (a folder, a file written within SETTLED_S, a bucket object's copy) is hashed again as it is read."""
+    if e.identity is None or storage.is_url(e.source):
+        return Expected(digest)
+    return Expected(digest, unchanged=lambda: _identity(e.path) == e.identity)
+
+
 def _score_claimed(s: _Scoring, e: _Entry, digest: str) -> None:
     """One input this worker holds the lease on: skipped when it was scored, recovered when a killed
     job had finished its output, else scored (or recorded as failed)."""
@@ -445,7 +457,11 @@ def _score_claimed(s: _Scoring, e: _Entry, digest: str) -> None:
         if s.loaded is None:
             s.loaded = load_model(s.job)
         res = run_job(dataclasses.replace(s.job, input=e.path, output=output), s.loaded,
-                      source=e.source if storage.is_url(e.source) else None)
+                      source=e.source if storage.is_url(e.source) else None, expect=_expected(e, digest))
+    except InputChanged as err:  # rewritten since its digest: claimed under content it no longer has
+        s.result.failed.append({"input": e.name, "sha256": digest, "error": str(err)})
+        log.warning("inbox: %s; the next run scores it as it is then", err)
+        return
     except InputError as err:
         failed = {"sha256": digest, "input": e.name, "status": "failed", "error": str(err), "finished": _now(),
                   "history": history}

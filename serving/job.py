@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ from serving import drift, feedback, monitor
 from serving.config import JobConfig
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
 from common import storage
-from common.errors import DriftAlert, InputError, OutputError
+from common.errors import DriftAlert, InputChanged, InputError, OutputError
 from common.experiments import ensure_experiment, run_context_tags
 from common.owner import KILLED_REASON_TAG, OWNER_TAG, owner_id
 from serving.model_source import ModelRef, is_remote, resolve_model
@@ -449,17 +449,34 @@ class _Shown:
     output: str | None = None
 
 
+@dataclass(frozen=True)
+class Expected:
+    """The content an input must have: an inbox claimed it under its SHA-256 `digest`. `unchanged`,
+    when given, vouches for a file without hashing it a second time: asked once the file is read, it
+    tells whether the file is still the one `digest` was taken of (serving.inbox compares its
+    identity: inode, size, modification and change times)."""
+
+    digest: str
+    unchanged: Callable[[], bool] | None = None
+
+
 def _write_outputs(cfg: JobConfig, loaded: LoadedModel, reader: ImageReader, labels: LabelReader | None,
-                   tracking: _Tracking | None, started: dt.datetime, shown: _Shown) -> JobResult:
+                   tracking: _Tracking | None, started: dt.datetime, shown: _Shown,
+                   expect: Expected | None) -> JobResult:
     """Predict into the output's temp file and write the manifest beside it, both complete on disk
-    before either is renamed into place."""
+    before either is renamed into place (and neither, when the input read is not what `expect` says)."""
     monitor = drift.DriftMonitor(loaded.reference, loaded.reference_source or "") if loaded.reference else None
     cols = Columns(pa.string() if reader.id_kind == "file" else pa.int64(), ood_score=monitor is not None,
                    labels=labels is not None, all_probabilities=cfg.all_probabilities)
     t0 = time.perf_counter()
     with PredictionWriter(cfg.output, cfg.output_format(), cols) as writer:
         counts = _predict_chunks(loaded.session, reader, labels, writer, cfg, loaded.streams, monitor)
-        input_digest = reader.digest()
+        input_digest = reader.digest()  # None: read without hashing, `expect` vouches for it
+        if expect is not None:
+            if not (expect.unchanged() if input_digest is None else input_digest == expect.digest):
+                raise InputChanged(f"{shown.input or cfg.input}: changed while it was scored (claimed as sha256 "
+                                   f"{expect.digest[:12]}...); nothing written")
+            input_digest = expect.digest
         writer.close()
         seconds = time.perf_counter() - t0
         result = JobResult(
@@ -485,25 +502,28 @@ def _write_outputs(cfg: JobConfig, loaded: LoadedModel, reader: ImageReader, lab
     return result
 
 
-def run_job(cfg: JobConfig, loaded: LoadedModel | None = None, *, source: str | None = None) -> JobResult:
+def run_job(cfg: JobConfig, loaded: LoadedModel | None = None, *, source: str | None = None,
+            expect: Expected | None = None) -> JobResult:
     """Read -> predict -> write. On any error nothing is left at `cfg.output` or beside it (an
     existing output of an earlier job stays as it was). With `fail_on_drift`, a drift alert raises
     DriftAlert after the output and its manifest are in place (they are the evidence). Input,
     labels and output may be URLs (common.storage); `source` names a local input's origin (an inbox
-    entry copied from a bucket) in the manifest."""
+    entry copied from a bucket) in the manifest. `expect`: the content the input must have (an inbox
+    claimed it under its digest); InputChanged, with nothing written, when it was not what was read."""
     if any(storage.is_url(x) for x in (cfg.input, cfg.labels, cfg.output)):
-        result = _run_at_urls(cfg, loaded, source)
+        result = _run_at_urls(cfg, loaded, source, expect)
     else:
-        result = _run_local(cfg, loaded, _Shown(input=source))
+        result = _run_local(cfg, loaded, _Shown(input=source), expect)
     return dataclasses.replace(result, input_path=source) if source else result
 
 
-def _run_local(cfg: JobConfig, loaded: LoadedModel | None, shown: _Shown) -> JobResult:
+def _run_local(cfg: JobConfig, loaded: LoadedModel | None, shown: _Shown, expect: Expected | None = None) -> JobResult:
     wall0 = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc)
     cfg = _check(cfg)
     # Input first: bad input fails in milliseconds, before any model download or MLflow run.
-    reader = open_images(cfg.input, on_error=cfg.on_error, workers=cfg.decode_workers)
+    reader = open_images(cfg.input, on_error=cfg.on_error, workers=cfg.decode_workers,
+                         hashed=expect is None or expect.unchanged is None)
     labels = _labels_for(cfg, reader)
     tracking: _Tracking | None = None
     try:
@@ -517,7 +537,7 @@ def _run_local(cfg: JobConfig, loaded: LoadedModel | None, shown: _Shown) -> Job
             feedback.record_job(cfg, loaded.ref, tracking.client, tracking.run_id, shown.input or str(cfg.input))
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(cfg.output)
-        result = _write_outputs(cfg, loaded, reader, labels, tracking, started, shown)
+        result = _write_outputs(cfg, loaded, reader, labels, tracking, started, shown, expect)
         if tracking is not None:
             result = dataclasses.replace(result, monitor_run_id=tracking.finish(result, result.manifest))
     except BaseException as e:
@@ -552,7 +572,8 @@ def _check_url_output(cfg: JobConfig) -> None:
                 raise OutputError(f"{storage.shown(p)}: already exists; pass --overwrite to replace it")
 
 
-def _run_at_urls(cfg: JobConfig, loaded: LoadedModel | None, source: str | None) -> JobResult:
+def _run_at_urls(cfg: JobConfig, loaded: LoadedModel | None, source: str | None,
+                 expect: Expected | None) -> JobResult:
     """The job with URLs: inputs copied to a private temporary folder in blocks, the outputs written
     there and uploaded when complete (the output first, then its manifest: a manifest at the
     destination means its output is there)."""
@@ -573,7 +594,7 @@ def _run_at_urls(cfg: JobConfig, loaded: LoadedModel | None, source: str | None)
         job = dataclasses.replace(cfg, input=here(cfg.input, "input"), labels=here(cfg.labels, "labels"),
                                   output=local / "output" / out_url.rsplit("/", 1)[-1] if out_url else cfg.output)
         try:
-            result = _run_local(job, loaded, shown)
+            result = _run_local(job, loaded, shown, expect)
         except DriftAlert as alert:  # the outputs are written: they go to their destination too
             if out_url:
                 _upload(alert.result, out_url)
@@ -590,4 +611,4 @@ def _upload(result: JobResult, out_url: str) -> None:
     storage.upload(Path(result.manifest), out_url + ".manifest.json")
 
 
-__all__ = ["EXPERIMENT", "InputError", "JobConfig", "JobResult", "LoadedModel", "load_model", "read_ahead", "run_job"]
+__all__ = ["EXPERIMENT", "Expected", "InputError", "JobConfig", "JobResult", "LoadedModel", "load_model", "read_ahead", "run_job"]

@@ -76,14 +76,16 @@ class Chunk:
 
 class ImageReader(ABC):
     """One input. `count` is the number of records before skipping; `digest()` is the SHA-256 of the
-    input file(s) and is complete once `chunks()` has run to the end."""
+    input file(s) and is complete once `chunks()` has run to the end. A file opened with
+    `hashed=False` is read without hashing (its caller knows the digest and that the file did not
+    change; see serving.inbox): `digest()` is then None."""
 
     kind: str = ""
     id_kind: Literal["index", "file"] = "index"
     labels_csv: Path | None = None  # a folder's own labels file
     labels: np.ndarray | None = None  # its labels, one per record
 
-    def __init__(self, path: Path, count: int, on_error: OnError):
+    def __init__(self, path: Path, count: int, on_error: OnError, hashed: bool = True):
         if count == 0:
             raise InputError(f"{path}: empty input (0 images)")
         self.path = path
@@ -91,22 +93,23 @@ class ImageReader(ABC):
         self.on_error = on_error
         self.skipped: list[Skipped] = []
         self.details: dict[str, object] = {}
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if hashed else None
         self._done = False
 
     @abstractmethod
     def chunks(self, batch_size: int) -> Iterator[Chunk]: ...
 
-    def digest(self) -> str:
+    def digest(self) -> str | None:
         if not self._done:
             raise RuntimeError(f"{self.path}: digest asked for before the whole input was read")
-        return self._hash.hexdigest()
+        return self._hash.hexdigest() if self._hash is not None else None
 
 
 class _HashingReader(io.RawIOBase):
-    """A raw file that feeds every byte read through a hash; gzip reads its compressed bytes via this."""
+    """A raw file that feeds every byte read through a hash (none: h is None); gzip reads its
+    compressed bytes via this."""
 
-    def __init__(self, raw: BinaryIO, h: "hashlib._Hash"):
+    def __init__(self, raw: BinaryIO, h: "hashlib._Hash | None"):
         self._raw, self._h = raw, h
 
     def readable(self) -> bool:
@@ -114,13 +117,13 @@ class _HashingReader(io.RawIOBase):
 
     def readinto(self, b) -> int:  # type: ignore[override]
         n = self._raw.readinto(b)
-        if n:
+        if n and self._h is not None:
             self._h.update(memoryview(b)[:n])
         return n
 
     def drain(self) -> None:
         """Hash the rest of the file (e.g. what follows the gzip stream), so the digest is the file's."""
-        while self._raw.read(_BLOCK):
+        while self._h is not None and self._raw.read(_BLOCK):
             pass
 
     def close(self) -> None:
@@ -139,7 +142,7 @@ def _read_into(f: BinaryIO, buf: memoryview) -> int:
     return got
 
 
-def _open_hashed(path: Path, h: "hashlib._Hash") -> tuple[BinaryIO, _HashingReader]:
+def _open_hashed(path: Path, h: "hashlib._Hash | None") -> tuple[BinaryIO, _HashingReader]:
     raw = _HashingReader(open_nofollow(path), h)
     return (gzip.GzipFile(fileobj=raw, mode="rb") if idx.is_gzip(path) else raw), raw  # type: ignore[return-value]
 
@@ -165,7 +168,7 @@ def _check_pixels(x: np.ndarray, start: int, path: Path, on_error: OnError) -> n
 class IdxReader(ImageReader):
     kind = "idx"
 
-    def __init__(self, path: Path, on_error: OnError = "fail"):
+    def __init__(self, path: Path, on_error: OnError = "fail", hashed: bool = True):
         self.gzipped = idx.is_gzip(path)
         opener = gzip.open if self.gzipped else open
         try:
@@ -186,7 +189,7 @@ class IdxReader(ImageReader):
                     f"{path}: {size} bytes, expected {expected} for {header.count} images of 28x28 "
                     f"(file {'truncated' if size < expected else 'padded'})"
                 )
-        super().__init__(path, header.count, on_error)
+        super().__init__(path, header.count, on_error, hashed)
         self.kind = "idx.gz" if self.gzipped else "idx"
 
     def chunks(self, batch_size: int) -> Iterator[Chunk]:
@@ -220,7 +223,7 @@ class IdxReader(ImageReader):
 class NpyReader(ImageReader):
     kind = "npy"
 
-    def __init__(self, path: Path, on_error: OnError = "fail"):
+    def __init__(self, path: Path, on_error: OnError = "fail", hashed: bool = True):
         try:
             mm = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
@@ -240,7 +243,7 @@ class NpyReader(ImageReader):
         # Otherwise only the header was needed: the map is dropped (and unmapped) here.
         self._mm = mm if (mm.flags.f_contiguous and not mm.flags.c_contiguous) else None
         del mm
-        super().__init__(path, shape[0], on_error)
+        super().__init__(path, shape[0], on_error, hashed)
         self.details["dtype"] = str(dtype)
         self._bad = np.empty(0, dtype=np.int64)
         self._scale = 1.0
@@ -250,21 +253,24 @@ class NpyReader(ImageReader):
         if self._mm is not None:
             for start in range(0, self.count, batch_size):
                 yield start, np.ascontiguousarray(self._mm[start : start + batch_size]).reshape(-1, PIXELS)
-            if hashed:
+            if hashed and self._hash is not None:
                 self._hash_file()
             return
-        h = self._hash if hashed else hashlib.sha256()
+        h = self._hash if hashed else None
         with open_nofollow(self.path) as f:
-            h.update(f.read(self.offset))
+            head = f.read(self.offset)
+            if h is not None:
+                h.update(head)
             for start in range(0, self.count, batch_size):
                 n = min(batch_size, self.count - start)
                 x = np.empty((n, PIXELS), dtype=self.dtype)
                 got = _read_into(f, memoryview(x).cast("B"))  # type: ignore[arg-type]
-                h.update(memoryview(x).cast("B")[:got])  # type: ignore[arg-type]
+                if h is not None:
+                    h.update(memoryview(x).cast("B")[:got])  # type: ignore[arg-type]
                 if got != x.nbytes:
                     raise InputError(f"{self.path}: file ends inside record {start + got // (x.nbytes // n)}")
                 yield start, x
-            while block := f.read(_BLOCK):
+            while h is not None and (block := f.read(_BLOCK)):
                 h.update(block)
 
     def _hash_file(self) -> None:
@@ -527,22 +533,25 @@ class FolderReader(ImageReader):
 # --- opening ------------------------------------------------------------------------------------
 
 
-def open_images(path: Path, *, on_error: OnError = "fail", workers: int | None = None) -> ImageReader:
-    """The reader for an input path: a folder, a `.npy` file, or an IDX file (gzipped or not)."""
+def open_images(path: Path, *, on_error: OnError = "fail", workers: int | None = None,
+                hashed: bool = True) -> ImageReader:
+    """The reader for an input path: a folder, a `.npy` file, or an IDX file (gzipped or not).
+    `hashed=False`: a file is read without hashing (ImageReader); a folder is always hashed (its
+    digest lists its files' digests)."""
     path = Path(path)
     if path.is_dir():
         return FolderReader(path, on_error, workers)
     if not path.is_file():
         raise InputError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".npy":
-        return NpyReader(path, on_error)
+        return NpyReader(path, on_error, hashed)
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
         raise InputError(f"{path}: unreadable ({e.strerror or e})") from e
     if head[:2] == idx.GZIP_MAGIC or head[:2] == b"\x00\x00":
-        return IdxReader(path, on_error)
+        return IdxReader(path, on_error, hashed)
     if not head:
         raise InputError(f"{path}: empty file")
     raise InputError(

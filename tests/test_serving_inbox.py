@@ -280,6 +280,38 @@ def test_an_input_deleted_after_the_listing_is_reported_and_the_others_scored(mo
     assert [f["input"] for f in r.failed] == ["a.npy"] and "unreadable" in r.failed[0]["error"]
 
 
+@pytest.mark.parametrize("settled", [False, True], ids=["hashed-again", "vouched-by-identity"])
+def test_an_input_rewritten_after_its_digest_gets_no_output_and_no_record(model, tmp_path: Path, monkeypatch,
+                                                                           settled: bool) -> None:
+    """Either way the job knows what it read: a file just written is hashed again as it is scored; a
+    settled one is not, and its identity (inode, size, times) must be the listing's once it is read."""
+    from serving import inbox as inbox_module
+
+    inbox, out = make_inbox(tmp_path), tmp_path / "out"
+    if settled:
+        monkeypatch.setattr(inbox_module, "SETTLED_S", 0.0)
+        os.utime(inbox / "a.npy", (time.time() - 60, time.time() - 60))  # a rewrite moves its mtime, whatever the tick
+    digest = inbox_module.content_digest
+
+    def digest_then_rewrite(path: Path) -> str:
+        d = digest(path)
+        if path.name == "a.npy":  # an uploader rewrites it in place between its digest and its scoring
+            np.save(path, digits(20, seed=42))
+        return d
+
+    monkeypatch.setattr(inbox_module, "content_digest", digest_then_rewrite)
+    r = run_inbox(inbox, out, cfg(model, inbox, out))
+    assert sorted(x.input_path.name for x in r.scored) == ["b-images-idx3-ubyte.gz", "scans"]
+    assert [f["input"] for f in r.failed] == ["a.npy"] and "changed while it was scored" in r.failed[0]["error"]
+    assert not [f for f in files(out) if f.startswith("a.npy")]  # no output, no manifest, no temp file
+    assert not (out / "ledger" / f"{r.failed[0]['sha256']}.json").exists()  # its old content is not recorded
+
+    monkeypatch.setattr(inbox_module, "content_digest", digest)
+    again = run_inbox(inbox, out, cfg(model, inbox, out))  # the new content, scored once
+    assert [x.input_path.name for x in again.scored] == ["a.npy"] and again.failed == []
+    assert again.scored[0].input_digest == digest(inbox / "a.npy")
+
+
 def test_worker_w_of_n_starts_at_its_share_of_the_inbox(model, tmp_path: Path) -> None:
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
