@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import settings
 from flows.drift_events import emit_alert
-from flows.fanout import FanOut, share_config, task_runner, usage_problem
+from flows.fanout import FanOut, local_worker_config, share_config, task_runner, usage_problem
 from flows.options import UsageError
 from flows.observability import link_mlflow_run, mlflow_context_tags, prefect_note
 from flows.ownership import untagged_task_runs
@@ -107,7 +107,9 @@ def _monitor_links(results: list[JobResult]) -> str:
 
 def _score_inbox(job: JobConfig, rescore: bool, fan: FanOut) -> tuple[dict, list[JobResult], InboxResult]:
     if fan.workers > 1:  # a subflow of its own: its task runner is Dask, this flow's stays the default
-        res = inbox_fan_out.with_options(task_runner=task_runner(fan))(share_config(job, fan), rescore, fan.workers)
+        with local_worker_config(fan):  # the runner starts a local cluster as the subflow begins
+            res = inbox_fan_out.with_options(task_runner=task_runner(fan))(share_config(job, fan), rescore,
+                                                                           fan.workers)
     else:
         res = inbox_job(job.input, job.output, job, rescore)
     extra = (f"\nalready scored: {len(res.already)}, in progress elsewhere: {len(res.busy)}, "
