@@ -611,4 +611,5 @@ def _upload(result: JobResult, out_url: str) -> None:
     storage.upload(Path(result.manifest), out_url + ".manifest.json")
 
 
-__all__ = ["EXPERIMENT", "Expected", "InputError", "JobConfig", "JobResult", "LoadedModel", "load_model", "read_ahead", "run_job"]
+__all__ = ["EXPERIMENT", "Expected", "InputError", "JobConfig", "JobResult", "LoadedModel", "load_model", "read_ahead",
+           "run_job"]
