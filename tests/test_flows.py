@@ -28,6 +28,7 @@ from nn_core.release import logged_model_id
 from nn_core.sweep import SweepSpec
 from environ import restore
 from serving.config import JobConfig
+from waiting import finished_task_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -319,7 +320,7 @@ def test_a_source_missing_its_files_is_not_retried(prefect_api, tmp_path):
         state = prepare_data(DataConfig("mnist", str(source), str(tmp_path / "d")), return_state=True)
         assert state.is_failed() and says in str(state.message)
         with get_client(sync_client=True) as client:  # one attempt, not the 3 retries of an unreachable source
-            assert client.read_task_run(state.state_details.task_run_id).run_count == 1
+            assert finished_task_run(client, state.state_details.task_run_id).run_count == 1
 
 
 def test_a_flow_output_is_a_folder_unless_it_names_a_predictions_file(tmp_path):

@@ -18,6 +18,7 @@ from nn_core.launch import TrainResult
 from nn_core.registry import GateConfig
 from nn_core.release import export_and_check, gate_and_record, register
 from nn_core.train import TrackingConfig, TrainConfig, TrainJob, train
+from waiting import finished_task_run
 
 pytestmark = [pytest.mark.slow]
 
@@ -132,5 +133,5 @@ def test_prefect_retries_the_gate_after_a_registry_error(registry_server, candid
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        task_run = client.read_task_run(task_state.state_details.task_run_id)
+        task_run = finished_task_run(client, task_state.state_details.task_run_id)
     assert task_run.run_count == 2  # failed once, retried once
