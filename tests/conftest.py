@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.settings import QUIET as QUIET_DEFAULTS
-from environ import restore
+from environ import let_go_of_prefect_api, restore
 from needs import missing
 
 # Longest test files first under pytest-xdist (tests/schedule.py); `--store-durations` measures them.
@@ -145,15 +145,11 @@ def prefect_env(shared_servers, monkeypatch) -> str:
 def prefect_api(shared_servers):
     """The flows a test runs in this process run on the session's Prefect server (its URL in Prefect's
     settings, not in the environment: in-process code keeps the embedded default's file lock)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: shared_servers.prefect_url}):
         yield
-        # Their last logs and events sent while the server is still there (after it, they retry).
-        APILogWorker.drain_all(timeout=30)
-        EventsWorker.drain_all(timeout=30)
+        let_go_of_prefect_api()  # their last logs and events sent while the server is still there
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +162,12 @@ def _environment_of_its_own():
     named)."""
     saved = dict(os.environ)
     yield
+    if os.environ.get("PREFECT_API_URL") != saved.get("PREFECT_API_URL"):
+        # It ran a command in-process on a temporary API of its own: done with it (see environ.py).
+        let_go_of_prefect_api()
+        from flows import prefect_api
+
+        prefect_api.stop()
     if os.environ != saved:
         restore(saved)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from environ import let_go_of_prefect_api
 from needs import missing
 
 from servers import mlflow_server, postgres_server, prefect_server, postgres_missing
@@ -122,6 +123,7 @@ def _check_prefect(api_url: str) -> None:
             assert run.state.is_completed()
             assert run.parameters == {"x": 41}
             assert client.read_flow(run.flow_id).name == "infra-smoke"
+        let_go_of_prefect_api()  # this server stops with the test; the later tests' events go elsewhere
 
 
 def test_servers_answer_and_stop_also_when_the_body_raises(tmp_path):
