@@ -13,10 +13,16 @@ search, not a chart. The job's run still holds its own figures, and its tag `mni
 names the record its point went to.
 
 Idempotent when jobs race: a job looks the run up by its tags and creates it only when there is
-none; after creating, it looks again and writes to the oldest run of the version (start time, then
-run id: one total order that every job applies). A run that lost the race is tagged
-`mnistops.monitor.duplicate_of` and ends empty. Reading merges every run of the version, so even two
-jobs that each saw only their own run (clocks skewed between hosts, both created at once) lose no point.
+none. It finishes its new run at once (a record never runs), lets its clock pass that end time, and
+looks again, waiting for any run it sees unfinished (another job's, between its creation and its
+finish); it writes to the run finished first (end time, then run id: one total order that every job
+applies, over runs that no longer change). Jobs converge: a run created after a job's last look is
+finished after it, so it sorts after every run that job chose from (to the millisecond: a run
+finished in the very millisecond of that look could still tie, and run ids break the tie). (By start time, taken before a
+run is created, a run created later could sort first, and two racing jobs chose apart.) A run that
+lost the race is tagged `mnistops.monitor.duplicate_of` and ends empty. Reading merges every run of
+the version, so even jobs that chose apart (hosts' clocks skewed; a job killed between creating and
+finishing its run, waited for UNFINISHED_WAIT_S) lose no point.
 
 Torch- and Prefect-free (the inference image has it); MLflow is imported by the caller's client.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +42,7 @@ MODEL_TAG = "mnistops.monitor.model"
 VERSION_TAG = "mnistops.monitor.version"
 DUPLICATE_TAG = "mnistops.monitor.duplicate_of"
 JOB_TAG = "mnistops.monitor.run_id"  # on a job's run: the record its point went to
+UNFINISHED_WAIT_S = 10.0  # how long a job waits for a racing job to finish the run it created
 PREFIX = "monitor/"  # a section of its own in the run's chart view
 # A point's figures, in the order the table shows them; `alert` is the drift status as a number
 # (1 alert, 0 ok; absent when the version has no reference), so that it charts too.
@@ -86,14 +94,15 @@ def experiment_name(model: str) -> str:
 
 
 def _runs(client, model: str, version: str) -> list:
-    """The version's monitoring runs, oldest first (start time, then run id), deleted ones excluded."""
+    """The version's monitoring runs in the order that picks the record (see the module doc): finished
+    first (end time, then run id), runs not finished yet last; deleted ones excluded."""
     exp = client.get_experiment_by_name(experiment_name(model))
     if exp is None:
         return []
     runs = client.search_runs(
         [exp.experiment_id], max_results=100,
         filter_string=f"tags.`{MODEL_TAG}` = '{_quoted(model)}' and tags.`{VERSION_TAG}` = '{_quoted(version)}'")
-    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+    return sorted(runs, key=lambda r: (r.info.end_time is None, r.info.end_time or 0, r.info.run_id))
 
 
 def _quoted(text: str) -> str:
@@ -101,8 +110,8 @@ def _quoted(text: str) -> str:
 
 
 def ensure_run(client, model: str, version: str) -> str:
-    """The id of the version's monitoring run, created on first use; two jobs racing converge on
-    the oldest (see the module's docstring)."""
+    """The id of the version's monitoring run, created on first use; jobs racing converge on the
+    run finished first (see the module's docstring)."""
     if runs := _runs(client, model, version):
         return runs[0].info.run_id
     exp_id = ensure_experiment(experiment_name(model), client, description=DESCRIPTION)
@@ -111,11 +120,18 @@ def ensure_run(client, model: str, version: str) -> str:
         "mlflow.note.content": f"Monitoring record of {model} version {version}: one point per batch job "
                                f"(`mnistops monitor --model {model}` prints it)."})
     # A record, not a job: it never runs, so it is not left RUNNING (nor reaped as a killed job's).
-    client.set_terminated(mine.info.run_id, "FINISHED")
-    oldest = _runs(client, model, version)[0].info.run_id
-    if oldest != mine.info.run_id:
-        client.set_tag(mine.info.run_id, DUPLICATE_TAG, oldest)
-    return oldest
+    finished = int(time.time() * 1000)
+    client.set_terminated(mine.info.run_id, "FINISHED", end_time=finished)
+    while int(time.time() * 1000) <= finished:  # a run created after the look below ends strictly later
+        time.sleep(0.001)
+    deadline = time.monotonic() + UNFINISHED_WAIT_S
+    while (runs := _runs(client, model, version)) and runs[-1].info.end_time is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)  # a racing job between creating its run and finishing it
+    first = runs[0].info.run_id if runs else mine.info.run_id
+    if first != mine.info.run_id:
+        client.set_tag(mine.info.run_id, DUPLICATE_TAG, first)
+    return first
 
 
 def record(client, model: str, version: str, point: Point) -> str:

@@ -136,6 +136,58 @@ def test_two_jobs_racing_on_a_new_version_share_one_record(store, monkeypatch):
     assert not client.get_metric_history(runs[1].info.run_id, "monitor/records")
 
 
+def test_a_run_stamped_before_another_was_made_does_not_split_the_record(store, monkeypatch):
+    """Job B takes its new run's start time, then is held while job A creates its run, finishes it and
+    picks it (the only one). B's run then starts earlier than A's but is finished later: both jobs
+    write to A's run. (Ordered by start time, B picked its own, and their points went to two
+    records.) B's delay is its clock reading 5 s early for that one start time."""
+    from mlflow.tracking._tracking_service import client as tracking  # the clock create_run reads
+
+    from common.settings import mlflow_client
+
+    lookup, barrier, a_done = monitor._runs, threading.Barrier(2, timeout=30), threading.Event()
+    looked, stamped = threading.local(), threading.local()
+
+    def racing_lookup(*args):
+        runs = lookup(*args)
+        if not getattr(looked, "done", False):
+            looked.done = True
+            barrier.wait()  # both found nothing
+            if threading.current_thread().name == "B":
+                assert a_done.wait(30)
+        return runs
+
+    clock = tracking.get_current_time_millis
+
+    def b_stamped_early() -> int:
+        if threading.current_thread().name == "B" and not getattr(stamped, "done", False):
+            stamped.done = True  # its run's start time, taken before A created anything
+            return clock() - 5000
+        return clock()
+
+    mlflow_client().search_experiments()
+    monkeypatch.setattr(monitor, "_runs", racing_lookup)
+    monkeypatch.setattr(tracking, "get_current_time_millis", b_stamped_early)
+    now = dt.datetime.now(dt.timezone.utc)
+    chosen: dict[str, str] = {}
+
+    def job(name: str, records: int) -> None:
+        chosen[name] = monitor.record(mlflow_client(), "skew-mlp", "1",
+                                      monitor.Point(now, records, 0.01, 0.02, 0.9, None, "ok"))
+        if name == "A":
+            a_done.set()
+
+    threads = [threading.Thread(target=job, args=(n, r), name=n) for n, r in (("A", 10), ("B", 11))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(monitor, "_runs", lookup)
+    runs = lookup(mlflow_client(), "skew-mlp", "1")
+    assert len(runs) == 2 and min(runs, key=lambda r: r.info.start_time).info.run_id != chosen["A"]
+    assert chosen["A"] == chosen["B"] == runs[0].info.run_id
+
+
 def test_monitor_command_prints_each_versions_batches_and_trend(store, capsys):
     from common.settings import mlflow_client
     from flows.cli import main
