@@ -18,11 +18,11 @@ looks again, waiting for any run it sees unfinished (another job's, between its 
 finish); it writes to the run finished first (end time, then run id: one total order that every job
 applies, over runs that no longer change). Jobs converge: a run created after a job's last look is
 finished after it, so it sorts after every run that job chose from (to the millisecond: a run
-finished in the very millisecond of that look could still tie, and run ids break the tie). (By start time, taken before a
-run is created, a run created later could sort first, and two racing jobs chose apart.) A run that
-lost the race is tagged `mnistops.monitor.duplicate_of` and ends empty. Reading merges every run of
-the version, so even jobs that chose apart (hosts' clocks skewed; a job killed between creating and
-finishing its run, waited for UNFINISHED_WAIT_S) lose no point.
+finished in the very millisecond of that look could still tie, and run ids break the tie). By start
+time, taken before a run is created, a run created later could sort first, and two racing jobs
+chose apart. A run that lost the race is tagged `mnistops.monitor.duplicate_of` and ends empty.
+Reading merges every run of the version, so even jobs that chose apart (hosts' clocks skewed; a job
+killed between creating and finishing its run, waited for UNFINISHED_WAIT_S) lose no point.
 
 Torch- and Prefect-free (the inference image has it); MLflow is imported by the caller's client.
 """
