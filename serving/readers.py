@@ -106,10 +106,9 @@ class ImageReader(ABC):
 
 
 class _HashingReader(io.RawIOBase):
-    """A raw file that feeds every byte read through a hash (none: h is None); gzip reads its
-    compressed bytes via this."""
+    """A raw file that feeds every byte read through a hash; gzip reads its compressed bytes via this."""
 
-    def __init__(self, raw: BinaryIO, h: "hashlib._Hash | None"):
+    def __init__(self, raw: BinaryIO, h: "hashlib._Hash"):
         self._raw, self._h = raw, h
 
     def readable(self) -> bool:
@@ -117,13 +116,13 @@ class _HashingReader(io.RawIOBase):
 
     def readinto(self, b) -> int:  # type: ignore[override]
         n = self._raw.readinto(b)
-        if n and self._h is not None:
+        if n:
             self._h.update(memoryview(b)[:n])
         return n
 
     def drain(self) -> None:
         """Hash the rest of the file (e.g. what follows the gzip stream), so the digest is the file's."""
-        while self._h is not None and self._raw.read(_BLOCK):
+        while self._raw.read(_BLOCK):
             pass
 
     def close(self) -> None:
@@ -142,9 +141,11 @@ def _read_into(f: BinaryIO, buf: memoryview) -> int:
     return got
 
 
-def _open_hashed(path: Path, h: "hashlib._Hash | None") -> tuple[BinaryIO, _HashingReader]:
-    raw = _HashingReader(open_nofollow(path), h)
-    return (gzip.GzipFile(fileobj=raw, mode="rb") if idx.is_gzip(path) else raw), raw  # type: ignore[return-value]
+def _open_hashed(path: Path, h: "hashlib._Hash | None") -> tuple[BinaryIO, _HashingReader | None]:
+    """The file to read (gunzipped if need be) and its hashing layer; with h None, the plain file."""
+    raw = open_nofollow(path) if h is None else _HashingReader(open_nofollow(path), h)
+    f = gzip.GzipFile(fileobj=raw, mode="rb") if idx.is_gzip(path) else raw
+    return f, raw if h is not None else None  # type: ignore[return-value]
 
 
 def _check_pixels(x: np.ndarray, start: int, path: Path, on_error: OnError) -> np.ndarray:
@@ -213,7 +214,8 @@ class IdxReader(ImageReader):
                 yield Chunk(start, start + n, pixels)
             if f.read(1):
                 raise InputError(f"{self.path}: data after the {self.count} images the header promises")
-            raw.drain()
+            if raw is not None:
+                raw.drain()
         self._done = True
 
 
