@@ -1,6 +1,6 @@
 """The batch inference job: read -> predict -> write, atomically, tracked in MLflow.
 
-    input (IDX | .npy | folder) -> chunks (read ahead on a thread) -> onnxruntime session
+    input (IDX | .npy | folder) -> chunks (read and inferred by the streams, serving.pipeline) -> onnxruntime session
       -> drift monitor (per-record ood_score) -> Parquet/CSV temp file -> rename into place
       -> manifest (with the drift report) -> MLflow run
 
@@ -11,21 +11,18 @@ refused, and an existing one is replaced only with `overwrite`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import os
-import queue
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -40,6 +37,7 @@ from common.errors import DriftAlert, InputChanged, InputError, OutputError
 from common.experiments import ensure_experiment, run_context_tags
 from common.owner import KILLED_REASON_TAG, OWNER_TAG, owner_id
 from serving.model_source import ModelRef, is_remote, resolve_model
+from serving.pipeline import in_order, read_ahead
 from serving.readers import Chunk, ImageReader, LabelReader, Skipped, open_images, open_labels
 from serving.session import (
     CUDA,
@@ -64,7 +62,6 @@ from serving.writers import (
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2  # 2: columns prediction/label/correct/ood_score, drift, ignored files
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,54 +85,6 @@ class JobResult:
     manifest_data: dict[str, Any] | None = None  # what the manifest file holds
     mean_confidence: float | None = None  # mean top probability over the predicted records
     monitor_run_id: str | None = None  # the model version's monitoring record this batch added a point to
-
-
-# --- reading ahead -------------------------------------------------------------------------------
-
-
-def read_ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """Run `items` on a background thread, up to `depth` items ahead, so reading and decoding (file
-    reads, zlib and Pillow release the GIL) overlap with inference. Memory stays bounded: at most
-    depth + 2 chunks exist at once. Errors of the reader are raised here, in the consumer."""
-    q: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(item: Any, err: BaseException | None = None) -> bool:
-        while not stop.is_set():
-            try:
-                q.put((item, err), timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as e:  # noqa: BLE001  # handed over to the consumer
-            put(None, e)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # a generator's finally blocks (thread pools, files) run on its own thread
-
-    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = q.get()
-            if err is not None:
-                raise err
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 # --- MLflow ----------------------------------------------------------------------------------------
@@ -339,29 +288,22 @@ def _write_chunk(chunk: Chunk, r: _Inferred, labels: LabelReader | None, monitor
 def _predict_chunks(session: ort.InferenceSession, reader: ImageReader, labels: LabelReader | None,
                     writer: PredictionWriter, cfg: JobConfig, streams: int,
                     monitor: drift.DriftMonitor | None) -> _Counts:
-    """Chunks are read ahead on one thread, inferred `streams` at a time on a pool, and written here,
-    in input order."""
+    """Chunks are read and inferred by `streams` threads side by side (serving.pipeline) and written
+    here, in input order."""
     counts = _Counts()
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     assert cfg.batch_size is not None
     sums = monitor is not None and has_pixel_sums(session)
+    chunks = reader.chunks(cfg.batch_size)
+    inferred = in_order(chunks if streams > 1 else read_ahead(chunks),
+                        lambda c: _infer(session, monitor, sums, c.pixels), streams, 2 * streams)
     with (
         tqdm(total=reader.count, unit="img", unit_scale=True, disable=not show, mininterval=0.5) as bar,
-        ThreadPoolExecutor(streams, thread_name_prefix="infer") as pool,
+        contextlib.closing(inferred),  # a write that fails stops the streams at once
     ):
-        pending: deque[tuple[Chunk, Future[_Inferred]]] = deque()
-
-        def write_oldest() -> None:
-            chunk, fut = pending.popleft()
-            _write_chunk(chunk, fut.result(), labels, monitor, writer, cfg.all_probabilities, counts)
+        for chunk, r in inferred:
+            _write_chunk(chunk, r, labels, monitor, writer, cfg.all_probabilities, counts)
             bar.update(chunk.stop - chunk.start)
-
-        for chunk in read_ahead(reader.chunks(cfg.batch_size)):
-            pending.append((chunk, pool.submit(_infer, session, monitor, sums, chunk.pixels)))
-            if len(pending) >= streams:
-                write_oldest()
-        while pending:
-            write_oldest()
     return counts
 
 
@@ -611,5 +553,4 @@ def _upload(result: JobResult, out_url: str) -> None:
     storage.upload(Path(result.manifest), out_url + ".manifest.json")
 
 
-__all__ = ["EXPERIMENT", "Expected", "InputError", "JobConfig", "JobResult", "LoadedModel", "load_model", "read_ahead",
-           "run_job"]
+__all__ = ["EXPERIMENT", "Expected", "InputError", "JobConfig", "JobResult", "LoadedModel", "load_model", "run_job"]
