@@ -122,7 +122,7 @@ class _HashingReader(io.RawIOBase):
 
     def drain(self) -> None:
         """Hash the rest of the file (e.g. what follows the gzip stream), so the digest is the file's."""
-        while self._raw.read(_BLOCK):
+        while self.read(_BLOCK):  # through readinto, which hashes
             pass
 
     def close(self) -> None:
