@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common import fields
 from serving.config import JobConfig
-from common.errors import EXIT_ERROR, EXIT_OK, DriftAlert, ServingError
+from common.errors import EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, DriftAlert, ServingError
 
 # serving.job imports onnxruntime and pyarrow (~0.5 s): only the functions that run a job import it.
 
@@ -162,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: unwound like SIGTERM (temp files removed, the run marked failed)
+        print(f"{parser.prog}: interrupted (SIGINT), stopped cleanly", file=sys.stderr)
+        return EXIT_SIGINT
+    except SystemExit as e:
+        if e.code == EXIT_SIGTERM:
+            print(f"{parser.prog}: interrupted (SIGTERM), stopped cleanly", file=sys.stderr)
+        raise
     print(json.dumps(s, default=str))
     return exit_code(parser.prog, s)
 

@@ -405,7 +405,7 @@ def test_serving_imports_neither_torch_nor_prefect(model: tuple[Path, dict], tmp
     assert (tmp_path / "p.parquet").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_killed_job_leaves_no_output_and_rerun_succeeds(
     model: tuple[Path, dict], tmp_path: Path, sig: signal.Signals
 ) -> None:
@@ -417,7 +417,7 @@ def test_killed_job_leaves_no_output_and_rerun_succeeds(
     # batch size 4: tens of thousands of small steps, so the job is mid-way for a second or more
     # after its first row group (65,536 rows) reached the temp file
     proc = subprocess.Popen([*cmd, "--batch-size", "4"], cwd=REPO, env={**os.environ, **ENV},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         temps: list[Path] = []
@@ -429,14 +429,17 @@ def test_killed_job_leaves_no_output_and_rerun_succeeds(
         assert proc.poll() is None, "the job ended before it could be killed"
         assert temps and temps[0].stat().st_size > 4, "the job never started writing"
         proc.send_signal(sig)
-        rc = proc.wait(timeout=30)
+        _, err = proc.communicate(timeout=30)
+        rc = proc.returncode
     finally:
         if proc.poll() is None:
             proc.kill()
     assert not out.exists() and not (out.parent / "p.parquet.manifest.json").exists()
-    if sig == signal.SIGTERM:
-        assert rc == 128 + signal.SIGTERM
-        assert leftovers(out.parent) == []  # SIGTERM unwinds: the temp file is removed
+    if sig != signal.SIGKILL:  # SIGTERM and Ctrl-C unwind: one line, the temp file removed
+        assert rc == 128 + sig
+        assert err.strip().splitlines()[-1] == f"python -m serving: interrupted ({sig.name}), stopped cleanly"
+        assert "Traceback" not in err
+        assert leftovers(out.parent) == []
         return
     assert rc == -signal.SIGKILL
     assert [p.name for p in out.parent.iterdir()] == [temps[0].name]  # nothing runs on SIGKILL
