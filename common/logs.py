@@ -12,6 +12,10 @@ from common.settings import env
 # Libraries that log at INFO what a user of a command does not need.
 NOISY = ("alembic", "httpx", "httpcore", "mlflow.store.db.utils", "onnx_ir", "onnxscript", "urllib3", "asyncio",
          "matplotlib", "PIL", "git", "filelock", "fsspec", "aiobotocore", "botocore")
+# Prefect's queue services (events, API logs) warn when they drain at exit with items still queued
+# ("EventsWorker: Still processing items: 1 items remaining..."): progress of a drain that then
+# completes, not a fault; a failed send is logged as an error of its own.
+DRAIN_PROGRESS = ("EventsWorker", "APILogWorker")
 
 
 class CurrentStderrHandler(logging.StreamHandler):
@@ -23,6 +27,15 @@ class CurrentStderrHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
+
+
+class NoClusterChatter(logging.Filter):
+    """A local Dask cluster's start and stop, ~30 INFO lines a `mnistops infer --workers` run (its
+    scheduler, nannies and connections): dropped without --debug. A level on the `distributed` logger
+    would not hold: distributed sets its own levels when it is imported, after the command line's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith("distributed")
 
 
 class OneLinePerFailure(logging.Filter):
@@ -55,10 +68,13 @@ def configure_logging(debug: bool = False, fmt: str = "%(asctime)s %(levelname)s
         handler = CurrentStderrHandler()
         root.addHandler(handler)
     handler.setFormatter(logging.Formatter(fmt))
-    for f in [f for f in handler.filters if isinstance(f, OneLinePerFailure)]:
+    for f in [f for f in handler.filters if isinstance(f, (OneLinePerFailure, NoClusterChatter))]:
         handler.removeFilter(f)
     if not debug:
         handler.addFilter(OneLinePerFailure())
+        handler.addFilter(NoClusterChatter())
     root.setLevel(logging.INFO)
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in DRAIN_PROGRESS:
+        logging.getLogger(name).setLevel(logging.ERROR)
