@@ -116,14 +116,28 @@ LOCAL_WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOL
 @contextlib.contextmanager
 def local_worker_config(fan: FanOut) -> Iterator[None]:
     """Dask's configuration while the task runner starts a local cluster (LOCAL_WORKER_CONFIG); an
-    existing cluster's workers run as their owner configured them."""
+    existing cluster's workers run as their owner configured them.
+
+    Dask's nanny sets its pre-spawn variables (OMP_NUM_THREADS=1 and the like) in this process's own
+    environment before it spawns a worker, and leaves them there: every process started afterwards
+    (a training's workers in the same flow-run process) would inherit one thread. They are put back
+    as they were once the cluster is gone."""
     if fan.workers == 1 or fan.address() is not None:
         yield
         return
     import dask
 
-    with dask.config.set(LOCAL_WORKER_CONFIG):
-        yield
+    names = [*dask.config.get("distributed.nanny.pre-spawn-environ", {}), "PYTHONHASHSEED"]
+    before = {k: os.environ.get(k) for k in names}
+    try:
+        with dask.config.set(LOCAL_WORKER_CONFIG):
+            yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def task_runner(fan: FanOut):

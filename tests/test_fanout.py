@@ -156,3 +156,24 @@ def test_workers_are_bounded_and_only_with_an_inbox(model: Path, tmp_path: Path)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(expected), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inbox", "x.npy"]  # nothing made, no home either
+
+
+def test_a_local_cluster_s_workers_skip_the_trim_threshold_and_leave_this_process_as_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster `infer --workers 2` starts, under flows.fanout.local_worker_config: its worker
+    processes run without MALLOC_TRIM_THRESHOLD_ (glibc's adaptive mmap threshold stays on) and with
+    Dask's one OpenMP thread, and this process's environment is as it was once the cluster is gone
+    (Dask's nanny writes its pre-spawn variables into its own process's environment)."""
+    from distributed import Client, LocalCluster
+
+    from flows.fanout import LOCAL_CLUSTER, FanOut, local_worker_config
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    names = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    with local_worker_config(FanOut(workers=2)):
+        with LocalCluster(n_workers=1, **LOCAL_CLUSTER) as cluster, Client(cluster) as client:
+            seen = next(iter(client.run(lambda: {k: os.environ.get(k) for k in names}).values()))
+    # Dask's one thread where this process had none set; a value of the user's own is kept
+    assert seen == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "3"}
+    assert "OMP_NUM_THREADS" not in os.environ and os.environ["MKL_NUM_THREADS"] == "3"
