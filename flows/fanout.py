@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from common import settings
+from common.resources import mem_available, usable_cores
 from common.fields import check, setting
 
 DASK_ADDRESS_ENV = "MNISTOPS_DASK_ADDRESS"
@@ -56,22 +57,14 @@ class FanOut:
         return self.dask_address or settings.env(DASK_ADDRESS_ENV) or None
 
 
-def cpus() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def available_mib() -> int:
-    """MemAvailable of /proc/meminfo, in MiB (what can be used without swapping)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) // 1024
-    raise OSError("/proc/meminfo has no MemAvailable line")
+    """Memory this machine can give without swapping, in MiB (none known: counted as none)."""
+    return (mem_available() or 0) // 2**20
 
 
 def local_limit() -> int:
     """The most local workers this machine holds: one per CPU, and the memory for each."""
-    return max(1, min(cpus(), available_mib() // WORKER_MEMORY_MIB))
+    return max(1, min(usable_cores(), available_mib() // WORKER_MEMORY_MIB))
 
 
 def usage_problem(fan: FanOut, inbox: bool) -> str | None:
@@ -82,7 +75,7 @@ def usage_problem(fan: FanOut, inbox: bool) -> str | None:
         return f"--workers {fan.workers}: only with --inbox (one --input is scored by one worker)"
     if fan.address() is None and fan.workers > (limit := local_limit()):
         return (f"--workers {fan.workers}: this machine runs at most {limit} local scoring worker(s) "
-                f"({cpus()} CPUs, {available_mib()} MiB available, ~{WORKER_MEMORY_MIB} MiB each); "
+                f"({usable_cores()} CPUs, {available_mib()} MiB available, ~{WORKER_MEMORY_MIB} MiB each); "
                 f"give --dask-address of a larger cluster for more")
     return None
 
@@ -96,7 +89,8 @@ def share_config(job, fan: FanOut):
     job = dataclasses.replace(job, fail_on_drift=False)  # the flow decides, once every worker is done
     if fan.address() is not None:
         return job
-    return dataclasses.replace(job, threads=job.threads or max(1, cpus() // fan.workers), streams=job.streams or 1)
+    threads = job.threads or max(1, usable_cores() // fan.workers)
+    return dataclasses.replace(job, threads=threads, streams=job.streams or 1)
 
 
 # A local cluster: worker processes of one thread each, on loopback, without a dashboard (the

@@ -7,13 +7,13 @@ the command). A request beyond the machine is one line naming the figures, exit 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import EXIT_USAGE
+from common.resources import mem_available, usable_cores  # noqa: F401 (used here, and re-exported)
 
 # The peak resident memory of one DDP worker (the largest of a training's workers: rank 0, which also
 # logs to MLflow, checkpoints and draws the plots), in bytes. Measured 2026-12-03 on the 2-core
@@ -40,19 +40,6 @@ class Machine:
     cores: int  # usable by this process (its CPU affinity), not the machine's total
     gpus: int | None  # CUDA devices a training may use; None: not known without torch
     mem_available: int | None  # bytes, /proc/meminfo's MemAvailable; None where there is none
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """The kernel's estimate of the memory that can be taken without swapping, in bytes."""
-    try:
-        m = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(m.group(1)) * 1024 if m else None
 
 
 def gpus_without_torch() -> int | None:

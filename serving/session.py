@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import onnxruntime as ort
 
+from common.resources import usable_cores
 from serving.config import Device
 from common.errors import DeviceError, ModelSourceError
 
@@ -45,9 +45,7 @@ def gpu_present() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
-def cpu_threads() -> int:
-    """CPUs this process may run on (the affinity mask, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0))
+cpu_threads = usable_cores  # CPUs this process may run on (its affinity mask)
 
 
 def plan_threads(
