@@ -40,6 +40,13 @@ class OutputError(ServingError, ValueError):
     path whose parent is a file."""
 
 
+class BeyondMachineError(ServingError, ValueError):
+    """A job setting this machine cannot hold (a batch size whose buffers exceed its memory): a usage
+    error, raised before anything is read or written."""
+
+    exit_code = EXIT_USAGE
+
+
 class DriftAlert(ServingError):
     """The job finished and wrote its outputs, but its input drifted from the model's reference profile
     and the job was asked to fail on drift (--fail-on-drift): exit code EXIT_DRIFT. `result` is the

@@ -22,8 +22,10 @@ from needs import missing
 from PIL import Image
 
 from serving import cli
-from common.errors import InputError, ModelSourceError
-from serving.job import EXPERIMENT, JobConfig, run_job
+from common.errors import BeyondMachineError, InputError, ModelSourceError
+from common.resources import mem_available
+from serving.job import (BATCH_IMAGE_BYTES, BATCH_MEMORY_SHARE, EXPERIMENT, STREAM_IMAGE_BYTES, JobConfig,
+                         check_batch_fits, run_job)
 from serving.readers import open_images
 from serving_fixtures import (
     BAD_INPUTS,
@@ -176,6 +178,29 @@ def test_failure_midway_removes_temp_and_keeps_previous_output(model: tuple[Path
         run_job(job(model, d, out, batch_size=2, overwrite=True))
     assert leftovers(out.parent) == ["pred.parquet", "pred.parquet.manifest.json"]
     assert (out.read_bytes(), (out.parent / "pred.parquet.manifest.json").read_bytes()) == before
+
+
+def test_a_batch_beyond_the_machine_s_memory_is_refused_before_anything_is_written(
+        model: tuple[Path, dict], tmp_path: Path) -> None:
+    """A batch size whose buffers exceed what the machine has is one line and exit 2, with nothing
+    written; the same batch on an input of a few images is fine (the chunks are never larger than the
+    input)."""
+    per_image = BATCH_IMAGE_BYTES + 2 * STREAM_IMAGE_BYTES
+    n = int(BATCH_MEMORY_SHARE * mem_available() // per_image) + 1000  # just beyond, with 2 streams
+    # an (n, 28, 28) .npy of zeros: its header is all the bound reads; sparse where the file system can
+    np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(n, 28, 28)).flush()
+    out = tmp_path / "out" / "p.parquet"
+    cmd = [sys.executable, "-m", "serving", "--input", str(tmp_path / "big.npy"), "--output", str(out), "--model",
+           str(model[0]), "--no-track", "--device", "cpu", "--streams", "2", "--batch-size", str(n)]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"python -m serving: error: --batch-size {n}: ~") and "expected at most" in line, line
+    assert not out.parent.exists()
+    with pytest.raises(BeyondMachineError, match="expected at most"):
+        check_batch_fits(10_000, 10_000, 2, 100 * per_image)
+    check_batch_fits(10_000, 50, 2, 100 * per_image)  # 50 records: one chunk of 50, whatever the batch size
+    check_batch_fits(10_000, 10_000, 2, None)  # no figure: nothing to bound by
 
 
 def test_label_count_mismatch(model: tuple[Path, dict], tmp_path: Path) -> None:
