@@ -158,6 +158,8 @@ def test_export_contract_and_batch_sizes(models, mnist, tmp_path):
     assert inp.name == "pixels" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 28, 28]
     assert [o.name for o in proto.graph.output] == ["logits", "probabilities", "pixel_sums"]
+    # the input normalisation is folded into the first Gemm's weights (nn_core.export.folded_first_layer)
+    assert not {"Sub", "Div"} & {n.op_type for n in proto.graph.node}
     s = load_splits(mnist.cache_path)
     sess = onnx_session(path)
     for n in (1, 7, 10_000):
@@ -177,7 +179,8 @@ def test_tampered_export_fails_parity_and_is_never_registered(models, mnist, tmp
     model, _ = load_model(models["good"].checkpoint)
     path = export_onnx(model, tmp_path / "m.onnx")
     proto = onnx.load(str(path))
-    init = next(i for i in proto.graph.initializer if numpy_helper.to_array(i).ndim == 2)
+    first_gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    init = next(i for i in proto.graph.initializer if i.name == first_gemm.input[1])  # the first layer's weights
     w = numpy_helper.to_array(init).copy()
     w.flat[123] += 0.05
     init.CopyFrom(numpy_helper.from_array(w, init.name))
