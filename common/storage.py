@@ -348,9 +348,11 @@ def _create_local(path: Path, data: bytes) -> bool:
 
 
 def glob(prefix_url: str) -> list[str]:
-    """Names (last parts) of the objects whose key starts with `prefix_url`'s last part, sorted."""
+    """Names (last parts) of the objects whose key starts with `prefix_url`'s last part, sorted (all
+    the entries of a folder for a prefix ending in '/')."""
     if not is_url(prefix_url):
-        folder, start = os.path.split(str(local_path(prefix_url)))
+        whole = str(prefix_url).endswith("/")
+        folder, start = (str(local_path(prefix_url)), "") if whole else os.path.split(str(local_path(prefix_url)))
         try:
             return sorted(n for n in os.listdir(folder) if n.startswith(start))
         except FileNotFoundError:
@@ -358,6 +360,8 @@ def glob(prefix_url: str) -> list[str]:
         except OSError as e:
             raise failed(prefix_url, "listing", e) from e
     fs, path = filesystem(prefix_url)
+    if str(prefix_url).endswith("/"):  # fsspec drops the trailing '/' of a URL
+        path = path.rstrip("/") + "/"
     try:
         found = fs.glob(path + "*")
     except FileNotFoundError:

@@ -3,7 +3,6 @@ per image from its content: already framed like MNIST -> resized; a raw digit ->
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common import digests
+from common.digests import Algorithm
 from common.errors import InputError
 
 IMAGE_SHAPE = (28, 28)
@@ -124,15 +125,15 @@ def open_nofollow(path: Path) -> BinaryIO:
     return open(fd, "rb", buffering=0)
 
 
-def load_image(path: Path) -> tuple[np.ndarray, str]:
-    """(28x28 uint8 pixels, SHA-256 of the file) for one PNG or JPEG file; InputError otherwise (a
+def load_image(path: Path, algorithm: Algorithm = digests.DEFAULT) -> tuple[np.ndarray, str]:
+    """(28x28 uint8 pixels, the file's digest) for one PNG or JPEG file; InputError otherwise (a
     symbolic link included: see open_nofollow)."""
     try:
         with open_nofollow(path) as f:
             data = f.read()
     except OSError as e:
         raise InputError(f"{path}: unreadable ({e.strerror or e})") from e
-    digest = hashlib.sha256(data).hexdigest()
+    digest = digests.of_bytes(data, algorithm)
     try:
         with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
             if im.size != IMAGE_SHAPE and im.format == "JPEG":

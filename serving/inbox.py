@@ -4,9 +4,10 @@ once per content, by any number of workers on any number of machines.
     INBOX/ (a folder or s3://bucket/prefix/)   OUTDIR/ (a folder or a URL)
       batch-17.npy                 batch-17.npy.<sha12>.parquet (+ .manifest.json)
       scans/  (image folder)       scans.<sha12>.parquet (+ .manifest.json)
-      README.txt  (ignored)        ledger/<sha256>.json            one record per scored input content
-                                   ledger/<sha256>.claim-<k>       the leases taken on it, k = 0, 1, ...
+      README.txt  (ignored)        ledger/<digest>.json            one record per scored input content
+                                   ledger/<digest>.claim-<k>       the leases taken on it, k = 0, 1, ...
                                    ledger/digests/<sha256>.json    an entry's identity -> its digest
+                                   ledger/FORMAT                   the digests' algorithm (JSON)
 
 Inputs are the non-hidden entries of INBOX: IDX image files (gzipped or not), `.npy` arrays, and
 folders of images. Anything else is ignored and listed. A symbolic link is never an input and never
@@ -34,6 +35,10 @@ mechanism on a local folder and in a bucket, with no lock server and no shared f
   their destination: one record per input content, ever, whoever scored it. The job checks that the
   bytes it scored are D's: an entry rewritten after its digest was taken gets no output and no
   record (it is reported as failed), and the next run scores its new content.
+Digests are BLAKE3 (common.digests). A ledger says which algorithm its keys are in (`FORMAT`,
+created conditionally by its first worker, so workers starting together agree); a ledger without one
+that already holds records was begun before 2026-12-05, with SHA-256, and keeps SHA-256, so that its
+records go on matching their inputs. Every worker of one inbox must run a version that reads it.
 So: **exactly once** - the ledger record of an input, and the input's appearance in one run's
 `scored` list where the record was written; **at least once** - the scoring itself and the writing of
 its output: a worker that dies (or stalls past its lease) after writing the output but before the
@@ -72,7 +77,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import idx, storage
+from common import digests, idx, storage
+from common.digests import Algorithm
 from common.errors import DriftAlert, InputChanged, InputError, OutputError
 from serving.job import Expected, JobConfig, JobResult, LoadedModel, load_model, run_job
 from serving.readers import content_digest
@@ -81,6 +87,7 @@ from serving.writers import manifest_path
 log = logging.getLogger(__name__)
 
 LEDGER = "ledger"
+FORMAT = "FORMAT"  # ledger/FORMAT: {"digest": <algorithm>} (not a .json: a glob of the records misses it)
 LEASE_SECONDS = 600.0  # a claim's life without renewal; renewed every third of it while scoring
 DIGESTS = "digests"  # ledger/digests/: an entry's identity -> its content digest
 SETTLED_S = 2.0  # a local file unchanged this long has its digest remembered
@@ -286,7 +293,7 @@ def _output_for(out_dir: str, name: str, digest: str, fmt: str) -> str:
     return storage.join(out_dir, f"{name}.{digest[:12]}.{fmt}")
 
 
-def _finished_output(output: str, digest: str) -> dict[str, Any] | None:
+def _finished_output(output: str, digest: str, algorithm: Algorithm) -> dict[str, Any] | None:
     """The manifest of a finished scoring of `digest` at `output`, if one is there (a job killed after
     its output was in place but before its ledger record)."""
     if storage.is_url(output):
@@ -302,7 +309,7 @@ def _finished_output(output: str, digest: str) -> dict[str, Any] | None:
         manifest = json.loads(data)
     except ValueError:
         return None
-    return manifest if manifest.get("input", {}).get("sha256") == digest else None
+    return manifest if manifest.get("input", {}).get(algorithm) == digest else None
 
 
 def _checked_locations(inbox: Path | str, out_dir: Path | str) -> tuple[Path | str, str]:
@@ -344,9 +351,40 @@ class _Scoring:
     result: InboxResult
     owner: dict[str, str] = field(default_factory=owner_identity)
     loaded: LoadedModel | None = None
+    _algorithm: Algorithm | None = None
 
     def ledger(self, name: str) -> str:
         return storage.join(storage.join(self.out_dir, LEDGER), name)
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The ledger's digest algorithm, settled when the first input needs it (an empty inbox
+        writes nothing)."""
+        if self._algorithm is None:
+            self._algorithm = ledger_algorithm(self.out_dir)
+        return self._algorithm
+
+
+def ledger_algorithm(out_dir: str) -> Algorithm:
+    """The digest algorithm of the ledger in `out_dir` (the module doc): its FORMAT's, or, for a
+    ledger without one, SHA-256 if it holds records and BLAKE3 if not, then written down."""
+    url = storage.join(storage.join(out_dir, LEDGER), FORMAT)
+    while True:
+        data = storage.read_bytes(url)
+        if data is not None:
+            try:
+                algorithm = json.loads(data).get("digest")
+            except (ValueError, AttributeError):
+                algorithm = None
+            if algorithm not in digests.ALGORITHMS:
+                raise OutputError(f"{storage.shown(url)}: not a ledger format this version reads; expected "
+                                  f'{{"digest": one of {list(digests.ALGORITHMS)}}}')
+            return algorithm
+        begun = any(n.endswith(".json") and digests.is_hex_digest(n[: -len(".json")])
+                    for n in storage.glob(storage.join(storage.join(out_dir, LEDGER), "")))
+        algorithm = digests.LEGACY if begun else digests.DEFAULT
+        if storage.create(url, _encoded({"digest": algorithm})):
+            return algorithm  # else another worker wrote it first: read what it decided
 
 
 @dataclass
@@ -387,8 +425,9 @@ def _known_digest(s: _Scoring, e: _Entry) -> str | None:
         entry = json.loads(data) if data else None
     except (storage.StoreError, ValueError):
         return None  # unreadable: read the input instead
-    ok = isinstance(entry, dict) and entry.get("identity") == e.identity and len(str(entry.get("sha256"))) == 64
-    return entry["sha256"] if ok else None
+    ok = isinstance(entry, dict) and entry.get("identity") == e.identity and digests.is_hex_digest(
+        entry.get(s.algorithm))
+    return entry[s.algorithm] if ok else None
 
 
 def _remember_digest(s: _Scoring, e: _Entry, digest: str) -> None:
@@ -402,7 +441,7 @@ def _remember_digest(s: _Scoring, e: _Entry, digest: str) -> None:
                 return
         elif _identity(e.path) != e.identity:
             return
-        storage.create(_index_url(s, e.identity), _encoded({"identity": e.identity, "sha256": digest}))
+        storage.create(_index_url(s, e.identity), _encoded({"identity": e.identity, s.algorithm: digest}))
     except (storage.StoreError, OSError) as err:  # only a saving lost
         log.warning("inbox: could not remember the digest of %s: %s", e.source, err)
 
@@ -424,14 +463,14 @@ def _readable(e: _Entry, spool: Path, result: InboxResult) -> bool:
     return True
 
 
-def _expected(e: _Entry, digest: str) -> Expected:
+def _expected(e: _Entry, digest: str, algorithm: Algorithm) -> Expected:
     """What the job must find in the entry: `digest`'s content. A settled local file is vouched for
     by its identity, unchanged from the listing to the end of its scoring (a write moves its change
     time, a replacement its inode), instead of by hashing its bytes a second time; anything else
     (a folder, a file written within SETTLED_S, a bucket object's copy) is hashed again as it is read."""
     if e.identity is None or storage.is_url(e.source):
-        return Expected(digest)
-    return Expected(digest, unchanged=lambda: _identity(e.path) == e.identity)
+        return Expected(digest, algorithm)
+    return Expected(digest, algorithm, unchanged=lambda: _identity(e.path) == e.identity)
 
 
 def _score_claimed(s: _Scoring, e: _Entry, digest: str) -> None:
@@ -440,16 +479,17 @@ def _score_claimed(s: _Scoring, e: _Entry, digest: str) -> None:
     record_url = s.ledger(f"{digest}.json")
     record = _read_record(record_url)
     if record is not None and not s.rescore:
-        s.result.already.append({"input": e.name, "sha256": digest, "status": record["status"],
+        s.result.already.append({"input": e.name, s.algorithm: digest, "status": record["status"],
                                  "output": record.get("output") or ""})
         return
     # a rescoring replaces the recorded output, whichever name the content has now
     output = record["output"] if record and record.get("output") else _output_for(s.out_dir, e.name, digest, s.fmt)
     history = (record or {}).get("history", [])
-    finished = _finished_output(output, digest) if record is None else None
+    finished = _finished_output(output, digest, s.algorithm) if record is None else None
     if finished is not None:  # scored by a job that died before recording it
-        _put_record(s, e, digest, record_url, _record(e.name, digest, "scored", output, finished, history), record)
-        s.result.already.append({"input": e.name, "sha256": digest, "status": "recovered", "output": output})
+        _put_record(s, e, digest, record_url, _record(s, e.name, digest, "scored", output, finished, history),
+                    record)
+        s.result.already.append({"input": e.name, s.algorithm: digest, "status": "recovered", "output": output})
         return
     try:
         if e.path.is_symlink():  # swapped for a link since the listing: not followed (the module doc)
@@ -457,20 +497,21 @@ def _score_claimed(s: _Scoring, e: _Entry, digest: str) -> None:
         if s.loaded is None:
             s.loaded = load_model(s.job)
         res = run_job(dataclasses.replace(s.job, input=e.path, output=output), s.loaded,
-                      source=e.source if storage.is_url(e.source) else None, expect=_expected(e, digest))
+                      source=e.source if storage.is_url(e.source) else None,
+                      expect=_expected(e, digest, s.algorithm))
     except InputChanged as err:  # rewritten since its digest: claimed under content it no longer has
-        s.result.failed.append({"input": e.name, "sha256": digest, "error": str(err)})
+        s.result.failed.append({"input": e.name, s.algorithm: digest, "error": str(err)})
         log.warning("inbox: %s; the next run scores it as it is then", err)
         return
     except InputError as err:
-        failed = {"sha256": digest, "input": e.name, "status": "failed", "error": str(err), "finished": _now(),
+        failed = {s.algorithm: digest, "input": e.name, "status": "failed", "error": str(err), "finished": _now(),
                   "history": history}
         _put_record(s, e, digest, record_url, failed, record)
-        s.result.failed.append({"input": e.name, "sha256": digest, "error": str(err)})
+        s.result.failed.append({"input": e.name, s.algorithm: digest, "error": str(err)})
         log.warning("inbox: %s", err)
         return
-    if _put_record(s, e, digest, record_url, _record(e.name, digest, "scored", output, res.manifest_data, history),
-                   record):
+    if _put_record(s, e, digest, record_url,
+                   _record(s, e.name, digest, "scored", output, res.manifest_data, history), record):
         s.result.scored.append(res)
 
 
@@ -483,7 +524,7 @@ def _put_record(s: _Scoring, e: _Entry, digest: str, url: str, new: dict[str, An
         return True
     if storage.create(url, _encoded(new)):
         return True
-    s.result.already.append({"input": e.name, "sha256": digest, "status": "recorded by another worker"})
+    s.result.already.append({"input": e.name, s.algorithm: digest, "status": "recorded by another worker"})
     return False
 
 
@@ -542,18 +583,18 @@ def _one(s: _Scoring, e: _Entry, seen: dict[str, str], spool: Path) -> None:
         if not _readable(e, spool, s.result):
             return
         try:
-            digest = content_digest(e.path)
+            digest = content_digest(e.path, s.algorithm)
         except OSError as err:
             s.result.failed.append({"input": e.name, "error": f"{e.source}: unreadable ({err.strerror or err})"})
             return
         _remember_digest(s, e, digest)
     if digest in seen:
-        s.result.already.append({"input": e.name, "sha256": digest, "same_as": seen[digest]})
+        s.result.already.append({"input": e.name, s.algorithm: digest, "same_as": seen[digest]})
         return
     seen[digest] = e.name
     record = _read_record(s.ledger(f"{digest}.json"))
     if record is not None and not s.rescore:  # the common case of a rerun: no lease needed to skip it
-        s.result.already.append({"input": e.name, "sha256": digest, "status": record["status"],
+        s.result.already.append({"input": e.name, s.algorithm: digest, "status": record["status"],
                                  "output": record.get("output") or ""})
         return
     lease = Lease(storage.join(s.out_dir, LEDGER), digest, s.lease_seconds, s.owner)
@@ -569,7 +610,7 @@ def _one(s: _Scoring, e: _Entry, seen: dict[str, str], spool: Path) -> None:
         log.warning("inbox: %s was taken over by another worker while this one scored it", e.name)
 
 
-def _record(name: str, digest: str, status: str, output: str, manifest: dict[str, Any],
+def _record(s: _Scoring, name: str, digest: str, status: str, output: str, manifest: dict[str, Any],
             history: list[dict[str, Any]]) -> dict[str, Any]:
     entry = {
         "output": output, "manifest": output + ".manifest.json",
@@ -577,4 +618,4 @@ def _record(name: str, digest: str, status: str, output: str, manifest: dict[str
         "drift": (manifest.get("drift") or {}).get("status"), "records": manifest.get("counts", {}).get("records"),
         "finished": manifest.get("finished") or _now(), "mlflow_run_id": manifest.get("mlflow_run_id"),
     }
-    return {"sha256": digest, "input": name, "status": status, **entry, "history": [*history, entry]}
+    return {s.algorithm: digest, "input": name, "status": status, **entry, "history": [*history, entry]}

@@ -32,14 +32,15 @@ from tqdm import tqdm
 from serving import drift, feedback, monitor
 from serving.config import JobConfig
 from serving.defaults import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, EXPERIMENT  # noqa: F401 (re-exported)
-from common import storage
+from common import digests, storage
+from common.digests import Algorithm
 from common.errors import BeyondMachineError, DriftAlert, InputChanged, InputError, OutputError
 from common.experiments import ensure_experiment, run_context_tags
 from common.owner import KILLED_REASON_TAG, OWNER_TAG, owner_id
 from common.resources import mem_available
 from serving.model_source import ModelRef, is_remote, resolve_model
 from serving.pipeline import in_order, read_ahead
-from serving.readers import Chunk, ImageReader, LabelReader, Skipped, open_images, open_labels
+from serving.readers import Chunk, ImageReader, LabelReader, Skipped, file_digest, open_images, open_labels
 from serving.session import (
     CUDA,
     INPUT_NAME,
@@ -62,7 +63,9 @@ from serving.writers import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 2  # 2: columns prediction/label/correct/ood_score, drift, ignored files
+# 2: columns prediction/label/correct/ood_score, drift, ignored files; 3: digests named by their
+# algorithm ("blake3", or "sha256" in an inbox whose ledger began with it), BLAKE3 by default
+MANIFEST_VERSION = 3
 
 # Host memory a job holds per image of its batch size: the chunks in flight (read, waiting, being
 # written) and, per inference stream, onnxruntime's buffers of a run (the float input, activations).
@@ -86,7 +89,7 @@ class JobResult:
     seconds: float  # read -> predict -> write, model loading and tracking excluded
     throughput: float  # predicted images per second over `seconds`
     wall_seconds: float  # the whole run_job call
-    input_digest: str  # SHA-256 of the input file (folder: of its sha256sum-style listing)
+    input_digest: str  # of the input file (folder: of its b3sum-style listing), hex
     labels_digest: str | None
     mlflow_run_id: str | None
     drift: drift.DriftReport
@@ -94,6 +97,7 @@ class JobResult:
     manifest_data: dict[str, Any] | None = None  # what the manifest file holds
     mean_confidence: float | None = None  # mean top probability over the predicted records
     monitor_run_id: str | None = None  # the model version's monitoring record this batch added a point to
+    digest_algorithm: Algorithm = digests.DEFAULT  # of input_digest and labels_digest (common.digests)
 
 
 # --- MLflow ----------------------------------------------------------------------------------------
@@ -172,9 +176,9 @@ class _Tracking:
         if result.mean_confidence is not None:
             metrics["mean_confidence"] = result.mean_confidence
         metrics.update(result.drift.metrics())
-        params = [Param("input_digest", result.input_digest)]
+        params = [Param("input_digest", f"{result.digest_algorithm}:{result.input_digest}")]
         if result.labels_digest:
-            params.append(Param("labels_digest", result.labels_digest))
+            params.append(Param("labels_digest", f"{result.digest_algorithm}:{result.labels_digest}"))
         self.client.log_batch(
             self.run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
@@ -340,8 +344,9 @@ def _manifest(
                    "rows": result.predicted, "columns": columns, "all_probabilities": cfg.all_probabilities},
         "model": {**model.to_dict(), "onnxruntime": ort.__version__},
         "input": {"path": shown.input or str(cfg.input), "kind": reader.kind, "records": reader.count,
-                  "sha256": result.input_digest, **reader.details},
-        "labels": None if labels is None else {"path": shown.labels or str(labels.path), "sha256": labels.digest},
+                  result.digest_algorithm: result.input_digest, **reader.details},
+        "labels": None if labels is None else {"path": shown.labels or str(labels.path),
+                                               result.digest_algorithm: labels.digest},
         "provider": prov,
         "device": cfg.device,
         "batch_size": cfg.batch_size,
@@ -396,11 +401,10 @@ def load_model(cfg: JobConfig, decoding: bool = False) -> LoadedModel:
 
 def _labels_for(cfg: JobConfig, reader: ImageReader) -> LabelReader | None:
     if cfg.labels:
-        return open_labels(cfg.labels, reader.count, cfg.input)
+        return open_labels(cfg.labels, reader.count, cfg.input, reader.algorithm)
     if reader.labels is not None and reader.labels_csv is not None:
-        from serving.readers import _file_sha256
-
-        return LabelReader(reader.labels_csv, reader.count, _file_sha256(reader.labels_csv), _mm=reader.labels)
+        return LabelReader(reader.labels_csv, reader.count, file_digest(reader.labels_csv, reader.algorithm),
+                           _mm=reader.labels)
     return None
 
 
@@ -416,12 +420,14 @@ class _Shown:
 
 @dataclass(frozen=True)
 class Expected:
-    """The content an input must have: an inbox claimed it under its SHA-256 `digest`. `unchanged`,
+    """The content an input must have: an inbox claimed it under its `digest` (of `algorithm`, the
+    ledger's: common.digests). `unchanged`,
     when given, vouches for a file without hashing it a second time: asked once the file is read, it
     tells whether the file is still the one `digest` was taken of (serving.inbox compares its
     identity: inode, size, modification and change times)."""
 
     digest: str
+    algorithm: Algorithm = digests.DEFAULT
     unchanged: Callable[[], bool] | None = None
 
 
@@ -439,8 +445,8 @@ def _write_outputs(cfg: JobConfig, loaded: LoadedModel, reader: ImageReader, lab
         input_digest = reader.digest()  # None: read without hashing, `expect` vouches for it
         if expect is not None:
             if not (expect.unchanged() if input_digest is None else input_digest == expect.digest):
-                raise InputChanged(f"{shown.input or cfg.input}: changed while it was scored (claimed as sha256 "
-                                   f"{expect.digest[:12]}...); nothing written")
+                raise InputChanged(f"{shown.input or cfg.input}: changed while it was scored (claimed as "
+                                   f"{expect.algorithm} {expect.digest[:12]}...); nothing written")
             input_digest = expect.digest
         writer.close()
         seconds = time.perf_counter() - t0
@@ -454,6 +460,7 @@ def _write_outputs(cfg: JobConfig, loaded: LoadedModel, reader: ImageReader, lab
             drift=monitor.report() if monitor is not None else drift.unavailable(loaded.reference_missing),
             input_path=cfg.input,
             mean_confidence=counts.confidence / counts.predicted if counts.predicted else None,
+            digest_algorithm=reader.algorithm,
         )
         data = _manifest(cfg, loaded.ref, loaded.provider, reader, labels, result, started, writer.schema.names,
                          shown)
@@ -488,7 +495,8 @@ def _run_local(cfg: JobConfig, loaded: LoadedModel | None, shown: _Shown, expect
     cfg = _check(cfg)
     # Input first: bad input fails in milliseconds, before any model download or MLflow run.
     reader = open_images(cfg.input, on_error=cfg.on_error, workers=cfg.decode_workers,
-                         hashed=expect is None or expect.unchanged is None)
+                         hashed=expect is None or expect.unchanged is None,
+                         algorithm=expect.algorithm if expect is not None else digests.DEFAULT)
     labels = _labels_for(cfg, reader)
     tracking: _Tracking | None = None
     try:

@@ -3,7 +3,7 @@
 Inputs: an IDX images file (gzipped or not), a `.npy` array (uint8 or float, `(N, 28, 28)` or
 `(N, 784)`), or a folder of PNG/JPEG images. Every reader yields `Chunk`s of at most `batch_size`
 uint8 `(B, 28, 28)` images and hashes the bytes it reads as they pass, so the input digest costs no
-second read of the file.
+second read of the file. The digest is BLAKE3 unless the caller asks for another (common.digests).
 
 Files are read with `readinto` into per-chunk buffers rather than through a memory map: the pages
 of a map count in the process's RSS as they are touched, so a 1,000,000-image `.npy` would show
@@ -30,7 +30,6 @@ files, an empty input) always fails, because no record of such an input can be t
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 from abc import ABC, abstractmethod
@@ -42,7 +41,8 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 
-from common import idx
+from common import digests, idx
+from common.digests import Algorithm
 from serving.config import OnError
 from common.errors import InputError
 from serving.images import IMAGE_SHAPE, load_image, open_nofollow
@@ -75,17 +75,18 @@ class Chunk:
 
 
 class ImageReader(ABC):
-    """One input. `count` is the number of records before skipping; `digest()` is the SHA-256 of the
-    input file(s) and is complete once `chunks()` has run to the end. A file opened with
+    """One input. `count` is the number of records before skipping; `digest()` is the digest (BLAKE3 by
+    default: common.digests) of the input file(s) and is complete once `chunks()` has run to the end. A file opened with
     `hashed=False` is read without hashing (its caller knows the digest and that the file did not
-    change; see serving.inbox): `digest()` is then None."""
+    change; see serving.inbox): `digest()` is then None. `algorithm`: the digest's (common.digests)."""
 
     kind: str = ""
     id_kind: Literal["index", "file"] = "index"
     labels_csv: Path | None = None  # a folder's own labels file
     labels: np.ndarray | None = None  # its labels, one per record
 
-    def __init__(self, path: Path, count: int, on_error: OnError, hashed: bool = True):
+    def __init__(self, path: Path, count: int, on_error: OnError, hashed: bool = True,
+                 algorithm: Algorithm = digests.DEFAULT):
         if count == 0:
             raise InputError(f"{path}: empty input (0 images)")
         self.path = path
@@ -93,7 +94,8 @@ class ImageReader(ABC):
         self.on_error = on_error
         self.skipped: list[Skipped] = []
         self.details: dict[str, object] = {}
-        self._hash = hashlib.sha256() if hashed else None
+        self.algorithm = algorithm
+        self._hash = digests.hasher(algorithm) if hashed else None
         self._done = False
 
     @abstractmethod
@@ -108,7 +110,7 @@ class ImageReader(ABC):
 class _HashingReader(io.RawIOBase):
     """A raw file that feeds every byte read through a hash; gzip reads its compressed bytes via this."""
 
-    def __init__(self, raw: BinaryIO, h: "hashlib._Hash"):
+    def __init__(self, raw: BinaryIO, h: digests.Hasher):
         self._raw, self._h = raw, h
 
     def readable(self) -> bool:
@@ -141,7 +143,7 @@ def _read_into(f: BinaryIO, buf: memoryview) -> int:
     return got
 
 
-def _open_hashed(path: Path, h: "hashlib._Hash | None") -> tuple[BinaryIO, _HashingReader | None]:
+def _open_hashed(path: Path, h: digests.Hasher | None) -> tuple[BinaryIO, _HashingReader | None]:
     """The file to read (gunzipped if need be) and its hashing layer; with h None, the plain file."""
     raw = open_nofollow(path) if h is None else _HashingReader(open_nofollow(path), h)
     f = gzip.GzipFile(fileobj=raw, mode="rb") if idx.is_gzip(path) else raw
@@ -169,7 +171,8 @@ def _check_pixels(x: np.ndarray, start: int, path: Path, on_error: OnError) -> n
 class IdxReader(ImageReader):
     kind = "idx"
 
-    def __init__(self, path: Path, on_error: OnError = "fail", hashed: bool = True):
+    def __init__(self, path: Path, on_error: OnError = "fail", hashed: bool = True,
+                 algorithm: Algorithm = digests.DEFAULT):
         self.gzipped = idx.is_gzip(path)
         opener = gzip.open if self.gzipped else open
         try:
@@ -190,7 +193,7 @@ class IdxReader(ImageReader):
                     f"{path}: {size} bytes, expected {expected} for {header.count} images of 28x28 "
                     f"(file {'truncated' if size < expected else 'padded'})"
                 )
-        super().__init__(path, header.count, on_error, hashed)
+        super().__init__(path, header.count, on_error, hashed, algorithm)
         self.kind = "idx.gz" if self.gzipped else "idx"
 
     def chunks(self, batch_size: int) -> Iterator[Chunk]:
@@ -225,7 +228,8 @@ class IdxReader(ImageReader):
 class NpyReader(ImageReader):
     kind = "npy"
 
-    def __init__(self, path: Path, on_error: OnError = "fail", hashed: bool = True):
+    def __init__(self, path: Path, on_error: OnError = "fail", hashed: bool = True,
+                 algorithm: Algorithm = digests.DEFAULT):
         try:
             mm = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
@@ -245,7 +249,7 @@ class NpyReader(ImageReader):
         # Otherwise only the header was needed: the map is dropped (and unmapped) here.
         self._mm = mm if (mm.flags.f_contiguous and not mm.flags.c_contiguous) else None
         del mm
-        super().__init__(path, shape[0], on_error, hashed)
+        super().__init__(path, shape[0], on_error, hashed, algorithm)
         self.details["dtype"] = str(dtype)
         self._bad = np.empty(0, dtype=np.int64)
         self._scale = 1.0
@@ -321,11 +325,11 @@ class NpyReader(ImageReader):
 # --- a folder of PNG/JPEG -----------------------------------------------------------------------
 
 
-def _load_many(paths: list[Path]) -> list[tuple[np.ndarray, str] | InputError]:
+def _load_many(paths: list[Path], algorithm: Algorithm) -> list[tuple[np.ndarray, str] | InputError]:
     out: list[tuple[np.ndarray, str] | InputError] = []
     for p in paths:
         try:
-            out.append(load_image(p))
+            out.append(load_image(p, algorithm))
         except InputError as e:
             out.append(e)
     return out
@@ -374,25 +378,27 @@ def _walk(root: Path, links: list[str] | None = None) -> list[tuple[str, int]]:
     return sorted(out)
 
 
-def _file_sha256_or_dash(path: Path) -> str:
+def _file_digest_or_dash(path: Path, algorithm: Algorithm) -> str:
     try:
-        return _file_sha256(path)
+        return file_digest(path, algorithm)
     except OSError:
         return "-"
 
 
-def _listing_digest(hexes: dict[str, str]) -> str:
-    return hashlib.sha256("".join(f"{hexes[n]}  {n}\n" for n in sorted(hexes)).encode()).hexdigest()
+def _listing_digest(hexes: dict[str, str], algorithm: Algorithm) -> str:
+    return digests.of_bytes("".join(f"{hexes[n]}  {n}\n" for n in sorted(hexes)).encode(), algorithm)
 
 
-def folder_digest(path: Path) -> str:
+def folder_digest(path: Path, algorithm: Algorithm = digests.DEFAULT) -> str:
     """The digest a FolderReader of `path` reports, without decoding any image."""
-    return _listing_digest({n: _file_sha256_or_dash(path / n) for n, _ in _walk(path)})
+    return _listing_digest({n: _file_digest_or_dash(path / n, algorithm) for n, _ in _walk(path)}, algorithm)
 
 
-def content_digest(path: Path) -> str:
-    """SHA-256 of an input: of the file's bytes, or of a folder's listing (see FolderReader)."""
-    return folder_digest(path) if path.is_dir() and not path.is_symlink() else _file_sha256(path)
+def content_digest(path: Path, algorithm: Algorithm = digests.DEFAULT) -> str:
+    """The digest of an input: of the file's bytes, or of a folder's listing (see FolderReader)."""
+    if path.is_dir() and not path.is_symlink():
+        return folder_digest(path, algorithm)
+    return file_digest(path, algorithm)
 
 
 def _read_labels_csv(path: Path, names: list[str]) -> np.ndarray:
@@ -438,9 +444,9 @@ class FolderReader(ImageReader):
     id is its path relative to the folder. A file is an image by its name (.png, .jpg, ...) or by a
     PNG/JPEG signature; other files (notes, a labels.csv) are not records: they are listed in
     `ignored`. A `labels.csv` (`file,label` lines) at the top gives the true labels. The digest is
-    the SHA-256 of the `sha256sum`-style listing (`<hex>  <path>` lines, in path order) of every
-    non-hidden file, labels.csv and ignored files included: `folder_digest` computes the same
-    without decoding anything (the inbox's key).
+    the digest of the `b3sum`-style listing (`<hex>  <path>` lines, in path order; `sha256sum`'s
+    with SHA-256) of every non-hidden file, labels.csv and ignored files included: `folder_digest`
+    computes the same without decoding anything (the inbox's key).
 
     Decoded on a thread pool. Its size depends on the images: Pillow releases the GIL while it
     decodes and resizes a big image, so photos decode ~1.3x faster on 2 threads than on one; a small
@@ -451,7 +457,8 @@ class FolderReader(ImageReader):
     kind = "folder"
     id_kind = "file"
 
-    def __init__(self, path: Path, on_error: OnError = "fail", workers: int | None = None):
+    def __init__(self, path: Path, on_error: OnError = "fail", workers: int | None = None,
+                 algorithm: Algorithm = digests.DEFAULT):
         self.links: list[str] = []
         try:
             files = _walk(path, self.links)
@@ -469,7 +476,7 @@ class FolderReader(ImageReader):
         self.names = [n for n, _ in records]
         if not self.names:
             raise InputError(f"{path}: empty input (no image files in the folder)")
-        super().__init__(path, len(self.names), on_error)
+        super().__init__(path, len(self.names), on_error, algorithm=algorithm)
         if self.ignored:
             self.details["ignored"] = self.ignored
         if self.links:
@@ -495,7 +502,7 @@ class FolderReader(ImageReader):
                     [self.path / n for n in names[i : i + _DECODE_TASK]]
                     for i in range(0, len(names), _DECODE_TASK)
                 ]
-                results = [r for part in pool.map(_load_many, tasks) for r in part]
+                results = [r for part in pool.map(_load_many, tasks, [self.algorithm] * len(tasks)) for r in part]
                 yield self._chunk(start, names, results)
         self._done = True
 
@@ -503,8 +510,8 @@ class FolderReader(ImageReader):
         if not self._done:
             raise RuntimeError(f"{self.path}: digest asked for before the whole input was read")
         extra = self.ignored + ([LABELS_CSV] if self.labels_csv else [])
-        hexes = {**self._hexes, **{n: _file_sha256_or_dash(self.path / n) for n in extra}}
-        return _listing_digest(hexes)
+        hexes = {**self._hexes, **{n: _file_digest_or_dash(self.path / n, self.algorithm) for n in extra}}
+        return _listing_digest(hexes, self.algorithm)
 
     def _chunk(self, start: int, names: list[str], results: list) -> Chunk:
         pixels = np.empty((len(names), *IMAGE_SHAPE), dtype=np.uint8)
@@ -514,7 +521,7 @@ class FolderReader(ImageReader):
                 if self.on_error == "fail":
                     raise r
                 self.skipped.append(Skipped(start + i, name, str(r)))
-                self._hexes[name] = _file_sha256_or_dash(self.path / name)
+                self._hexes[name] = _file_digest_or_dash(self.path / name, self.algorithm)
                 continue
             pixels[len(keep)] = r[0]
             keep.append(i)
@@ -536,24 +543,24 @@ class FolderReader(ImageReader):
 
 
 def open_images(path: Path, *, on_error: OnError = "fail", workers: int | None = None,
-                hashed: bool = True) -> ImageReader:
+                hashed: bool = True, algorithm: Algorithm = digests.DEFAULT) -> ImageReader:
     """The reader for an input path: a folder, a `.npy` file, or an IDX file (gzipped or not).
     `hashed=False`: a file is read without hashing (ImageReader); a folder is always hashed (its
-    digest lists its files' digests)."""
+    digest lists its files' digests). `algorithm`: the digest's (common.digests)."""
     path = Path(path)
     if path.is_dir():
-        return FolderReader(path, on_error, workers)
+        return FolderReader(path, on_error, workers, algorithm)
     if not path.is_file():
         raise InputError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".npy":
-        return NpyReader(path, on_error, hashed)
+        return NpyReader(path, on_error, hashed, algorithm)
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
         raise InputError(f"{path}: unreadable ({e.strerror or e})") from e
     if head[:2] == idx.GZIP_MAGIC or head[:2] == b"\x00\x00":
-        return IdxReader(path, on_error, hashed)
+        return IdxReader(path, on_error, hashed, algorithm)
     if not head:
         raise InputError(f"{path}: empty file")
     raise InputError(
@@ -600,17 +607,19 @@ class LabelReader:
             self._stream.close()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: Algorithm = digests.DEFAULT) -> str:
+    """The digest of a file's bytes, read in blocks (never through a symbolic link)."""
+    h = digests.hasher(algorithm)
     with open_nofollow(path) as f:
         while block := f.read(_BLOCK):
             h.update(block)
     return h.hexdigest()
 
 
-def open_labels(path: Path, expected: int, images: Path | None = None) -> LabelReader:
+def open_labels(path: Path, expected: int, images: Path | None = None,
+                algorithm: Algorithm = digests.DEFAULT) -> LabelReader:
     """Labels from an IDX labels file (gzipped or not) or a 1-D integer `.npy`; their count must be
-    the number of input records (`expected`)."""
+    the number of input records (`expected`). Their digest is `algorithm`'s."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such labels file")
@@ -626,7 +635,7 @@ def open_labels(path: Path, expected: int, images: Path | None = None) -> LabelR
             )
         if len(mm) != expected:
             raise InputError(f"{path}: {len(mm)} labels{of}")
-        return LabelReader(path, expected, _file_sha256(path), _mm=mm)
+        return LabelReader(path, expected, file_digest(path, algorithm), _mm=mm)
     try:
         f = gzip.open(path, "rb") if idx.is_gzip(path) else open(path, "rb")
         header = idx.read_header(f, path)
@@ -639,4 +648,4 @@ def open_labels(path: Path, expected: int, images: Path | None = None) -> LabelR
     if header.count != expected:
         f.close()
         raise InputError(f"{path}: {header.count} labels{of}")
-    return LabelReader(path, expected, _file_sha256(path), _stream=f)
+    return LabelReader(path, expected, file_digest(path, algorithm), _stream=f)

@@ -4,6 +4,7 @@ with two jobs at once and after a killed job)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -39,10 +41,11 @@ def cfg(model: tuple[Path, dict], inp: Path, out: Path, **kw) -> JobConfig:
 
 
 def files(folder: Path) -> list[str]:
-    """The files under `folder`, less the ledger's leases (claim generations) and its index of digests
-    (see serving.inbox)."""
+    """The files under `folder`, less the ledger's leases (claim generations), its index of digests
+    and its FORMAT (see serving.inbox)."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.is_file() and ".claim-" not in p.name and "digests" not in p.parts)
+                  if p.is_file() and ".claim-" not in p.name and "digests" not in p.parts
+                  and p.name != "FORMAT")
 
 
 # --- outputs that explain themselves ------------------------------------------------------------------
@@ -235,6 +238,59 @@ def test_inbox_scores_each_input_once(model, tmp_path: Path) -> None:
     assert len(record["history"]) == 2
 
 
+def test_a_new_ledger_keys_by_blake3_and_one_begun_with_sha256_keeps_it(model, tmp_path: Path) -> None:
+    """Ledgers written before BLAKE3 (SHA-256 records, index and manifests, no FORMAT) go on matching
+    their inputs: a rerun scores none of them again, and a new input is keyed the ledger's way."""
+    inbox, out = make_inbox(tmp_path), tmp_path / "out"
+    run_inbox(inbox, out, cfg(model, inbox, out))
+    assert json.loads((out / "ledger" / "FORMAT").read_text()) == {"digest": "blake3"}
+    a = blake3.blake3((inbox / "a.npy").read_bytes()).hexdigest()
+    assert json.loads((out / "ledger" / f"{a}.json").read_text())["blake3"] == a  # b3sum's digest
+
+    old, legacy = tmp_path / "old", tmp_path / "old" / "ledger"
+    legacy.mkdir(parents=True)
+    (legacy / "FORMAT").write_text('{"digest": "sha256"}')
+    first = run_inbox(inbox, old, cfg(model, inbox, old))
+    assert len(first.scored) == 3 and {r.digest_algorithm for r in first.scored} == {"sha256"}
+    (legacy / "FORMAT").unlink()  # now as the version before BLAKE3 left it
+    a_sha = hashlib.sha256((inbox / "a.npy").read_bytes()).hexdigest()
+    assert json.loads((legacy / f"{a_sha}.json").read_text())["sha256"] == a_sha
+
+    again = run_inbox(inbox, old, cfg(model, inbox, old))
+    assert again.scored == [] and len(again.already) == 3
+    assert json.loads((legacy / "FORMAT").read_text()) == {"digest": "sha256"}
+    np.save(inbox / "c.npy", digits(5, seed=9))
+    new = run_inbox(inbox, old, cfg(model, inbox, old))
+    assert [r.input_path.name for r in new.scored] == ["c.npy"]
+    c_sha = hashlib.sha256((inbox / "c.npy").read_bytes()).hexdigest()
+    assert json.loads(Path(str(new.scored[0].manifest)).read_text())["input"]["sha256"] == c_sha
+    assert (legacy / f"{c_sha}.json").is_file()
+
+
+def test_workers_agree_on_a_new_ledgers_algorithm_and_an_unknown_one_is_refused(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    from common import storage
+    from serving import inbox as inbox_module
+
+    out = tmp_path / "out"
+    listed = storage.glob
+
+    def another_worker_decides_meanwhile(prefix: str) -> list[str]:
+        found = listed(prefix)
+        (out / "ledger").mkdir(parents=True, exist_ok=True)
+        (out / "ledger" / "FORMAT").write_text('{"digest": "sha256"}')  # its create wins the race
+        return found
+
+    monkeypatch.setattr(storage, "glob", another_worker_decides_meanwhile)
+    assert inbox_module.ledger_algorithm(str(out)) == "sha256"  # what the first writer decided
+    monkeypatch.setattr(storage, "glob", listed)
+    assert inbox_module.ledger_algorithm(str(tmp_path / "fresh")) == "blake3"
+
+    (out / "ledger" / "FORMAT").write_text('{"digest": "md5"}')
+    with pytest.raises(OutputError, match=r"ledger/FORMAT: not a ledger format this version reads; expected"):
+        inbox_module.ledger_algorithm(str(out))
+
+
 def test_a_rerun_reads_no_settled_file_again_and_a_rewritten_one_is_read(model, tmp_path: Path, monkeypatch) -> None:
     from serving import inbox as inbox_module
 
@@ -245,12 +301,12 @@ def test_a_rerun_reads_no_settled_file_again_and_a_rewritten_one_is_read(model, 
 
     read: list[str] = []
     digest = inbox_module.content_digest
-    monkeypatch.setattr(inbox_module, "content_digest", lambda p: read.append(p.name) or digest(p))
+    monkeypatch.setattr(inbox_module, "content_digest", lambda p, *a: read.append(p.name) or digest(p, *a))
     monkeypatch.setattr(inbox_module, "SETTLED_S", 0.0)
     again = run_inbox(inbox, out, cfg(model, inbox, out))  # reads each once more, and remembers the files
     assert again.scored == [] and sorted(read) == ["a.npy", "b-images-idx3-ubyte.gz", "scans"]
     index = [json.loads(p.read_text()) for p in (out / "ledger" / "digests").glob("*.json")]
-    assert sorted(e["sha256"] for e in index) == sorted(digest(inbox / n) for n in ("a.npy", "b-images-idx3-ubyte.gz"))
+    assert sorted(e["blake3"] for e in index) == sorted(digest(inbox / n) for n in ("a.npy", "b-images-idx3-ubyte.gz"))
 
     read.clear()
     third = run_inbox(inbox, out, cfg(model, inbox, out))
@@ -293,8 +349,8 @@ def test_an_input_rewritten_after_its_digest_gets_no_output_and_no_record(model,
         os.utime(inbox / "a.npy", (time.time() - 60, time.time() - 60))  # a rewrite moves its mtime, whatever the tick
     digest = inbox_module.content_digest
 
-    def digest_then_rewrite(path: Path) -> str:
-        d = digest(path)
+    def digest_then_rewrite(path: Path, *a) -> str:
+        d = digest(path, *a)
         if path.name == "a.npy":  # an uploader rewrites it in place between its digest and its scoring
             np.save(path, digits(20, seed=42))
         return d
@@ -304,7 +360,7 @@ def test_an_input_rewritten_after_its_digest_gets_no_output_and_no_record(model,
     assert sorted(x.input_path.name for x in r.scored) == ["b-images-idx3-ubyte.gz", "scans"]
     assert [f["input"] for f in r.failed] == ["a.npy"] and "changed while it was scored" in r.failed[0]["error"]
     assert not [f for f in files(out) if f.startswith("a.npy")]  # no output, no manifest, no temp file
-    assert not (out / "ledger" / f"{r.failed[0]['sha256']}.json").exists()  # its old content is not recorded
+    assert not (out / "ledger" / f"{r.failed[0]['blake3']}.json").exists()  # its old content is not recorded
 
     monkeypatch.setattr(inbox_module, "content_digest", digest)
     again = run_inbox(inbox, out, cfg(model, inbox, out))  # the new content, scored once

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -102,7 +102,7 @@ def test_every_input_kind(model: tuple[Path, dict], tmp_path: Path, kind: str) -
     assert m["provider"] == res.provider == "CPUExecutionProvider"
     assert m["model"]["uri"] == str(model[0]) and m["model"]["version"] is None
     assert m["counts"] == {"records": 50, "predicted": 50, "skipped": 0}
-    assert m["input"]["sha256"] == res.input_digest == open_digest(inp)
+    assert m["input"]["blake3"] == res.input_digest == open_digest(inp)  # b3sum's
     assert m["throughput_img_per_s"] > 0 and m["accuracy"] is None
     assert m["output"]["columns"] == ["id", "prediction", "probability"]
     assert m["drift"]["status"] == "unavailable" and "--drift-reference" in m["drift"]["reason"]
@@ -112,10 +112,10 @@ def test_every_input_kind(model: tuple[Path, dict], tmp_path: Path, kind: str) -
 def open_digest(inp: Path) -> str:
     if inp.is_dir():
         listing = "".join(
-            f"{hashlib.sha256((inp / n).read_bytes()).hexdigest()}  {n}\n" for n in sorted(os.listdir(inp))
+            f"{blake3.blake3((inp / n).read_bytes()).hexdigest()}  {n}\n" for n in sorted(os.listdir(inp))
         )
-        return hashlib.sha256(listing.encode()).hexdigest()
-    return hashlib.sha256(inp.read_bytes()).hexdigest()
+        return blake3.blake3(listing.encode()).hexdigest()
+    return blake3.blake3(inp.read_bytes()).hexdigest()
 
 
 def test_csv_all_probabilities_and_accuracy(model: tuple[Path, dict], tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_csv_all_probabilities_and_accuracy(model: tuple[Path, dict], tmp_path: 
     assert [r["correct"] for r in rows] == ["false"] * 10 + ["true"] * 30
     m = json.loads(res.manifest.read_text())
     assert m["accuracy"] == pytest.approx(0.75) and m["output"]["format"] == "csv"
-    assert m["labels"]["sha256"] == hashlib.sha256((tmp_path / "y.idx.gz").read_bytes()).hexdigest()
+    assert m["labels"]["blake3"] == blake3.blake3((tmp_path / "y.idx.gz").read_bytes()).hexdigest()
 
 
 def test_format_flag_overrides_suffix(model: tuple[Path, dict], tmp_path: Path) -> None:
@@ -352,7 +352,7 @@ def test_registry_uri_and_tracking(model: tuple[Path, dict], tmp_path: Path, mlf
     assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
     assert run.info.status == "FINISHED"
     assert run.data.params["model_version"] == "2" and run.data.params["model_uri"] == "models:/mnist-mlp@champion"
-    assert run.data.params["input_digest"] == res.input_digest
+    assert run.data.params["input_digest"] == f"blake3:{res.input_digest}"  # names its algorithm
     assert run.data.metrics["accuracy"] == 1.0 and run.data.metrics["predicted"] == 30
     assert run.data.metrics["throughput_img_per_s"] > 0
     assert run.data.tags["provider"] == "CPUExecutionProvider"
@@ -501,6 +501,6 @@ def test_real_mnist_test_set(tmp_path: Path, mnist_source: Path) -> None:
     expected = float((reference_probabilities(weights, x).argmax(axis=1) == y).mean())
     assert res.records == res.predicted == 10_000
     assert res.accuracy == pytest.approx(expected, abs=2e-4) and res.accuracy > 0.90
-    assert res.input_digest == hashlib.sha256(test_images.read_bytes()).hexdigest()
+    assert res.input_digest == blake3.blake3(test_images.read_bytes()).hexdigest()
     assert json.loads(res.manifest.read_text())["accuracy"] == res.accuracy
     assert open_images(test_images).count == 10_000

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,6 +17,7 @@ from serving.readers import (
     FolderReader,
     IdxReader,
     NpyReader,
+    content_digest,
     open_images,
     open_labels,
 )
@@ -23,8 +25,9 @@ from serving_fixtures import BAD_INPUTS as BAD
 from serving_fixtures import digits, make_bad_inputs, write_idx
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def b3(path: Path) -> str:
+    """The file's BLAKE3, as `b3sum` prints it: the readers' digest."""
+    return blake3.blake3(path.read_bytes()).hexdigest()
 
 
 def read_all(reader, batch_size: int = 7) -> tuple[np.ndarray, list]:
@@ -48,7 +51,7 @@ def test_npy_uint8(tmp_path: Path, flat: bool) -> None:
     np.testing.assert_array_equal(pixels, x)
     assert [(c.start, c.stop) for c in chunks][:2] == [(0, 7), (7, 14)]
     np.testing.assert_array_equal(np.concatenate([c.positions() for c in chunks]), np.arange(30))
-    assert r.digest() == sha256(f)
+    assert r.digest() == b3(f)
 
 
 def test_npy_fortran_order(tmp_path: Path) -> None:
@@ -58,7 +61,7 @@ def test_npy_fortran_order(tmp_path: Path) -> None:
     r = open_images(f)
     pixels, _ = read_all(r, 4)
     np.testing.assert_array_equal(pixels.reshape(10, 784), x)
-    assert r.digest() == sha256(f)
+    assert r.digest() == b3(f)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
@@ -74,7 +77,7 @@ def test_npy_float(tmp_path: Path, dtype, scale: str) -> None:
     tol = 1 if dtype == np.float16 else 0
     assert np.abs(pixels.astype(int) - x.astype(int)).max() <= tol
     assert r.details["float_scale"] == scale
-    assert r.digest() == sha256(f)
+    assert r.digest() == b3(f)
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -85,7 +88,7 @@ def test_idx(tmp_path: Path, gz: bool) -> None:
     assert isinstance(r, IdxReader) and r.count == 25 and r.kind == ("idx.gz" if gz else "idx")
     pixels, _ = read_all(r)
     np.testing.assert_array_equal(pixels, x)
-    assert r.digest() == sha256(f)  # of the file as stored (compressed bytes for .gz)
+    assert r.digest() == b3(f)  # of the file as stored (compressed bytes for .gz)
 
 
 def test_folder_png_and_jpeg(tmp_path: Path) -> None:
@@ -104,8 +107,8 @@ def test_folder_png_and_jpeg(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pixels[:4], x[:4])
     assert np.abs(pixels[4].astype(int) - x[4].astype(int)).mean() < 4  # JPEG is lossy
     assert [n for c in chunks for n in c.names] == ["0.png", "1.png", "2.png", "3.png", "4.jpg"]
-    listing = "".join(f"{sha256(d / n)}  {n}\n" for n in r.names)
-    assert r.digest() == hashlib.sha256(listing.encode()).hexdigest()
+    listing = "".join(f"{b3(d / n)}  {n}\n" for n in r.names)
+    assert r.digest() == blake3.blake3(listing.encode()).hexdigest()
 
 
 def _digit_photo(w: int, h: int, dark_on_light: bool = True, mode: str = "L") -> Image.Image:
@@ -151,6 +154,30 @@ def test_folder_big_jpeg_photo(tmp_path: Path) -> None:
 # --- labels -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["npy", "idx.gz", "folder"])
+def test_sha256_is_still_read_for_a_ledger_begun_with_it(tmp_path: Path, kind: str) -> None:
+    """An inbox whose ledger began before BLAKE3 keys by SHA-256 (serving.inbox): the readers give
+    `sha256sum`'s digest, of the file or of the folder's listing, when asked for it."""
+    x = digits(9)
+    if kind == "folder":
+        f = tmp_path / "imgs"
+        f.mkdir()
+        for i, a in enumerate(x):
+            Image.fromarray(a).save(f / f"{i}.png")
+        names = sorted(p.name for p in f.iterdir())
+        listing = "".join(f"{hashlib.sha256((f / n).read_bytes()).hexdigest()}  {n}\n" for n in names)
+        expected = hashlib.sha256(listing.encode()).hexdigest()
+    else:
+        f = tmp_path / "x.npy" if kind == "npy" else write_idx(tmp_path / "x.idx.gz", x, gz=True)
+        if kind == "npy":
+            np.save(f, x)
+        expected = hashlib.sha256(f.read_bytes()).hexdigest()
+    r = open_images(f, algorithm="sha256")
+    read_all(r, 4)
+    assert r.digest() == expected == content_digest(f, "sha256")
+    assert content_digest(f) != expected  # BLAKE3 by default
+
+
 @pytest.mark.parametrize("kind", ["idx", "idx.gz", "npy"])
 def test_labels(tmp_path: Path, kind: str) -> None:
     y = np.arange(23) % 10
@@ -163,7 +190,7 @@ def test_labels(tmp_path: Path, kind: str) -> None:
     got = np.concatenate([lr.read(s, min(s + 5, 23)) for s in range(0, 23, 5)])
     lr.close()
     np.testing.assert_array_equal(got, y)
-    assert lr.digest == sha256(f)
+    assert lr.digest == b3(f)
 
 
 def test_labels_bad(tmp_path: Path) -> None:

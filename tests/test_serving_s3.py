@@ -127,6 +127,16 @@ def test_inbox_in_a_bucket_scored_once_then_only_what_is_new_or_replaced(s3: S3S
     assert sorted(str(x.input_path) for x in third.scored) == [f"{inbox}/a.npy", f"{inbox}/c.npy"]
     assert sorted(fetched) == [f"{inbox}/a.npy", f"{inbox}/c.npy", f"{inbox}/scans"]
     assert len(s3.records(bucket, "scored")) == 5
+    ledger_format = s3.client().get_object(Bucket=bucket, Key="scored/ledger/FORMAT")["Body"].read()
+    assert json.loads(ledger_format) == {"digest": "blake3"}
+
+    # a ledger begun before BLAKE3 (SHA-256 keys, no FORMAT) keeps SHA-256 in a bucket too
+    put(s3, bucket, "legacy/ledger/FORMAT", b'{"digest": "sha256"}')
+    assert len(run_inbox(inbox, f"s3://{bucket}/legacy", job).scored) == 4
+    s3.client().delete_object(Bucket=bucket, Key="legacy/ledger/FORMAT")  # as the version before left it
+    assert run_inbox(inbox, f"s3://{bucket}/legacy", job).scored == []
+    ledger_format = s3.client().get_object(Bucket=bucket, Key="legacy/ledger/FORMAT")["Body"].read()
+    assert json.loads(ledger_format) == {"digest": "sha256"}
 
 
 def test_one_job_from_and_to_the_bucket(s3: S3Server, model: Path, tmp_path: Path, capfd) -> None:

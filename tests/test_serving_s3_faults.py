@@ -68,10 +68,12 @@ def serving(model: Path, *args: str) -> list[str]:
 
 
 def ledger(client, bucket: str) -> dict[str, str]:
-    """The ledger's records and claims under scored/ledger/ (not its digests/ index): name -> content."""
+    """The ledger's records and claims under scored/ledger/ (not its digests/ index nor its FORMAT):
+    name -> content."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="scored/ledger/")
     return {o["Key"].rsplit("/", 1)[1]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read().decode()
-            for page in pages for o in page.get("Contents", []) if "/digests/" not in o["Key"]}
+            for page in pages for o in page.get("Contents", [])
+            if "/digests/" not in o["Key"] and not o["Key"].endswith("/FORMAT")}
 
 
 # --- access denied ---------------------------------------------------------------------------------
