@@ -10,10 +10,11 @@
 - a one-shot job's cost: the wall time of `mnistops infer` vs `python -m serving`, each a fresh
   process scoring the 10,000-image test set with tracking to the embedded store (no Prefect server).
 
-What the job does beyond the bare session, on the cores the session would use (2026-12-04, 2 cores,
-1.2 M images): the input's SHA-256 (~0.45 CPU-s, the largest part), reading (~0.1), the drift check
-(~0.07: its pixel sums come from the model's own run) and writing Parquet (~0.07), against the
-session's ~1.0 CPU-s.
+What the job does beyond the bare session, on the cores the session would use (2026-12-05, 2 cores,
+1.2 M images, thread CPU times): the input's BLAKE3 digest and reading (~0.12 CPU-s; SHA-256 was
+~0.45, the largest part, until common/digests.py), the drift check (~0.08: its pixel sums come from
+the model's own run) and writing Parquet (~0.05), against the session's ~0.75 CPU-s in the job's
+single-thread streams (the model multiplies the raw pixels: nn_core.export.folded_first_layer).
 
 Targets on 2 CPU cores: the job >= 80% of the bare session for .npy and uncompressed IDX; PNG folder
 >= 10,000 images/s; peak memory independent of the input size; `mnistops infer` <= 1.3x the wall of
