@@ -4,8 +4,8 @@ inbox's ledger.
 BLAKE3 (the `blake3` package, the reference implementation's Python binding), 256 bits: a
 cryptographic hash, as SHA-256 is, at ~7.5 GB/s on one core here against SHA-256's ~2 GB/s with the
 CPU's SHA instructions. The job hashes every byte it scores, and SHA-256 was its largest cost after
-the model itself (0.45 of ~1.7 CPU-s for 1.2 M images; BLAKE3: 0.12). `b3sum` (or
-`python -c "import blake3"`) checks a digest by hand, as `sha256sum` did.
+the model itself (0.45 of ~1.7 CPU-s for 1.2 M images; BLAKE3: 0.12). `b3sum FILE` (the BLAKE3
+team's command) or `blake3.blake3(data).hexdigest()` checks a digest by hand, as `sha256sum` did.
 
 SHA-256 stays readable: an inbox whose ledger was begun with it keeps it (serving.inbox), so its
 records still match its inputs.

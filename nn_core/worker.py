@@ -37,6 +37,29 @@ def die_with_parent(launcher_pid: int) -> None:
         os._exit(1)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what torch's agent stops workers with
+
+
+def whole_error_file_handler():
+    """torch's ErrorHandler for `record`, writing the worker's error file with the stop signals held
+    off until it is whole. torch writes it in place (open, then json.dump); when a worker fails on its
+    own (a peer killed: its collective breaks) the agent stops the others with SIGTERM at that moment,
+    and one that dies mid-write leaves an empty file, on which the agent's parse raises: the training
+    failed instead of restarting ("Expecting value: line 1 column 1", seen in CI). Held off, the
+    signal lands once the file is written and the worker dies by it as before."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    class WholeErrorFile(ErrorHandler):
+        def record_exception(self, e: BaseException) -> None:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                super().record_exception(e)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    return WholeErrorFile()
+
+
 def main(argv: list[str]) -> None:
     """argv: [launcher pid, "local" or "multi-node", the job as JSON]."""
     launcher_pid, where, job_json = int(argv[0]), argv[1], argv[2]
@@ -49,7 +72,7 @@ def main(argv: list[str]) -> None:
     job = job_from_dict(json.loads(job_json))
     # record: the exception goes to torchelastic's error file, so the launcher reports the worker's
     # real error rather than a bare exit code.
-    record(local_worker if where == "local" else worker_main)(job)
+    record(local_worker if where == "local" else worker_main, whole_error_file_handler())(job)
     # Done, and everything it wrote is closed (MLflow's run ended, the checkpoint and results renamed
     # into place). Leave without the interpreter's teardown: the C++ destructors of torch's
     # distributed runtime ran there racing the other ranks' exits, and once in a CI run a finished
