@@ -9,6 +9,7 @@ Shape/Gather/Unsqueeze/Concat chain for the same reshape.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def folded_first_layer(model: MLP) -> torch.nn.Linear:
     assert isinstance(first, torch.nn.Linear), "the MLP starts with a Linear"
     w = first.weight.detach().double()
     mean, std = float(model.mean), float(model.std)
-    folded = torch.nn.Linear(first.in_features, first.out_features)
+    folded = copy.deepcopy(first)  # not a new Linear: its initialisation would draw from torch's generator
     with torch.no_grad():
         folded.weight.copy_((w / std).float())
         folded.bias.copy_((first.bias.detach().double() - (mean / std) * w.sum(dim=1)).float())

@@ -421,10 +421,9 @@ class _Shown:
 @dataclass(frozen=True)
 class Expected:
     """The content an input must have: an inbox claimed it under its `digest` (of `algorithm`, the
-    ledger's: common.digests). `unchanged`,
-    when given, vouches for a file without hashing it a second time: asked once the file is read, it
-    tells whether the file is still the one `digest` was taken of (serving.inbox compares its
-    identity: inode, size, modification and change times)."""
+    ledger's: common.digests). `unchanged`, when given, vouches for a file without hashing it a
+    second time: asked once the file is read, it tells whether the file is still the one `digest` was
+    taken of (serving.inbox compares its identity: inode, size, modification and change times)."""
 
     digest: str
     algorithm: Algorithm = digests.DEFAULT

@@ -75,10 +75,11 @@ class Chunk:
 
 
 class ImageReader(ABC):
-    """One input. `count` is the number of records before skipping; `digest()` is the digest (BLAKE3 by
-    default: common.digests) of the input file(s) and is complete once `chunks()` has run to the end. A file opened with
-    `hashed=False` is read without hashing (its caller knows the digest and that the file did not
-    change; see serving.inbox): `digest()` is then None. `algorithm`: the digest's (common.digests)."""
+    """One input. `count` is the number of records before skipping; `digest()` is the hex digest of
+    the input file(s) (`algorithm`'s, BLAKE3 by default: common.digests) and is complete once
+    `chunks()` has run to the end. A file opened with `hashed=False` is read without hashing (its
+    caller knows the digest and that the file did not change; see serving.inbox): `digest()` is then
+    None."""
 
     kind: str = ""
     id_kind: Literal["index", "file"] = "index"
