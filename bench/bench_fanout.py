@@ -188,9 +188,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--inputs", type=int, default=24, help="inputs in the inbox (>= 20)")
     p.add_argument("--images", type=int, default=50_000,
-                   help="images per input (the default makes ~2 s of scoring for one worker: a fan-out run's "
-                        "fixed ~0.3 s, its flow and task runs on the Prefect API, is then not what the ratio "
-                        "measures; with 4,000, 0.4 s of scoring, a second worker gains nothing)")
+                   help="images per input (the default makes ~1.2 s of scoring for one worker on 2 cores, "
+                        "against a fan-out run's fixed ~0.25 s, its flow and task runs on the Prefect API, which "
+                        "the ratio includes; with 4,000, ~0.1 s of scoring, a second worker gains nothing)")
     p.add_argument("--bucket-inputs", type=int, default=6, help="inputs of the bucket-vs-folder inbox")
     p.add_argument("--repeats", type=int, default=3, help="runs per candidate (median reported)")
     p.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE)
