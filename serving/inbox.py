@@ -80,6 +80,7 @@ from typing import Any
 from common import digests, idx, storage
 from common.digests import Algorithm
 from common.errors import DriftAlert, InputChanged, InputError, OutputError
+from common.owner import boot_id, start_time
 from serving.job import Expected, JobConfig, JobResult, LoadedModel, load_model, run_job
 from serving.readers import content_digest
 from serving.writers import manifest_path
@@ -180,21 +181,6 @@ def list_inbox(inbox: Path) -> tuple[list[Path], list[str], list[str]]:
 # --- the lease -------------------------------------------------------------------------------------
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _start_ticks(pid: int) -> str:
-    """The process's start time in clock ticks since boot: a pid reused later has another."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 def _pid_ns() -> str:
     try:
         return os.readlink("/proc/self/ns/pid")
@@ -204,8 +190,8 @@ def _pid_ns() -> str:
 
 def owner_identity() -> dict[str, str]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_ns(), "pid": str(pid),
-            "start": _start_ticks(pid), "token": uuid.uuid4().hex}
+    return {"host": socket.gethostname(), "boot": boot_id(), "pidns": _pid_ns(), "pid": str(pid),
+            "start": start_time(pid) or "", "token": uuid.uuid4().hex}
 
 
 def _known_dead(owner: dict[str, str]) -> bool:
@@ -214,7 +200,7 @@ def _known_dead(owner: dict[str, str]) -> bool:
     me = owner_identity()
     if not owner.get("pid") or any(owner.get(k) != me[k] or not me[k] for k in ("host", "boot", "pidns")):
         return False
-    return _start_ticks(int(owner["pid"])) != owner.get("start")
+    return start_time(int(owner["pid"])) != owner.get("start")  # None: gone, or a zombie
 
 
 class Lease:

@@ -37,6 +37,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from common.errors import OutputError
+from common.owner import start_time
 from serving.defaults import FORMATS, Format  # noqa: F401 (re-exported)
 
 ROW_GROUP_ROWS = 65_536
@@ -57,16 +58,6 @@ def temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
 def remove_stale_temps(target: Path) -> list[Path]:
     """Delete temp files of `target` (and its manifest) left by processes that no longer run."""
     removed = []
@@ -76,7 +67,7 @@ def remove_stale_temps(target: Path) -> list[Path]:
             continue
         for p in t.parent.iterdir():
             m = pattern.match(p.name)
-            if m and not _pid_alive(int(m[1])):
+            if m and start_time(int(m[1])) is None:  # its process gone (or a zombie)
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,6 +59,23 @@ def test_owner_names_boot_and_pid_namespace_and_judges_only_what_it_can():
     assert owner_alive(f"{dead.host}:{os.getpid()}:{me.start}") is True
     assert owner_alive(f"elsewhere:{pid}:{start}") is None
     assert owner_alive("not an owner") is None
+
+
+def test_a_killed_owner_not_yet_reaped_is_dead():
+    """A zombie (exited; its parent has not reaped it, as a container's init may never) owns nothing."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        owner = owner_id(proc.pid)
+        assert owner_alive(owner) is True
+        proc.kill()
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert start_time(proc.pid) is None and owner_alive(owner) is False
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _env(tmp_path: Path, api_url: str | None = None, **extra) -> dict:

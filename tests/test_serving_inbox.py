@@ -438,7 +438,14 @@ def _assert_each_scored_once(inbox: Path, out: Path) -> None:
     assert all(r["status"] == "scored" and len(r["history"]) == 1 for r in records)
 
 
-def test_killed_inbox_job_resumes_without_duplicates(model, tmp_path: Path) -> None:
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_killed_inbox_job_resumes_without_duplicates(model, tmp_path: Path, reaped: bool) -> None:
+    """A zombie (killed, not yet reaped by its parent: a container's init may never reap it) holds
+    nothing either."""
     inbox, out = _big_inbox(tmp_path, 150_000), tmp_path / "out"
     # batch size 4: the big input takes seconds, so the job is killed while writing it
     proc = subprocess.Popen(_inbox_cmd(model[0], inbox, out, "--batch-size", "4"), cwd=REPO, env=ENV,
@@ -452,13 +459,19 @@ def test_killed_inbox_job_resumes_without_duplicates(model, tmp_path: Path) -> N
             time.sleep(0.01)
         assert proc.poll() is None, "the job ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        if reaped:
+            proc.wait(timeout=30)
+        else:
+            deadline = time.monotonic() + 30
+            while _state(proc.pid) != "Z":  # dead, and not reaped: this process is its parent
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert len(list(out.glob("*.parquet"))) == 1  # a-small was done; b-big was not
+        # the next run (here, in this process) takes over the dead job's claim on b-big at once
+        rerun = run_inbox(inbox, out, cfg(model, inbox, out))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert len(list(out.glob("*.parquet"))) == 1  # a-small was done; b-big was not
-    # the next run (here, in this process) takes over the dead job's claim on b-big at once
-    rerun = run_inbox(inbox, out, cfg(model, inbox, out))
+        proc.kill()
+        proc.wait(timeout=30)
     assert sorted(r.input_path.name for r in rerun.scored) == ["b-big.npy", "c-small.npy"]
     _assert_each_scored_once(inbox, out)
 
