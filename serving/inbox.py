@@ -80,7 +80,7 @@ from typing import Any
 from common import digests, idx, storage
 from common.digests import Algorithm
 from common.errors import DriftAlert, InputChanged, InputError, OutputError
-from common.owner import boot_id, start_time
+from common.owner import Owner, boot_id, owner_alive, pid_namespace, start_time
 from serving.job import Expected, JobConfig, JobResult, LoadedModel, load_model, run_job
 from serving.readers import content_digest
 from serving.writers import manifest_path
@@ -181,26 +181,24 @@ def list_inbox(inbox: Path) -> tuple[list[Path], list[str], list[str]]:
 # --- the lease -------------------------------------------------------------------------------------
 
 
-def _pid_ns() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
 def owner_identity() -> dict[str, str]:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": boot_id(), "pidns": _pid_ns(), "pid": str(pid),
+    """Who holds a claim: this process as common.owner names it (its pidns in /proc's `pid:[N]` form),
+    and a token of this run."""
+    pid, ns = os.getpid(), pid_namespace()
+    return {"host": socket.gethostname(), "boot": boot_id(), "pidns": f"pid:[{ns}]" if ns else "", "pid": str(pid),
             "start": start_time(pid) or "", "token": uuid.uuid4().hex}
 
 
 def _known_dead(owner: dict[str, str]) -> bool:
-    """The holder ran on this machine, in this PID namespace, and its process is gone (or the pid
-    now belongs to a younger process). On any other machine nothing is known: the lease decides."""
-    me = owner_identity()
-    if not owner.get("pid") or any(owner.get(k) != me[k] or not me[k] for k in ("host", "boot", "pidns")):
+    """The holder ran on this machine, in this PID namespace, and its process is gone (a zombie too,
+    or the pid now belongs to a younger process): common.owner.owner_alive's judgement. On any other
+    machine nothing is known: the lease decides."""
+    try:
+        held = Owner(str(owner.get("host", "")), int(owner["pid"]), str(owner.get("start", "")),
+                     str(owner.get("boot", "")), str(owner.get("pidns", "")).partition("[")[2].rstrip("]"))
+    except (KeyError, TypeError, ValueError):
         return False
-    return start_time(int(owner["pid"])) != owner.get("start")  # None: gone, or a zombie
+    return owner_alive(str(held)) is False
 
 
 class Lease:
