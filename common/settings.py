@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,21 @@ QUIET = {
 def env(name: str, default: str | None = None) -> str | None:
     """The one reader of the environment: the value of `name`, `default` when it is not set."""
     return os.environ.get(name, default)
+
+
+@contextlib.contextmanager
+def environ_restored(names: Iterable[str]) -> Iterator[None]:
+    """The variables `names` of this process's environment as they were on entry, put back on exit
+    (set, changed or removed meanwhile, by this code or a library's)."""
+    before = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def quiet_environment(base: dict[str, str] | None = None) -> dict[str, str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -122,16 +121,8 @@ def local_worker_config(fan: FanOut) -> Iterator[None]:
     import dask
 
     names = [*dask.config.get("distributed.nanny.pre-spawn-environ", {}), "PYTHONHASHSEED"]
-    before = {k: os.environ.get(k) for k in names}
-    try:
-        with dask.config.set(LOCAL_WORKER_CONFIG):
-            yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with settings.environ_restored(names), dask.config.set(LOCAL_WORKER_CONFIG):
+        yield
 
 
 def task_runner(fan: FanOut):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from common.settings import environ_restored
+
 # The test keys moto accepts (any pair does); a test that needs "no credentials" drops them.
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -113,16 +115,11 @@ def s3() -> Iterator[S3Server]:
     """One loopback S3 server for the session; this process's environment points at it too (for
     fsspec and boto3 calls made by the tests themselves), and is restored afterwards."""
     server = start_server()
-    saved = {k: os.environ.get(k) for k in (*CREDENTIALS, *ISOLATED, "AWS_ENDPOINT_URL")}
-    os.environ.update({**ISOLATED, **CREDENTIALS, "AWS_ENDPOINT_URL": server.endpoint})
     try:
-        yield server
+        with environ_restored((*CREDENTIALS, *ISOLATED, "AWS_ENDPOINT_URL")):
+            os.environ.update({**ISOLATED, **CREDENTIALS, "AWS_ENDPOINT_URL": server.endpoint})
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         stop_server(server.process)
 
 
