@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.processes import start_time
+
 HOME_ENV = "MNISTOPS_HOME"
 DEFAULT_HOME = ".mnistops"
 
@@ -162,8 +164,6 @@ def mlflow_client():
 
 
 def _alive(pid: str) -> bool:
-    from common.owner import start_time  # common.owner imports this module
-
     return pid.isdigit() and start_time(int(pid)) is not None
 
 

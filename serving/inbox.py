@@ -80,7 +80,8 @@ from typing import Any
 from common import digests, idx, storage
 from common.digests import Algorithm
 from common.errors import DriftAlert, InputChanged, InputError, OutputError
-from common.owner import Owner, boot_id, owner_alive, pid_namespace, start_time
+from common.owner import Owner, boot_id, owner_alive, pid_namespace
+from common.processes import start_time
 from serving.job import Expected, JobConfig, JobResult, LoadedModel, load_model, run_job
 from serving.readers import content_digest
 from serving.writers import manifest_path

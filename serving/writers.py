@@ -37,7 +37,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from common.errors import OutputError
-from common.owner import start_time
+from common.processes import start_time
 from serving.defaults import FORMATS, Format  # noqa: F401 (re-exported)
 
 ROW_GROUP_ROWS = 65_536
